@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Side-by-side CPU benchmark: dcgan-at-scale's training step against the PyTorch DCGAN
+example's, same configurations, same machine, same run.
+
+    cargo build --release -p dcgan-bench
+    python3 bench/compare.py            # needs torch (pip install torch); not needed by tests
+
+For each configuration and thread count the two programs alternate, `--repeats` times each,
+every run in a fresh process (so peak RSS is that configuration's alone); the table gives the
+median images/s of each, their ratio, GFLOP/s, the share of the GEMM peak measured in the same
+run, and the peak RSS.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUST_BIN = os.path.join(ROOT, "target", "release", "step_bench")
+
+CONFIGS = {
+    "dcgan64": dict(image_size=64, nc=3, nz=100, ngf=64, ndf=64),
+    "dcgan32": dict(image_size=32, nc=1, nz=100, ngf=64, ndf=64),
+}
+
+
+def torch_worker(model, batch, threads, steps, warmup):
+    """Runs the PyTorch example's networks and training step; prints one JSON line."""
+    import torch
+    import torch.nn as nn
+
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[model]
+    size, nc, nz, ngf, ndf = cfg["image_size"], cfg["nc"], cfg["nz"], cfg["ngf"], cfg["ndf"]
+    layers = size.bit_length() - 3  # stride-2 layers: log2(size) - 2
+
+    g = [nn.ConvTranspose2d(nz, ngf * 2 ** (layers - 1), 4, 1, 0, bias=False),
+         nn.BatchNorm2d(ngf * 2 ** (layers - 1)), nn.ReLU(True)]
+    for i in range(layers - 1, 0, -1):
+        g += [nn.ConvTranspose2d(ngf * 2 ** i, ngf * 2 ** (i - 1), 4, 2, 1, bias=False),
+              nn.BatchNorm2d(ngf * 2 ** (i - 1)), nn.ReLU(True)]
+    g += [nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh()]
+    d = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+    for i in range(layers - 1):
+        d += [nn.Conv2d(ndf * 2 ** i, ndf * 2 ** (i + 1), 4, 2, 1, bias=False),
+              nn.BatchNorm2d(ndf * 2 ** (i + 1)), nn.LeakyReLU(0.2, inplace=True)]
+    d += [nn.Conv2d(ndf * 2 ** (layers - 1), 1, 4, 1, 0, bias=False), nn.Sigmoid()]
+    net_g, net_d = nn.Sequential(*g), nn.Sequential(*d)
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    criterion = nn.BCELoss()
+    real = torch.rand(batch, nc, size, size) * 2 - 1
+    times = []
+    for step in range(warmup + steps):
+        t = time.perf_counter()
+        # The example's loop: D on real (1) and on G(z).detach() (0), Adam; G through D (1), Adam.
+        net_d.zero_grad()
+        label = torch.full((batch,), 1.0)
+        err_real = criterion(net_d(real).view(-1), label)
+        err_real.backward()
+        noise = torch.randn(batch, nz, 1, 1)
+        fake = net_g(noise)
+        label.fill_(0.0)
+        err_fake = criterion(net_d(fake.detach()).view(-1), label)
+        err_fake.backward()
+        opt_d.step()
+        net_g.zero_grad()
+        label.fill_(1.0)
+        err_g = criterion(net_d(fake).view(-1), label)
+        err_g.backward()
+        opt_g.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    print(json.dumps({
+        "program": "pytorch", "model": model, "batch": batch, "threads": threads,
+        "torch": torch.__version__,
+        "step_seconds_median": step_s, "images_per_sec": batch / step_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }))
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="dcgan64,dcgan32")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="64", help="comma-separated batch sizes (e.g. 16,64,256)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--torch-worker", nargs=5, metavar=("MODEL", "BATCH", "THREADS", "STEPS", "WARMUP"),
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.torch_worker:
+        m, b, t, s, w = a.torch_worker
+        torch_worker(m, int(b), int(t), int(s), int(w))
+        return
+    if not os.path.exists(RUST_BIN):
+        sys.exit(f"{RUST_BIN} is missing: run `cargo build --release -p dcgan-bench` first")
+
+    rows = []
+    peaks = {}
+    for threads in [int(t) for t in a.threads.split(",")]:
+        peaks[threads] = run_json([RUST_BIN, "--model", "dcgan32", "--threads", str(threads), "--steps", "1",
+                                   "--warmup", "0", "--batch", "2", "--gemm-peak"])["gemm_peak_gflops"]
+        for model in a.models.split(","):
+            for batch in [int(b) for b in a.batches.split(",")]:
+                ours, theirs = [], []
+                for _ in range(a.repeats):
+                    ours.append(run_json([RUST_BIN, "--model", model, "--threads", str(threads), "--batch", str(batch),
+                                          "--steps", str(a.steps), "--warmup", str(a.warmup)]))
+                    theirs.append(run_json([sys.executable, __file__, "--torch-worker", model, str(batch), str(threads),
+                                            str(a.steps), str(a.warmup)]))
+                med = lambda rs, k: statistics.median(r[k] for r in rs)
+                o, t = med(ours, "images_per_sec"), med(theirs, "images_per_sec")
+                gflops_per_image = med(ours, "gflops") / o
+                rows.append((model, batch, threads, o, t, o / t, o * gflops_per_image, t * gflops_per_image,
+                             peaks[threads], med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib")))
+                print(f"  done {model} batch {batch} threads {threads}", file=sys.stderr)
+
+    head = ("config", "batch", "threads", "ours img/s", "torch img/s", "ratio", "ours GFLOP/s",
+            "torch GFLOP/s", "GEMM peak", "ours % peak", "torch % peak", "ours RSS MiB", "torch RSS MiB")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for m, b, th, o, t, r, og, tg, pk, orss, trss in rows:
+        print(f"| {m} | {b} | {th} | {o:.1f} | {t:.1f} | {r:.2f}x | {og:.1f} | {tg:.1f} | {pk:.0f} | "
+              f"{100 * og / pk:.0f}% | {100 * tg / pk:.0f}% | {orss:.0f} | {trss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

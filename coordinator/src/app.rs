@@ -1,0 +1,377 @@
+//! One coordinator invocation from start to exit: check everything that can be checked before
+//! anything starts, serve, launch, watch, and stop cleanly whichever way the run ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use data::DatasetSpec;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::checkpoint_store::CheckpointStore;
+use crate::cli::{Cli, Explicit};
+use crate::config::{DatasetFacts, RunConfig, merge_for_resume};
+use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
+use crate::metrics_log::MetricsLog;
+use crate::progress::Progress;
+use crate::run_dir::{RunDir, unix_ms, utc_stamp, write_atomic};
+use crate::run_state::{Event, Phase, Run};
+use crate::shards::ShardServer;
+use crate::{samples, server};
+
+/// How long workers get to exit by themselves after a completed run.
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs the coordinator; `Ok` when the run completed.
+pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<()> {
+    let root = cli
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
+    let dir = RunDir::new(&root);
+
+    // A resumed run takes its settings from run.json; a fresh one must not overwrite a run.
+    let previous = if cli.resume {
+        let prev = RunConfig::read(&dir.run_json())
+            .with_context(|| format!("--resume: {} does not hold a run", root.display()))?;
+        merge_for_resume(&mut cli, &explicit, &prev)?;
+        Some(prev)
+    } else {
+        if dir.run_json().exists() {
+            bail!(
+                "{} already holds a run (run.json): pass --resume to continue it, or choose another --run-dir",
+                root.display()
+            );
+        }
+        None
+    };
+
+    // The worker binary is found before anything is written, so a wrong path costs nothing.
+    let worker_bin = match cli.external_workers {
+        true => None,
+        false => Some(resolve_worker_bin(cli.worker_bin.as_deref())?),
+    };
+
+    // The dataset is read and checked before anything else starts.
+    let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
+    let (image_size, limit) = (cli.image_size as usize, cli.data_limit.map(|l| l as usize));
+    tracing::info!(dataset = %spec, image_size, "loading dataset");
+    let load_spec = spec.clone();
+    let dataset = tokio::task::spawn_blocking(move || load_spec.load(image_size, limit))
+        .await
+        .context("dataset loader panicked")?
+        .with_context(|| format!("cannot load dataset {spec}"))?;
+    if dataset.len == 0 {
+        bail!("dataset {spec} has no samples");
+    }
+    tracing::info!(name = %dataset.name, samples = dataset.len, nc = dataset.nc, "dataset loaded");
+    let facts = DatasetFacts {
+        name: dataset.name.clone(),
+        len: dataset.len as u64,
+        nc: dataset.nc as u32,
+    };
+
+    let config = match &previous {
+        None => {
+            let run_id = format!(
+                "{}-{:04x}",
+                utc_stamp(),
+                (unix_ms() ^ u64::from(std::process::id())) & 0xffff
+            );
+            RunConfig::from_cli(&cli, &facts, run_id, utc_stamp())?
+        }
+        Some(prev) => {
+            let mut c =
+                RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())?;
+            c.generation = prev.generation + 1;
+            if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
+                bail!(
+                    "dataset {spec} now has {} samples of {} channels, run.json recorded {} of {}: it cannot be resumed exactly",
+                    c.dataset_len,
+                    c.nc,
+                    prev.dataset_len,
+                    prev.nc
+                );
+            }
+            c
+        }
+    };
+
+    dir.create()?;
+    let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
+    store.remove_partial()?;
+    let resume_from = if previous.is_some() {
+        Some(resume_point(&store, &config)?)
+    } else {
+        None
+    };
+    write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
+    let metrics_log = match resume_from {
+        Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
+        None => MetricsLog::create(&dir.metrics())?,
+    };
+
+    let dataset = Arc::new(dataset);
+    if !dir.samples().join("real.png").exists() {
+        let (d, samples_dir, seed) = (Arc::clone(&dataset), dir.samples(), config.seed);
+        tokio::task::spawn_blocking(move || samples::write_real(&samples_dir, &d, seed))
+            .await
+            .context("sample writer panicked")??;
+    }
+
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let addr = listener.local_addr().context("listener address")?;
+    write_atomic(&dir.address_file(), format!("{addr}\n").as_bytes())?;
+    println!(
+        "coordinator listening on {addr}, run directory {}",
+        root.display()
+    );
+
+    let checkpoints = store
+        .list()?
+        .iter()
+        .map(|c| proto::v1::CheckpointInfo {
+            step: c.step,
+            epoch: c.step.saturating_sub(1) / config.steps_per_epoch.max(1),
+            path: format!("checkpoints/{}", CheckpointStore::dir_name(c.step)),
+            total_size: c.total_size,
+        })
+        .collect();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let shards = ShardServer::new(
+        Arc::clone(&dataset),
+        config.seed,
+        config.batch_size as usize,
+        config.workers as usize,
+        config.total_steps,
+    );
+    let run = Run::new(
+        config.clone(),
+        resume_from,
+        shards,
+        store.clone(),
+        metrics_log,
+        checkpoints,
+        root.display().to_string(),
+        events_tx.clone(),
+    );
+    tracing::info!(
+        run_id = %config.run_id,
+        generation = config.generation,
+        workers = config.workers,
+        steps = config.total_steps,
+        from = run.start_step,
+        "run configured"
+    );
+
+    let (stop_server, server_stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(Arc::clone(&run), listener, async {
+        let _ = server_stopped.await;
+    }));
+    let renderer = tokio::spawn(render_samples(events_rx, dir.samples(), config.seed));
+    if Progress::wanted(cli.quiet) {
+        progress.start(run.start_step, config.total_steps, config.epochs);
+    }
+    let progress_task = tokio::spawn(follow_progress(
+        Arc::clone(&run),
+        progress.clone(),
+        config.epochs,
+    ));
+
+    let (exit_tx, mut exits) = mpsc::unbounded_channel();
+    let launcher = if config.external_workers {
+        tracing::info!(
+            "waiting for {} external workers to join at {addr}",
+            config.workers
+        );
+        None
+    } else {
+        let spec = LaunchSpec {
+            bin: worker_bin.context("no worker binary")?,
+            coordinator_url: format!("http://{}", connectable(addr)),
+            world: config.workers as usize,
+            threads: config.worker_threads,
+            local_data: config
+                .workers_local_data
+                .then(|| format!("local:{}", config.dataset)),
+            logs: dir.logs(),
+        };
+        match Launcher::launch(&spec, exit_tx) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = stop_server.send(());
+                return Err(e.into());
+            }
+        }
+    };
+
+    // Watch the run until it ends, whatever ends it.
+    let mut phase = run.watch_phase();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let heartbeat_timeout = Duration::from_secs(config.heartbeat_timeout_secs);
+    let mut exits_open = launcher.is_some();
+    loop {
+        if phase.borrow_and_update().is_over() {
+            break;
+        }
+        tokio::select! {
+            changed = phase.changed() => if changed.is_err() { break },
+            exit = exits.recv(), if exits_open => match exit {
+                Some(exit) => {
+                    let ok = exit.status.as_ref().is_ok_and(|s| s.success());
+                    if !ok && !exit.killed {
+                        run.fail(describe_exit(&exit));
+                    }
+                }
+                None => exits_open = false,
+            },
+            _ = tick.tick() => run.check_heartbeats(heartbeat_timeout),
+            _ = tokio::signal::ctrl_c() => { run.fail("interrupted"); }
+        }
+    }
+
+    let outcome = run.phase();
+    if let Some(l) = launcher {
+        if matches!(outcome, Phase::Failed(_)) {
+            l.kill_all();
+        }
+        l.wait_all(EXIT_GRACE).await;
+    }
+    if matches!(outcome, Phase::Failed(_)) {
+        run.mark_unfinished_failed();
+    }
+    // No more uploads can come: let the renderer finish what is queued, then stop serving.
+    let _ = events_tx.send(Event::Stop);
+    match renderer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if matches!(outcome, Phase::Completed) => {
+            return Err(e.context("cannot draw sample grids"));
+        }
+        Ok(Err(e)) => tracing::warn!("cannot draw sample grids: {e:#}"),
+        Err(e) => tracing::warn!("sample renderer panicked: {e}"),
+    }
+    let _ = stop_server.send(());
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("server task panicked: {e}"),
+    }
+    progress_task.abort();
+    progress.finish();
+
+    match outcome {
+        Phase::Completed => {
+            let latest = run.latest();
+            match latest {
+                Some(r) => println!(
+                    "run completed: {} steps, loss_D {:.4} loss_G {:.4} D(x) {:.3} D(G(z)) {:.3}/{:.3}; results in {}",
+                    r.step,
+                    r.loss_d,
+                    r.loss_g,
+                    r.d_x,
+                    r.d_g_z1,
+                    r.d_g_z2,
+                    root.display()
+                ),
+                None => println!("run completed; results in {}", root.display()),
+            }
+            Ok(())
+        }
+        Phase::Failed(reason) => bail!("run failed: {reason}"),
+        other => bail!("run stopped in state {other:?}"),
+    }
+}
+
+/// The checkpoint a resumed run starts from: the newest, checked against its digests, and not
+/// already at the end.
+fn resume_point(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<u64> {
+    let latest = store.latest()?.with_context(|| {
+        format!(
+            "--resume: no checkpoint in {} to resume from",
+            store.dir().display()
+        )
+    })?;
+    let files = store.read(latest.step)?;
+    // Loading the checkpoint fully checks it (names, shapes, the state document) before any
+    // worker is started on it.
+    let (gan, state) = kernels::Gan::load(&kernels::CheckpointFiles { files })
+        .with_context(|| format!("--resume: cannot load {}", latest.dir.display()))?;
+    if *gan.model_config() != config.model() {
+        bail!(
+            "--resume: {} holds networks {:?}, the run's are {:?}",
+            latest.dir.display(),
+            gan.model_config(),
+            config.model()
+        );
+    }
+    if state.step != latest.step {
+        bail!(
+            "{}: state.json says step {}, the directory name says {}",
+            latest.dir.display(),
+            state.step,
+            latest.step
+        );
+    }
+    if latest.step >= config.total_steps {
+        bail!(
+            "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
+            latest.step,
+            config.total_steps
+        );
+    }
+    tracing::info!(step = latest.step, dir = %latest.dir.display(), "resuming from checkpoint");
+    Ok(latest.step)
+}
+
+/// An address a local worker can connect to (a wildcard listen address is not one).
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    a
+}
+
+/// Draws the fake grids asked for by [`Event::RenderSamples`] until [`Event::Stop`].
+async fn render_samples(
+    mut events: mpsc::UnboundedReceiver<Event>,
+    dir: PathBuf,
+    seed: u64,
+) -> anyhow::Result<()> {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Stop => break,
+            Event::RenderSamples { files, epoch, step } => {
+                let d = dir.clone();
+                let path = tokio::task::spawn_blocking(move || {
+                    samples::write_fake(&d, files, seed, epoch)
+                })
+                .await
+                .context("sample renderer panicked")??;
+                tracing::info!(step, epoch, path = %path.display(), "samples drawn");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the progress bar as steps are aggregated.
+async fn follow_progress(run: Arc<Run>, progress: Progress, epochs: u32) {
+    let mut rx = run.subscribe_metrics();
+    loop {
+        match rx.recv().await {
+            Ok(r) => progress.update(&r, epochs),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

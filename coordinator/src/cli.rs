@@ -1,0 +1,202 @@
+//! The coordinator's command line. Flags take the PyTorch DCGAN example's names in Rust style;
+//! every flag can also come from a `DCGAN_*` environment variable (the Kubernetes way).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+
+/// Train a DCGAN with N worker processes, synchronous data parallel.
+///
+/// The coordinator loads and checks the dataset, serves the gRPC API (with server reflection and
+/// health), launches the workers (or waits for external ones), hands out ranks, ring addresses
+/// and data shards, aggregates metrics into RUN_DIR/metrics.jsonl, stores checkpoints under
+/// RUN_DIR/checkpoints and draws sample grids into RUN_DIR/samples.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "coordinator", version, about, long_about)]
+pub struct Cli {
+    /// Number of workers (ranks). Each runs as its own process.
+    #[arg(long, env = "DCGAN_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: u32,
+
+    /// Training data: `shapes` (built in, needs no file), `mnist:PATH`, `fashion-mnist:PATH`,
+    /// `cifar10:PATH` or `folder:PATH` (PNG/JPEG images).
+    #[arg(long, env = "DCGAN_DATASET", default_value = "shapes")]
+    pub dataset: String,
+
+    /// Passes over the dataset.
+    #[arg(long, env = "DCGAN_EPOCHS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: u32,
+
+    /// Global batch size, split across the workers (the last step of an epoch also takes the
+    /// remainder). Must be at least the number of workers.
+    #[arg(long, env = "DCGAN_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    /// Side of the square images the networks make and judge: 32, 64 or 128.
+    #[arg(long, env = "DCGAN_IMAGE_SIZE", default_value_t = 32)]
+    pub image_size: u32,
+
+    /// Length of the latent vector z.
+    #[arg(long, env = "DCGAN_NZ", default_value_t = 100)]
+    pub nz: u32,
+
+    /// Generator feature maps.
+    #[arg(long, env = "DCGAN_NGF", default_value_t = 64)]
+    pub ngf: u32,
+
+    /// Discriminator feature maps.
+    #[arg(long, env = "DCGAN_NDF", default_value_t = 64)]
+    pub ndf: u32,
+
+    /// Adam learning rate.
+    #[arg(long, env = "DCGAN_LR", default_value_t = 2e-4)]
+    pub lr: f32,
+
+    /// Adam beta1.
+    #[arg(long, env = "DCGAN_BETA1", default_value_t = 0.5)]
+    pub beta1: f32,
+
+    /// Seed of the weights, the noise and the epochs' sample order.
+    #[arg(long, env = "DCGAN_SEED", default_value_t = 999)]
+    pub seed: u64,
+
+    /// Run directory [default: runs/<UTC date-time>].
+    #[arg(long, env = "DCGAN_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+
+    /// Address of the gRPC server. Port 0 picks a free port; the bound address is printed and
+    /// written to RUN_DIR/coordinator.addr.
+    #[arg(long, env = "DCGAN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Store a checkpoint every K steps (besides the end of each epoch and of the run); 0: only
+    /// at those ends.
+    #[arg(long, env = "DCGAN_CHECKPOINT_EVERY", default_value_t = 500)]
+    pub checkpoint_every: u64,
+
+    /// Checkpoints to keep; older ones are deleted.
+    #[arg(long, env = "DCGAN_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_checkpoints: u32,
+
+    /// Every K steps (and at the last step) each rank reports a checksum of its parameters; a
+    /// mismatch stops the run. 0: only at the last step.
+    #[arg(long, env = "DCGAN_CHECKSUM_EVERY", default_value_t = 50)]
+    pub checksum_every: u64,
+
+    /// All-reduce BatchNorm statistics across workers, so N workers with batch B/N compute what
+    /// one worker with batch B computes (default: per-worker statistics, as DDP does).
+    #[arg(long, env = "DCGAN_SYNC_BN")]
+    pub sync_bn: bool,
+
+    /// Continue the run in --run-dir from its latest checkpoint. Settings not given take
+    /// run.json's values; given ones that would change the training are refused.
+    #[arg(long, env = "DCGAN_RESUME", requires = "run_dir")]
+    pub resume: bool,
+
+    /// Do not launch workers: wait for --workers external ones to join (e.g. a Kubernetes Job).
+    #[arg(long, env = "DCGAN_EXTERNAL_WORKERS")]
+    pub external_workers: bool,
+
+    /// Compute threads per launched worker [default: CPU cores / workers, at least 1].
+    #[arg(long, env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub worker_threads: Option<u32>,
+
+    /// Stop after this many global steps in all (counted from the run's start, across resumes).
+    #[arg(long, env = "DCGAN_MAX_STEPS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_steps: Option<u64>,
+
+    /// Use only the first N samples of the dataset.
+    #[arg(long, env = "DCGAN_DATA_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub data_limit: Option<u64>,
+
+    /// Launched workers read the dataset themselves (`--data local:SPEC`) instead of receiving
+    /// their shards over gRPC.
+    #[arg(long, env = "DCGAN_WORKERS_LOCAL_DATA")]
+    pub workers_local_data: bool,
+
+    /// A worker silent for this many seconds fails the run.
+    #[arg(long, env = "DCGAN_HEARTBEAT_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_timeout: u64,
+
+    /// No progress bar and only warnings and errors on the terminal.
+    #[arg(long, short, env = "DCGAN_QUIET")]
+    pub quiet: bool,
+
+    /// Path of the worker binary [default: `worker` next to this executable].
+    #[arg(long, env = "DCGAN_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+}
+
+/// Argument ids given on the command line or in the environment (not defaulted).
+pub type Explicit = BTreeSet<String>;
+
+impl Cli {
+    /// Parses `std::env::args`, also recording which flags were given explicitly (a resumed run
+    /// takes every other one from `run.json`).
+    pub fn parse_with_sources() -> (Self, Explicit) {
+        let matches = Self::command().get_matches();
+        let explicit = explicit_ids(&matches);
+        match Self::from_arg_matches(&matches) {
+            Ok(cli) => (cli, explicit),
+            Err(e) => e.exit(),
+        }
+    }
+
+    /// As [`Cli::parse_with_sources`] from given arguments (tests).
+    pub fn try_parse_with_sources<I, T>(args: I) -> Result<(Self, Explicit), clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        let explicit = explicit_ids(&matches);
+        Ok((Self::from_arg_matches(&matches)?, explicit))
+    }
+}
+
+fn explicit_ids(matches: &ArgMatches) -> Explicit {
+    matches
+        .ids()
+        .filter(|id| {
+            matches!(
+                matches.value_source(id.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_explicit_flags() {
+        let (cli, explicit) = Cli::try_parse_with_sources(["coordinator", "--ngf", "16"]).unwrap();
+        assert_eq!(cli.workers, 2);
+        assert_eq!(cli.dataset, "shapes");
+        assert_eq!(cli.batch_size, 64);
+        assert_eq!(cli.ngf, 16);
+        assert!(explicit.contains("ngf"));
+        assert!(!explicit.contains("ndf"));
+    }
+
+    #[test]
+    fn resume_needs_a_run_dir_and_zero_workers_is_refused() {
+        assert!(Cli::try_parse_with_sources(["coordinator", "--resume"]).is_err());
+        assert!(Cli::try_parse_with_sources(["coordinator", "--workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn help_names_defaults() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("[default: 64]") && help.contains("[env: DCGAN_WORKERS="),
+            "{help}"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! The run's configuration: built from the command line and the dataset, checked before anything
+//! starts, written to `run.json`, and sent to every worker.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{Cli, Explicit};
+use crate::run_dir::RunDirError;
+
+/// A setting that cannot work, named so the user knows which flag to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Io(#[from] RunDirError),
+    #[error("{}: not a valid run.json: {source}", .path.display())]
+    BadRunJson {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Everything about a run, as written to `run.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Names the run in every message; a worker of another run is refused.
+    pub run_id: String,
+    /// 1 for a fresh run; each resume starts the next generation, so messages from workers of
+    /// an earlier one are refused.
+    pub generation: u64,
+    pub workers: u32,
+    /// The dataset spec as given (`shapes`, `mnist:PATH`, ...).
+    pub dataset: String,
+    pub dataset_name: String,
+    /// Samples used (after --data-limit).
+    pub dataset_len: u64,
+    pub data_limit: Option<u64>,
+    pub nc: u32,
+    pub image_size: u32,
+    pub nz: u32,
+    pub ngf: u32,
+    pub ndf: u32,
+    pub lr: f32,
+    pub beta1: f32,
+    pub seed: u64,
+    /// The global batch.
+    pub batch_size: u32,
+    pub epochs: u32,
+    pub max_steps: Option<u64>,
+    pub steps_per_epoch: u64,
+    /// min(epochs * steps_per_epoch, max_steps).
+    pub total_steps: u64,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: u32,
+    pub checksum_every: u64,
+    pub sync_bn: bool,
+    pub external_workers: bool,
+    pub workers_local_data: bool,
+    pub worker_threads: u32,
+    pub heartbeat_timeout_secs: u64,
+    /// When the run was first created (UTC, `YYYYMMDD-HHMMSS`).
+    pub created: String,
+}
+
+/// What the dataset contributes to the configuration.
+#[derive(Clone, Debug)]
+pub struct DatasetFacts {
+    pub name: String,
+    pub len: u64,
+    pub nc: u32,
+}
+
+impl RunConfig {
+    /// Builds and checks the configuration of a fresh run.
+    pub fn from_cli(
+        cli: &Cli,
+        data: &DatasetFacts,
+        run_id: String,
+        created: String,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if cli.batch_size < cli.workers {
+            return invalid(format!(
+                "--batch-size {} is smaller than --workers {}: every worker needs at least one sample per step",
+                cli.batch_size, cli.workers
+            ));
+        }
+        let steps_per_epoch = data::steps_per_epoch(data.len as usize, cli.batch_size as usize)
+            .map_err(|e| ConfigError::Invalid(format!("dataset {}: {e}", cli.dataset)))?
+            as u64;
+        let model = kernels::ModelConfig {
+            image_size: cli.image_size as usize,
+            nc: data.nc as usize,
+            nz: cli.nz as usize,
+            ngf: cli.ngf as usize,
+            ndf: cli.ndf as usize,
+        };
+        model
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("model: {e}")))?;
+        let optim = kernels::OptimConfig {
+            lr: cli.lr,
+            beta1: cli.beta1,
+            ..Default::default()
+        };
+        optim
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
+        let all_steps = steps_per_epoch.saturating_mul(cli.epochs as u64);
+        let total_steps = cli.max_steps.map_or(all_steps, |m| m.min(all_steps));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        Ok(Self {
+            run_id,
+            generation: 1,
+            workers: cli.workers,
+            dataset: cli.dataset.clone(),
+            dataset_name: data.name.clone(),
+            dataset_len: data.len,
+            data_limit: cli.data_limit,
+            nc: data.nc,
+            image_size: cli.image_size,
+            nz: cli.nz,
+            ngf: cli.ngf,
+            ndf: cli.ndf,
+            lr: cli.lr,
+            beta1: cli.beta1,
+            seed: cli.seed,
+            batch_size: cli.batch_size,
+            epochs: cli.epochs,
+            max_steps: cli.max_steps,
+            steps_per_epoch,
+            total_steps,
+            checkpoint_every: cli.checkpoint_every,
+            keep_checkpoints: cli.keep_checkpoints,
+            checksum_every: cli.checksum_every,
+            sync_bn: cli.sync_bn,
+            external_workers: cli.external_workers,
+            workers_local_data: cli.workers_local_data,
+            worker_threads: cli.worker_threads.unwrap_or((cores / cli.workers).max(1)),
+            heartbeat_timeout_secs: cli.heartbeat_timeout,
+            created,
+        })
+    }
+
+    pub fn model(&self) -> kernels::ModelConfig {
+        kernels::ModelConfig {
+            image_size: self.image_size as usize,
+            nc: self.nc as usize,
+            nz: self.nz as usize,
+            ngf: self.ngf as usize,
+            ndf: self.ndf as usize,
+        }
+    }
+
+    /// What the workers are told.
+    pub fn to_proto(&self) -> proto::v1::RunConfig {
+        proto::v1::RunConfig {
+            dataset: self.dataset.clone(),
+            image_size: self.image_size,
+            nc: self.nc,
+            nz: self.nz,
+            ngf: self.ngf,
+            ndf: self.ndf,
+            lr: self.lr,
+            beta1: self.beta1,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            epochs: self.epochs,
+            dataset_len: self.dataset_len,
+            steps_per_epoch: self.steps_per_epoch,
+            total_steps: self.total_steps,
+            checkpoint_every: self.checkpoint_every,
+            checksum_every: self.checksum_every,
+            sync_bn: self.sync_bn,
+            data_limit: self.data_limit.unwrap_or(0),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| RunDirError::new(path, "read", e))?;
+        serde_json::from_slice(&bytes).map_err(|source| ConfigError::BadRunJson {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Prepares the command line of a resumed run: every setting not given explicitly takes
+/// `previous`'s value; a given one that would change what is computed (the model, the data, the
+/// batch, the seed, the world) is refused, because the run could then not continue exactly.
+pub fn merge_for_resume(
+    cli: &mut Cli,
+    explicit: &Explicit,
+    previous: &RunConfig,
+) -> Result<(), ConfigError> {
+    let mut conflicts = Vec::new();
+    macro_rules! fixed {
+        ($($field:ident => $flag:literal),* $(,)?) => {$(
+            let prev = previous.$field.clone();
+            if explicit.contains(stringify!($field)) && cli.$field != prev {
+                conflicts.push(format!("--{} {:?} (run.json has {:?})", $flag, cli.$field, prev));
+            }
+            cli.$field = prev;
+        )*};
+    }
+    fixed!(
+        workers => "workers", dataset => "dataset", image_size => "image-size", nz => "nz",
+        ngf => "ngf", ndf => "ndf", lr => "lr", beta1 => "beta1", seed => "seed",
+        batch_size => "batch-size", sync_bn => "sync-bn", data_limit => "data-limit",
+    );
+    if !conflicts.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "--resume continues a run exactly, so these settings cannot change: {}",
+            conflicts.join(", ")
+        )));
+    }
+    macro_rules! free {
+        ($($field:ident <- $prev:expr),* $(,)?) => {$(
+            if !explicit.contains(stringify!($field)) {
+                cli.$field = $prev;
+            }
+        )*};
+    }
+    free!(
+        epochs <- previous.epochs,
+        max_steps <- previous.max_steps,
+        checkpoint_every <- previous.checkpoint_every,
+        keep_checkpoints <- previous.keep_checkpoints,
+        checksum_every <- previous.checksum_every,
+        external_workers <- previous.external_workers,
+        workers_local_data <- previous.workers_local_data,
+        worker_threads <- Some(previous.worker_threads),
+        heartbeat_timeout <- previous.heartbeat_timeout_secs,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> DatasetFacts {
+        DatasetFacts {
+            name: "shapes".into(),
+            len: 1000,
+            nc: 3,
+        }
+    }
+
+    fn cli(args: &[&str]) -> (Cli, Explicit) {
+        let mut v = vec!["coordinator"];
+        v.extend_from_slice(args);
+        Cli::try_parse_with_sources(v).unwrap()
+    }
+
+    #[test]
+    fn steps_and_limits() {
+        let (c, _) = cli(&["--batch-size", "64", "--epochs", "3"]);
+        let cfg = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap();
+        assert_eq!(cfg.steps_per_epoch, 15);
+        assert_eq!(cfg.total_steps, 45);
+        let (c, _) = cli(&["--max-steps", "7"]);
+        assert_eq!(
+            RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
+                .unwrap()
+                .total_steps,
+            7
+        );
+    }
+
+    #[test]
+    fn clear_errors_for_impossible_settings() {
+        let (c, _) = cli(&["--workers", "4", "--batch-size", "3"]);
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--batch-size 3 is smaller than --workers 4"),
+            "{e}"
+        );
+        let (c, _) = cli(&["--batch-size", "2000"]);
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1000 samples"), "{e}");
+        let (c, _) = cli(&["--image-size", "48"]);
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_size"), "{e}");
+        let (c, _) = cli(&["--lr=-1"]);
+        assert!(RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).is_err());
+    }
+
+    #[test]
+    fn resume_takes_previous_settings_and_refuses_changes() {
+        let (c, _) = cli(&["--ngf", "16", "--max-steps", "4"]);
+        let prev = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap();
+        let (mut c, explicit) = cli(&["--max-steps", "8"]);
+        merge_for_resume(&mut c, &explicit, &prev).unwrap();
+        assert_eq!((c.ngf, c.max_steps), (16, Some(8)));
+        let (mut c, explicit) = cli(&["--ngf", "32", "--seed", "1"]);
+        let e = merge_for_resume(&mut c, &explicit, &prev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--ngf 32") && e.contains("--seed 1"), "{e}");
+    }
+
+    #[test]
+    fn run_json_round_trips() {
+        let (c, _) = cli(&[]);
+        let cfg = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap();
+        let back: RunConfig = serde_json::from_str(&cfg.to_json()).unwrap();
+        assert_eq!(back, cfg);
+    }
+}

@@ -1,0 +1,207 @@
+//! Starting the worker processes on this machine and noticing when they exit.
+//!
+//! Each worker's stdout and stderr go to `RUN_DIR/logs/worker-<rank>.log` (not the terminal,
+//! where the progress bar lives); when a worker fails, the tail of its log goes into the run's
+//! error message so the cause is on screen without digging.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Why the workers could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(
+        "worker binary not found at {}: build it (`cargo build -p worker`) or pass --worker-bin",
+        .0.display()
+    )]
+    NotFound(PathBuf),
+    #[error("{}: cannot {op}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A launched worker process that ended.
+#[derive(Debug)]
+pub struct WorkerExit {
+    pub rank: usize,
+    pub status: std::io::Result<ExitStatus>,
+    pub log: PathBuf,
+    /// Whether the coordinator killed it.
+    pub killed: bool,
+}
+
+/// What each launched worker is started with.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub bin: PathBuf,
+    pub coordinator_url: String,
+    pub world: usize,
+    pub threads: u32,
+    /// `--data local:SPEC` for workers that read the dataset themselves.
+    pub local_data: Option<String>,
+    pub logs: PathBuf,
+}
+
+/// The worker processes of this run.
+pub struct Launcher {
+    kill: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The worker binary: `--worker-bin`, or `worker` next to this executable.
+pub fn resolve_worker_bin(explicit: Option<&Path>) -> Result<PathBuf, LaunchError> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| LaunchError::Io {
+                path: PathBuf::from("coordinator"),
+                op: "locate executable",
+                source: e,
+            })?;
+            exe.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX))
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LaunchError::NotFound(path))
+    }
+}
+
+impl Launcher {
+    /// Starts `spec.world` workers; each one's exit is sent on `exits`.
+    pub fn launch(
+        spec: &LaunchSpec,
+        exits: mpsc::UnboundedSender<WorkerExit>,
+    ) -> Result<Self, LaunchError> {
+        let (kill, _) = watch::channel(false);
+        let mut launcher = Self {
+            kill,
+            tasks: Vec::new(),
+        };
+        for rank in 0..spec.world {
+            let log = spec.logs.join(format!("worker-{rank}.log"));
+            let out = File::create(&log).map_err(|e| LaunchError::Io {
+                path: log.clone(),
+                op: "create",
+                source: e,
+            })?;
+            let err = out.try_clone().map_err(|e| LaunchError::Io {
+                path: log.clone(),
+                op: "open",
+                source: e,
+            })?;
+            let mut cmd = Command::new(&spec.bin);
+            cmd.arg("--coordinator")
+                .arg(&spec.coordinator_url)
+                .arg("--rank")
+                .arg(rank.to_string())
+                .arg("--threads")
+                .arg(spec.threads.to_string());
+            if let Some(d) = &spec.local_data {
+                cmd.arg("--data").arg(d);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .kill_on_drop(true);
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    launcher.kill_all();
+                    return Err(LaunchError::Io {
+                        path: spec.bin.clone(),
+                        op: "start",
+                        source: e,
+                    });
+                }
+            };
+            tracing::debug!(rank, pid = child.id(), log = %log.display(), "worker started");
+            let mut kill_rx = launcher.kill.subscribe();
+            let exits = exits.clone();
+            launcher.tasks.push(tokio::spawn(async move {
+                let killed = tokio::select! {
+                    _ = child.wait() => false,
+                    _ = async { kill_rx.wait_for(|k| *k).await.map(|_| ()) } => true,
+                };
+                if killed {
+                    let _ = child.start_kill();
+                }
+                // Reaps the child (or returns its already-known status).
+                let status = child.wait().await;
+                let _ = exits.send(WorkerExit {
+                    rank,
+                    status,
+                    log,
+                    killed,
+                });
+            }));
+        }
+        Ok(launcher)
+    }
+
+    /// Kills every worker still running.
+    pub fn kill_all(&self) {
+        let _ = self.kill.send(true);
+    }
+
+    /// Waits for every worker to exit; kills those still running after `grace`.
+    pub async fn wait_all(self, grace: Duration) {
+        let Self { kill, tasks } = self;
+        let all = futures_join(tasks);
+        tokio::pin!(all);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            tracing::warn!(
+                "workers still running {} s after the run ended: killing them",
+                grace.as_secs()
+            );
+            let _ = kill.send(true);
+            all.await;
+        }
+    }
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// The last `lines` lines of a log, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// How a worker's exit reads in an error message.
+pub fn describe_exit(exit: &WorkerExit) -> String {
+    let how = match &exit.status {
+        Ok(s) => match s.code() {
+            Some(c) => format!("exited with status {c}"),
+            None => format!("was killed ({s})"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    };
+    let tail = log_tail(&exit.log, 15);
+    format!(
+        "worker rank {} {how}; last lines of {}:\n{tail}",
+        exit.rank,
+        exit.log.display()
+    )
+}

@@ -1,0 +1,21 @@
+//! The DCGAN run's coordinator: it checks the run's configuration and data, serves the
+//! `dcgan.v1.Coordinator` gRPC API, launches (or waits for) the workers, hands out ranks, ring
+//! addresses and shards, aggregates their metrics, stores their checkpoints, and draws samples.
+//!
+//! One job per module: [`cli`] and [`config`] decide what the run is; [`app`] runs it;
+//! [`run_state`] is the state machine behind [`server`]'s handlers; [`shards`],
+//! [`checkpoint_store`], [`metrics_log`] and [`samples`] each own one kind of output or data;
+//! [`launcher`] owns the worker processes and [`progress`] the terminal.
+
+pub mod app;
+pub mod checkpoint_store;
+pub mod cli;
+pub mod config;
+pub mod launcher;
+pub mod metrics_log;
+pub mod progress;
+pub mod run_dir;
+pub mod run_state;
+pub mod samples;
+pub mod server;
+pub mod shards;

@@ -1,0 +1,624 @@
+//! The run's state machine: who has joined, where the ring is, which steps are done, what is
+//! stored, and whether the run is still going.
+//!
+//! Every gRPC handler goes through [`Run`], which holds the state behind one mutex taken only
+//! for short, non-blocking sections (never across an `.await` or a disk write of a checkpoint).
+//! Phase changes are published on a `watch` channel so that waiters (rendezvous, streams, the
+//! main loop) wake up without polling. The first failure wins and is final: later errors are
+//! usually its echoes (a peer's socket closing after the first worker died).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::v1::{self, WorkerId};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::checkpoint_store::{CheckpointStore, StoredCheckpoint};
+use crate::config::RunConfig;
+use crate::metrics_log::{MetricsLog, RankReport, StepAggregator, StepRecord};
+use crate::run_dir::unix_ms;
+use crate::shards::ShardServer;
+
+/// Where the run stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    WaitingForWorkers,
+    Running,
+    Completed,
+    Failed(String),
+}
+
+impl Phase {
+    pub fn is_over(&self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed(_))
+    }
+
+    fn to_proto(&self) -> v1::RunState {
+        match self {
+            Phase::WaitingForWorkers => v1::RunState::WaitingForWorkers,
+            Phase::Running => v1::RunState::Running,
+            Phase::Completed => v1::RunState::Completed,
+            Phase::Failed(_) => v1::RunState::Failed,
+        }
+    }
+}
+
+/// A request the run refuses; the server turns each into the matching gRPC status.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunError {
+    #[error("request carries no worker id")]
+    MissingId,
+    #[error("unknown run {got:?}: this coordinator runs {expected:?}")]
+    UnknownRun { got: String, expected: String },
+    #[error("stale generation {got}: the run is at generation {current}; rejoin")]
+    StaleGeneration { got: u64, current: u64 },
+    #[error("rank {rank} is outside a world of {world}")]
+    BadRank { rank: u32, world: u32 },
+    #[error("rank {0} has not joined this generation")]
+    NotJoined(u32),
+    #[error("rank {0} is already taken")]
+    RankTaken(u32),
+    #[error("all {0} ranks are taken")]
+    WorldFull(u32),
+    #[error("the run has formed; joining is closed until the next generation")]
+    Formed,
+    #[error("the run is over: {0}")]
+    Over(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A worker as the coordinator knows it.
+#[derive(Clone, Debug)]
+struct WorkerSlot {
+    hostname: String,
+    pid: u32,
+    device: String,
+    ring_address: Option<String>,
+    state: v1::WorkerState,
+    last_seen: Instant,
+    last_seen_unix_ms: u64,
+    last_step: u64,
+    final_checksum: Option<u64>,
+}
+
+/// Something the main loop acts on outside the request path.
+pub enum Event {
+    /// A checkpoint ending an epoch or the run was stored: draw that epoch's samples from it.
+    /// The files travel with the event, so pruning old checkpoints cannot race the drawing.
+    RenderSamples {
+        step: u64,
+        epoch: u64,
+        files: Vec<(String, Vec<u8>)>,
+    },
+    /// Nothing more will come: the renderer finishes what is queued and stops.
+    Stop,
+}
+
+struct Inner {
+    workers: Vec<Option<WorkerSlot>>,
+    aggregator: StepAggregator,
+    metrics_log: MetricsLog,
+    latest: Option<StepRecord>,
+    checkpoints: Vec<v1::CheckpointInfo>,
+    last_stored_step: Option<u64>,
+}
+
+/// One run, shared by the gRPC handlers and the main loop.
+pub struct Run {
+    pub config: RunConfig,
+    proto_config: v1::RunConfig,
+    config_json: String,
+    /// The checkpoint the workers start from, when resuming.
+    pub resume_from: Option<u64>,
+    /// Global steps already done when this generation started.
+    pub start_step: u64,
+    session: u64,
+    pub shards: ShardServer,
+    pub store: CheckpointStore,
+    run_dir: String,
+    inner: Mutex<Inner>,
+    phase: watch::Sender<Phase>,
+    metrics: broadcast::Sender<StepRecord>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Run {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: RunConfig,
+        resume_from: Option<u64>,
+        shards: ShardServer,
+        store: CheckpointStore,
+        metrics_log: MetricsLog,
+        checkpoints: Vec<v1::CheckpointInfo>,
+        run_dir: String,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Arc<Self> {
+        let start_step = resume_from.unwrap_or(0);
+        let world = config.workers as usize;
+        let session = {
+            let d = Sha256::digest(format!("{}/{}", config.run_id, config.generation).as_bytes());
+            u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        };
+        let (phase, _) = watch::channel(Phase::WaitingForWorkers);
+        let (metrics, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            proto_config: config.to_proto(),
+            config_json: config.to_json(),
+            inner: Mutex::new(Inner {
+                workers: vec![None; world],
+                aggregator: StepAggregator::new(world, start_step + 1, config.total_steps),
+                metrics_log,
+                latest: None,
+                checkpoints,
+                last_stored_step: resume_from,
+            }),
+            config,
+            resume_from,
+            start_step,
+            session,
+            shards,
+            store,
+            run_dir,
+            phase,
+            metrics,
+            events,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A handler that panicked mid-update must not take the whole server down with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn world(&self) -> u32 {
+        self.config.workers
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+
+    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub fn subscribe_metrics(&self) -> broadcast::Receiver<StepRecord> {
+        self.metrics.subscribe()
+    }
+
+    /// Ends the run with `reason` unless it is already over. Returns whether this call ended it.
+    pub fn fail(&self, reason: impl Into<String>) -> bool {
+        let reason = reason.into();
+        let changed = self.phase.send_if_modified(|p| {
+            if p.is_over() {
+                false
+            } else {
+                *p = Phase::Failed(reason.clone());
+                true
+            }
+        });
+        if changed {
+            tracing::error!("run failed: {reason}");
+        }
+        changed
+    }
+
+    fn refuse_if_over(&self) -> Result<(), RunError> {
+        match &*self.phase.borrow() {
+            Phase::Failed(r) => Err(RunError::Over(format!("failed: {r}"))),
+            Phase::Completed => Err(RunError::Over("completed".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks who is speaking: the run, the generation, a joined rank. Refreshes its heartbeat.
+    pub fn check(&self, id: Option<&WorkerId>) -> Result<usize, RunError> {
+        let id = id.ok_or(RunError::MissingId)?;
+        if id.run_id != self.config.run_id {
+            return Err(RunError::UnknownRun {
+                got: id.run_id.clone(),
+                expected: self.config.run_id.clone(),
+            });
+        }
+        if id.generation != self.config.generation {
+            return Err(RunError::StaleGeneration {
+                got: id.generation,
+                current: self.config.generation,
+            });
+        }
+        if id.rank >= self.world() {
+            return Err(RunError::BadRank {
+                rank: id.rank,
+                world: self.world(),
+            });
+        }
+        let mut inner = self.lock();
+        let slot = inner.workers[id.rank as usize]
+            .as_mut()
+            .ok_or(RunError::NotJoined(id.rank))?;
+        slot.last_seen = Instant::now();
+        slot.last_seen_unix_ms = unix_ms();
+        Ok(id.rank as usize)
+    }
+
+    /// Gives a worker a rank: the one it asks for, or the lowest free one.
+    pub fn join(&self, req: &v1::JoinRequest) -> Result<v1::JoinResponse, RunError> {
+        self.refuse_if_over()?;
+        if *self.phase.borrow() != Phase::WaitingForWorkers {
+            return Err(RunError::Formed);
+        }
+        let world = self.world();
+        let mut inner = self.lock();
+        let rank = if req.requested_rank >= 0 {
+            let r = req.requested_rank as u32;
+            if r >= world {
+                return Err(RunError::BadRank { rank: r, world });
+            }
+            if inner.workers[r as usize].is_some() {
+                return Err(RunError::RankTaken(r));
+            }
+            r
+        } else {
+            inner
+                .workers
+                .iter()
+                .position(Option::is_none)
+                .ok_or(RunError::WorldFull(world))? as u32
+        };
+        inner.workers[rank as usize] = Some(WorkerSlot {
+            hostname: req.hostname.clone(),
+            pid: req.pid,
+            device: req.device.clone(),
+            ring_address: None,
+            state: v1::WorkerState::Joined,
+            last_seen: Instant::now(),
+            last_seen_unix_ms: unix_ms(),
+            last_step: self.start_step,
+            final_checksum: None,
+        });
+        tracing::info!(rank, host = %req.hostname, pid = req.pid, device = %req.device, "worker joined");
+        Ok(v1::JoinResponse {
+            id: Some(WorkerId {
+                run_id: self.config.run_id.clone(),
+                generation: self.config.generation,
+                rank,
+            }),
+            world_size: world,
+            config: Some(self.proto_config.clone()),
+            config_json: self.config_json.clone(),
+            load_checkpoint: self.resume_from.is_some(),
+            checkpoint_step: self.resume_from.unwrap_or(0),
+        })
+    }
+
+    /// Records a rank's ring address; when every rank has one, the run starts.
+    pub fn set_ring_address(&self, rank: usize, address: &str) -> Result<(), RunError> {
+        self.refuse_if_over()?;
+        if address.is_empty() || address.len() > 256 {
+            return Err(RunError::Invalid(format!(
+                "ring address {address:?} is not host:port"
+            )));
+        }
+        let all_ready = {
+            let mut inner = self.lock();
+            if let Some(slot) = inner.workers[rank].as_mut() {
+                slot.ring_address = Some(address.to_string());
+                slot.state = v1::WorkerState::Ready;
+            }
+            inner
+                .workers
+                .iter()
+                .all(|w| w.as_ref().is_some_and(|w| w.ring_address.is_some()))
+        };
+        if all_ready {
+            let started = self.phase.send_if_modified(|p| {
+                if *p == Phase::WaitingForWorkers {
+                    *p = Phase::Running;
+                    true
+                } else {
+                    false
+                }
+            });
+            if started {
+                tracing::info!(world = self.world(), "every rank is ready: training starts");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every rank has a ring address; returns them in rank order and the session.
+    pub async fn ring(&self) -> Result<(Vec<String>, u64), RunError> {
+        let mut rx = self.phase.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Phase::WaitingForWorkers => {}
+                Phase::Failed(r) => return Err(RunError::Over(format!("failed: {r}"))),
+                Phase::Completed => return Err(RunError::Over("completed".into())),
+                Phase::Running => {
+                    let inner = self.lock();
+                    let addrs = inner
+                        .workers
+                        .iter()
+                        .map(|w| {
+                            w.as_ref()
+                                .and_then(|w| w.ring_address.clone())
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    return Ok((addrs, self.session));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(RunError::Over("the coordinator is shutting down".into()));
+            }
+        }
+    }
+
+    /// Takes one rank's step report. Returns `Ok(false)` when the run is over and the worker
+    /// should stop.
+    pub fn report(&self, report: RankReport) -> Result<bool, RunError> {
+        if self.phase().is_over() {
+            return Ok(false);
+        }
+        let (rank, step) = (report.rank, report.step);
+        let result = {
+            let mut inner = self.lock();
+            if let Some(w) = inner.workers[rank].as_mut() {
+                w.last_step = step;
+                w.state = v1::WorkerState::Training;
+            }
+            inner.aggregator.add(report)
+        };
+        let records = match result {
+            Ok(r) => r,
+            Err(e @ crate::metrics_log::AggregateError::ChecksumMismatch { .. }) => {
+                self.fail(e.to_string());
+                return Ok(false);
+            }
+            Err(e) => return Err(RunError::Invalid(e.to_string())),
+        };
+        for record in records {
+            let written = self.lock().metrics_log.append(&record);
+            if let Err(e) = written {
+                self.fail(format!("cannot write metrics: {e}"));
+                return Ok(false);
+            }
+            self.lock().latest = Some(record.clone());
+            let _ = self.metrics.send(record);
+        }
+        Ok(!self.phase().is_over())
+    }
+
+    /// Notes a worker's heartbeat; returns the run's state for the answer.
+    pub fn heartbeat(&self, rank: usize, step: u64) -> v1::RunState {
+        if let Some(w) = self.lock().workers[rank].as_mut() {
+            w.last_step = w.last_step.max(step);
+        }
+        self.phase().to_proto()
+    }
+
+    /// Checks an upload's header before its bytes are accepted.
+    pub fn check_upload(&self, rank: usize, step: u64) -> Result<(), RunError> {
+        self.refuse_if_over()?;
+        if rank != 0 {
+            return Err(RunError::Invalid(format!(
+                "rank {rank} uploaded a checkpoint; only rank 0 does"
+            )));
+        }
+        if step == 0 || step > self.config.total_steps {
+            return Err(RunError::Invalid(format!(
+                "checkpoint step {step} is outside 1..={}",
+                self.config.total_steps
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a stored checkpoint and asks for sample grids where one ends an epoch or the run.
+    pub fn checkpoint_stored(
+        &self,
+        header: &v1::CheckpointHeader,
+        stored: &StoredCheckpoint,
+        all: Vec<v1::CheckpointInfo>,
+        files: Vec<(String, Vec<u8>)>,
+    ) {
+        {
+            let mut inner = self.lock();
+            inner.checkpoints = all;
+            inner.last_stored_step = Some(inner.last_stored_step.unwrap_or(0).max(stored.step));
+        }
+        tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
+        if header.end_of_epoch || header.r#final {
+            let _ = self.events.send(Event::RenderSamples {
+                step: stored.step,
+                epoch: header.epoch,
+                files,
+            });
+        }
+    }
+
+    /// A worker is done. When every rank is done, the run completes — if every step was
+    /// aggregated, the final checkpoint is stored and the ranks' final parameters agree.
+    pub fn finish(&self, rank: usize, req: &v1::FinishRequest) {
+        if !req.ok {
+            let host = self.lock().workers[rank]
+                .as_ref()
+                .map(|w| w.hostname.clone())
+                .unwrap_or_default();
+            self.fail(format!("rank {rank} (host {host}) failed: {}", req.error));
+            return;
+        }
+        let verdict = {
+            let mut inner = self.lock();
+            if let Some(w) = inner.workers[rank].as_mut() {
+                w.state = v1::WorkerState::Finished;
+                w.last_step = req.final_step;
+                w.final_checksum = Some(req.parameter_checksum);
+            }
+            let all_done = inner.workers.iter().all(|w| {
+                w.as_ref()
+                    .is_some_and(|w| w.state == v1::WorkerState::Finished)
+            });
+            if !all_done {
+                None
+            } else {
+                Some(self.completion_verdict(&inner))
+            }
+        };
+        match verdict {
+            None => tracing::info!(rank, step = req.final_step, "worker finished"),
+            Some(Ok(())) => {
+                let done = self.phase.send_if_modified(|p| {
+                    if p.is_over() {
+                        false
+                    } else {
+                        *p = Phase::Completed;
+                        true
+                    }
+                });
+                if done {
+                    tracing::info!(steps = self.config.total_steps, "run completed");
+                }
+            }
+            Some(Err(reason)) => {
+                self.fail(reason);
+            }
+        }
+    }
+
+    fn completion_verdict(&self, inner: &Inner) -> Result<(), String> {
+        let total = self.config.total_steps;
+        if inner.aggregator.completed() != total {
+            return Err(format!(
+                "every rank finished but only steps up to {} of {total} were reported",
+                inner.aggregator.completed()
+            ));
+        }
+        if inner.last_stored_step != Some(total) {
+            return Err(format!(
+                "every rank finished but the final checkpoint (step {total}) was not stored"
+            ));
+        }
+        let sums: Vec<(usize, Option<u64>)> = inner
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(r, w)| (r, w.as_ref().and_then(|w| w.final_checksum)))
+            .collect();
+        if sums.iter().any(|(_, c)| *c != sums[0].1) {
+            let list: Vec<String> = sums
+                .iter()
+                .map(|(r, c)| format!("rank {r} = {:#018x}", c.unwrap_or(0)))
+                .collect();
+            return Err(format!(
+                "final parameter checksums differ: {}",
+                list.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails the run if a joined, unfinished worker has been silent for longer than `timeout`.
+    pub fn check_heartbeats(&self, timeout: Duration) {
+        if self.phase().is_over() {
+            return;
+        }
+        let silent = {
+            let inner = self.lock();
+            inner.workers.iter().enumerate().find_map(|(r, w)| {
+                w.as_ref()
+                    .filter(|w| {
+                        w.state != v1::WorkerState::Finished && w.last_seen.elapsed() > timeout
+                    })
+                    .map(|w| (r, w.hostname.clone(), w.pid, w.last_seen.elapsed()))
+            })
+        };
+        if let Some((rank, host, pid, quiet)) = silent {
+            self.fail(format!(
+                "rank {rank} (host {host}, pid {pid}) has been silent for {:.0} s (limit {} s)",
+                quiet.as_secs_f64(),
+                timeout.as_secs()
+            ));
+        }
+    }
+
+    /// Marks every worker that had not finished as failed (after the run failed).
+    pub fn mark_unfinished_failed(&self) {
+        for w in self.lock().workers.iter_mut().flatten() {
+            if w.state != v1::WorkerState::Finished {
+                w.state = v1::WorkerState::Failed;
+            }
+        }
+    }
+
+    /// The latest aggregated step, if any.
+    pub fn latest(&self) -> Option<StepRecord> {
+        self.lock().latest.clone()
+    }
+
+    /// The run as `GetStatus` shows it.
+    pub fn status(&self) -> v1::RunStatus {
+        let phase = self.phase();
+        let inner = self.lock();
+        let step = inner.aggregator.completed();
+        let spe = self.config.steps_per_epoch.max(1);
+        let workers = inner
+            .workers
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, w)| {
+                w.as_ref().map(|w| v1::WorkerStatus {
+                    rank: rank as u32,
+                    state: w.state as i32,
+                    hostname: w.hostname.clone(),
+                    pid: w.pid,
+                    device: w.device.clone(),
+                    ring_address: w.ring_address.clone().unwrap_or_default(),
+                    last_heartbeat_unix_ms: w.last_seen_unix_ms,
+                    seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
+                    last_step: w.last_step,
+                })
+            })
+            .collect();
+        v1::RunStatus {
+            run_id: self.config.run_id.clone(),
+            generation: self.config.generation,
+            state: phase.to_proto() as i32,
+            error: match &phase {
+                Phase::Failed(r) => r.clone(),
+                _ => String::new(),
+            },
+            epoch: (step / spe).min(self.config.epochs.saturating_sub(1) as u64),
+            epochs: self.config.epochs,
+            step,
+            total_steps: self.config.total_steps,
+            world_size: self.world(),
+            dataset: self.config.dataset.clone(),
+            run_dir: self.run_dir.clone(),
+            workers,
+            latest_metrics: inner.latest.as_ref().map(to_proto_metrics),
+            checkpoints: inner.checkpoints.clone(),
+        }
+    }
+}
+
+/// An aggregated step as the protocol carries it.
+pub fn to_proto_metrics(r: &StepRecord) -> v1::StepMetrics {
+    v1::StepMetrics {
+        step: r.step,
+        epoch: r.epoch,
+        loss_d: r.loss_d,
+        loss_g: r.loss_g,
+        d_x: r.d_x,
+        d_g_z1: r.d_g_z1,
+        d_g_z2: r.d_g_z2,
+        images_per_sec: r.images_per_sec,
+        data_seconds: r.data_seconds,
+        compute_seconds: r.compute_seconds,
+        all_reduce_seconds: r.all_reduce_seconds,
+        global_batch: r.global_batch,
+    }
+}

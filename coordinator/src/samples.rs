@@ -1,0 +1,62 @@
+//! The sample grids of a run: `samples/real.png` and `samples/fake_epoch_NNN.png`.
+//!
+//! The coordinator draws the fake grids itself, from the checkpoint rank 0 uploaded at the end
+//! of each epoch, rather than asking rank 0 to render them: drawing then happens off the
+//! training's critical path (no rank waits at the next all-reduce while rank 0 renders), the
+//! workers stay pure training loops, and each grid is known to show exactly a stored
+//! checkpoint. The cost is one generator forward pass of 64 images on the coordinator's CPU per
+//! epoch, small next to an epoch of training.
+
+use std::path::{Path, PathBuf};
+
+use data::Dataset;
+use kernels::{CheckpointFiles, Gan};
+
+/// Images per grid and per row, as the PyTorch example's `save_image` calls use.
+pub const GRID_IMAGES: usize = 64;
+pub const GRID_ROW: usize = 8;
+
+/// Why a grid could not be drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("cannot load checkpoint for samples: {0}")]
+    Load(#[source] kernels::KernelError),
+    #[error("cannot generate samples: {0}")]
+    Generate(#[source] kernels::KernelError),
+    #[error(transparent)]
+    Write(#[from] data::DataError),
+}
+
+/// `samples/real.png`: the first samples of the first epoch's order (what the first steps train on).
+pub fn write_real(dir: &Path, dataset: &Dataset, seed: u64) -> Result<PathBuf, SampleError> {
+    let order = data::epoch_order(seed, 0, dataset.len);
+    let n = GRID_IMAGES.min(order.len());
+    let mut pixels = Vec::new();
+    dataset.gather(&order[..n], &mut pixels);
+    let path = dir.join("real.png");
+    data::save_grid(&path, &pixels, n, dataset.nc, dataset.image_size, GRID_ROW)?;
+    Ok(path)
+}
+
+/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise.
+pub fn write_fake(
+    dir: &Path,
+    files: Vec<(String, Vec<u8>)>,
+    seed: u64,
+    epoch: u64,
+) -> Result<PathBuf, SampleError> {
+    let (mut gan, _) = Gan::load(&CheckpointFiles { files }).map_err(SampleError::Load)?;
+    let model = gan.model_config().clone();
+    let z = kernels::rng::fixed_noise(seed, GRID_IMAGES, model.nz);
+    let images = gan.generate(&z).map_err(SampleError::Generate)?;
+    let path = dir.join(format!("fake_epoch_{epoch:03}.png"));
+    data::save_grid(
+        &path,
+        images.data(),
+        GRID_IMAGES,
+        model.nc,
+        model.image_size,
+        GRID_ROW,
+    )?;
+    Ok(path)
+}

@@ -1,0 +1,271 @@
+//! Helpers for tests that start the real `coordinator` and `worker` binaries on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The worker binary next to the coordinator's, built (a no-op when up to date) so that
+/// `cargo test -p coordinator` alone works. `DCGAN_WORKER_BIN` overrides it.
+pub fn worker_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("DCGAN_WORKER_BIN") {
+            return PathBuf::from(p);
+        }
+        let coordinator = PathBuf::from(env!("CARGO_BIN_EXE_coordinator"));
+        let worker = coordinator.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--profile",
+                "test",
+                "-p",
+                "worker",
+                "--bin",
+                "worker",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo to build the worker binary");
+        assert!(status.success(), "cargo build -p worker failed");
+        assert!(worker.is_file(), "no worker binary at {}", worker.display());
+        worker
+    })
+    .clone()
+}
+
+pub fn coordinator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
+}
+
+/// Arguments for a small, fast run: tiny networks, few samples, one thread per worker.
+pub fn small_run(workers: u32, run_dir: &Path) -> Vec<String> {
+    [
+        "--workers",
+        &workers.to_string(),
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--nz",
+        "16",
+        "--batch-size",
+        "24",
+        "--data-limit",
+        "200",
+        "--worker-threads",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        "--run-dir",
+        &run_dir.display().to_string(),
+        "--worker-bin",
+        &worker_bin().display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Sets `flag` to `value` in `args`, replacing an earlier value (clap refuses repeated flags).
+pub fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_string(),
+        None => args.extend([flag.to_string(), value.to_string()]),
+    }
+}
+
+/// Applies `flag value` pairs and bare switches (a flag followed by another flag or nothing).
+pub fn with_flags(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    let mut i = 0;
+    while i < extra.len() {
+        let takes_value = extra.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+        if takes_value {
+            set_flag(&mut args, extra[i], extra[i + 1]);
+            i += 2;
+        } else {
+            args.push(extra[i].to_string());
+            i += 1;
+        }
+    }
+    args
+}
+
+/// What a finished coordinator left.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "coordinator failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+/// Runs the coordinator to its end (killing it after `timeout`).
+pub fn run_coordinator(args: &[String], timeout: Duration) -> Finished {
+    let child = Command::new(coordinator_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    wait_output(child, timeout)
+}
+
+/// Waits for a child with piped output, killing it after `timeout`.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Finished {
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for coordinator") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "coordinator did not finish within {timeout:?}; stderr:\n{}",
+                err_reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Finished {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// A coordinator running in the background (killed on drop).
+pub struct Running {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub run_dir: PathBuf,
+}
+
+impl Running {
+    /// Starts the coordinator and waits until it has written its address.
+    pub fn start(args: &[String], run_dir: &Path) -> Self {
+        let child = Command::new(coordinator_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start coordinator");
+        let mut running = Self {
+            child: Some(child),
+            addr: String::new(),
+            run_dir: run_dir.to_path_buf(),
+        };
+        let addr_file = run_dir.join("coordinator.addr");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if a.ends_with('\n') {
+                    running.addr = a.trim().to_string();
+                    return running;
+                }
+            }
+            if let Some(c) = running.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    let f =
+                        wait_output(running.child.take().expect("child"), Duration::from_secs(5));
+                    panic!("coordinator exited early ({s}): {}", f.stderr);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator wrote no address in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits for the coordinator to exit by itself.
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        wait_output(self.child.take().expect("child"), timeout)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The lines of `metrics.jsonl`.
+pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .expect("read metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+/// Steps of the checkpoints in the run directory.
+pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .expect("list checkpoints")
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("step_")
+                .and_then(|s| s.parse().ok())
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// Writes an MNIST-style IDX image file of `n` 28x28 digits-ish images.
+pub fn write_mnist(path: &Path, n: usize) {
+    let mut bytes = Vec::with_capacity(16 + n * 784);
+    bytes.extend_from_slice(&2051u32.to_be_bytes());
+    bytes.extend_from_slice(&(n as u32).to_be_bytes());
+    bytes.extend_from_slice(&28u32.to_be_bytes());
+    bytes.extend_from_slice(&28u32.to_be_bytes());
+    for i in 0..n {
+        for y in 0..28usize {
+            for x in 0..28usize {
+                // A bar whose position depends on the sample: varied but deterministic.
+                let on = (x + i) % 28 > 10 && (x + i) % 28 < 16 && y > 4 && y < 24;
+                bytes.push(if on { 255 } else { (y * 3) as u8 });
+            }
+        }
+    }
+    std::fs::write(path, bytes).expect("write idx file");
+}

@@ -1,0 +1,125 @@
+//! Bad input: the coordinator says what is wrong, where, and exits non-zero, without panicking
+//! and (for what can be checked up front) before any worker starts.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn run(run_dir: &Path, extra: &[&str]) -> Finished {
+    run_coordinator(&with_flags(small_run(2, run_dir), extra), TIMEOUT)
+}
+
+fn assert_fails_with(f: &Finished, needles: &[&str]) {
+    assert!(
+        !f.status.success(),
+        "expected failure; stdout:\n{}",
+        f.stdout
+    );
+    assert_eq!(
+        f.status.code(),
+        Some(1),
+        "exit status; stderr:\n{}",
+        f.stderr
+    );
+    assert!(!f.stderr.contains("panicked"), "{}", f.stderr);
+    for n in needles {
+        assert!(f.stderr.contains(n), "stderr lacks {n:?}:\n{}", f.stderr);
+    }
+}
+
+#[test]
+fn missing_dataset_path_is_named_and_nothing_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let f = run(&run_dir, &["--dataset", "mnist:/nonexistent/mnist"]);
+    assert_fails_with(&f, &["cannot load dataset", "/nonexistent/mnist"]);
+    assert!(!run_dir.join("logs").exists(), "no worker was launched");
+}
+
+#[test]
+fn corrupt_mnist_file_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idx = tmp.path().join("train-images-idx3-ubyte");
+    std::fs::write(&idx, [0u8, 0, 8, 1, 0, 0, 0, 1]).expect("write");
+    let f = run(
+        &tmp.path().join("run"),
+        &["--dataset", &format!("mnist:{}", idx.display())],
+    );
+    assert_fails_with(&f, &[&idx.display().to_string(), "magic"]);
+}
+
+#[test]
+fn unknown_dataset_kind_lists_the_known_ones() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = run(&tmp.path().join("run"), &["--dataset", "imagenet:/x"]);
+    assert_fails_with(&f, &["unknown dataset kind", "mnist:PATH"]);
+}
+
+#[test]
+fn batch_smaller_than_the_world_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = with_flags(
+        small_run(3, &tmp.path().join("run")),
+        &["--batch-size", "2"],
+    );
+    let f = run_coordinator(&a, TIMEOUT);
+    assert_fails_with(&f, &["--batch-size 2 is smaller than --workers 3"]);
+}
+
+#[test]
+fn unsupported_image_size_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = run(&tmp.path().join("run"), &["--image-size", "48"]);
+    assert_fails_with(&f, &["image_size must be 32, 64 or 128"]);
+}
+
+#[test]
+fn a_failing_worker_fails_the_run_and_resume_needs_a_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let a = with_flags(small_run(2, &run_dir), &["--worker-bin", "/bin/false"]);
+    let f = run_coordinator(&a, TIMEOUT);
+    assert_fails_with(&f, &["run failed", "exited with status 1", "worker-"]);
+
+    // The run directory now holds a run: starting another there is refused...
+    let f = run(&run_dir, &[]);
+    assert_fails_with(&f, &["already holds a run", "--resume"]);
+    // ...and it has no checkpoint to resume from.
+    let f = run(&run_dir, &["--resume"]);
+    assert_fails_with(&f, &["no checkpoint"]);
+}
+
+#[test]
+fn resume_refuses_settings_that_would_change_the_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    run(&run_dir, &["--max-steps", "2"]).assert_success();
+    let f = run(&run_dir, &["--resume", "--max-steps", "4", "--ngf", "16"]);
+    assert_fails_with(&f, &["cannot change", "--ngf 16"]);
+    let f = run(&run_dir, &["--resume"]);
+    assert_fails_with(&f, &["already at step 2 of 2"]);
+}
+
+#[test]
+fn a_busy_listen_address_is_reported() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = with_flags(small_run(1, &tmp.path().join("run")), &["--listen", &addr]);
+    let f = run_coordinator(&a, TIMEOUT);
+    assert_fails_with(&f, &[&format!("cannot listen on {addr}")]);
+}
+
+#[test]
+fn a_missing_worker_binary_is_named_before_anything_is_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let f = run(&run_dir, &["--worker-bin", "/nonexistent/worker"]);
+    assert_fails_with(&f, &["worker binary not found at /nonexistent/worker", "--worker-bin"]);
+    assert!(!run_dir.exists(), "nothing was written");
+}

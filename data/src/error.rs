@@ -1,0 +1,98 @@
+//! The one error type of the crate.
+//!
+//! Every variant names the file or directory it is about (and the byte offset or record where
+//! that applies), because the person reading the message is usually looking at a dataset on
+//! disk and needs to know which file to fix or re-download.
+
+use std::path::PathBuf;
+
+/// What went wrong while reading a dataset or writing an image grid.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file or directory could not be opened, listed, read, decompressed or written.
+    #[error("{}: cannot {op}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        /// What was being done, e.g. "read", "open", "list directory".
+        op: &'static str,
+        source: std::io::Error,
+    },
+
+    /// The file does not start with the magic number of the expected format.
+    #[error(
+        "{}: bad magic number {found:#010x} at byte offset 0, expected {expected:#010x} ({what})",
+        .path.display()
+    )]
+    BadMagic {
+        path: PathBuf,
+        expected: u32,
+        found: u32,
+        /// The kind of file that was expected, e.g. "IDX images".
+        what: &'static str,
+    },
+
+    /// The data ends before a header or record that the format promises is complete.
+    /// Offsets count bytes of the uncompressed data.
+    #[error(
+        "{}: truncated: {what} at byte offset {offset} needs {needed} bytes but only {available} are present",
+        .path.display()
+    )]
+    Truncated {
+        path: PathBuf,
+        /// The header or record that is incomplete, e.g. "image record 1234 of 60000".
+        what: String,
+        offset: u64,
+        needed: u64,
+        available: u64,
+    },
+
+    /// The data is complete but says something impossible (bad dimensions, a label out of
+    /// range, counts that disagree).
+    #[error("{}: byte offset {offset}: {msg}", .path.display())]
+    Malformed {
+        path: PathBuf,
+        offset: u64,
+        msg: String,
+    },
+
+    /// The files a dataset needs are not where the spec points.
+    #[error("{}: {msg}", .path.display())]
+    NotFound { path: PathBuf, msg: String },
+
+    /// An image file of a folder dataset could not be decoded.
+    #[error("{}: cannot decode image: {source}", .path.display())]
+    Decode {
+        path: PathBuf,
+        source: image::ImageError,
+    },
+
+    /// A folder dataset holds no PNG or JPEG file.
+    #[error("{}: no PNG or JPEG images found (searched recursively)", .path.display())]
+    NoImages { path: PathBuf },
+
+    /// An image could not be encoded.
+    #[error("{}: cannot encode image: {source}", .path.display())]
+    Encode {
+        path: PathBuf,
+        source: image::ImageError,
+    },
+
+    /// The caller asked for something impossible for this path (an image size of 0, a grid
+    /// whose buffer does not match its shape).
+    #[error("{}: {msg}", .path.display())]
+    InvalidArgument { path: PathBuf, msg: String },
+
+    /// A dataset spec string could not be parsed.
+    #[error("invalid dataset spec '{spec}': {msg}")]
+    InvalidSpec { spec: String, msg: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! DCGAN compute on the CPU: tensors, layers with forward and backward, the generator and the
+//! discriminator, the loss, Adam, the DCGAN initialisation and checkpoints in the PyTorch
+//! example's `state_dict` layout.
+
+pub mod checkpoint;
+pub mod collective;
+pub mod config;
+pub mod error;
+pub mod gan;
+pub mod models;
+pub mod net;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+
+pub use checkpoint::{CheckpointFiles, TrainingState};
+pub use collective::{Collective, CollectiveError, SingleProcess};
+pub use config::{ModelConfig, OptimConfig};
+pub use error::KernelError;
+pub use gan::{Gan, StepStats};
+pub use tensor::Tensor;

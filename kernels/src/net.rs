@@ -1,0 +1,255 @@
+//! A feed-forward stack of (convolution, optional BatchNorm, activation) blocks with its
+//! parameters and their gradients in one flat buffer each, so that a collective can average all
+//! of a network's gradients in one call and Adam can update them in one pass.
+
+use std::ops::Range;
+
+use crate::collective::{Collective, CollectiveError};
+use crate::ops::activation::Activation;
+use crate::ops::adam::Adam;
+use crate::ops::batchnorm::{BatchNorm, BnMode};
+use crate::ops::conv::{self, ConvShape};
+
+/// Whether a block's convolution is strided (D) or fractional-strided (G).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKind {
+    Conv,
+    Transposed,
+}
+
+/// One block's BatchNorm: the layer, and where its affine parameters sit in the flat buffer.
+#[derive(Clone, Debug)]
+pub struct BnParams {
+    pub layer: BatchNorm,
+    pub gamma: Range<usize>,
+    pub beta: Range<usize>,
+}
+
+/// Convolution, optional BatchNorm, activation: one step of the DCGAN ladder.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub kind: ConvKind,
+    pub shape: ConvShape,
+    pub in_side: usize,
+    pub out_side: usize,
+    pub weight: Range<usize>,
+    pub bn: Option<BnParams>,
+    pub activation: Activation,
+    /// Unrolled input (Conv only), kept from forward for the weight gradient.
+    cols: Vec<f32>,
+    /// The block's output after the activation, (C, N*H*W).
+    out: Vec<f32>,
+}
+
+impl Block {
+    pub fn output(&self) -> &[f32] {
+        &self.out
+    }
+}
+
+/// Describes one block before the flat buffer is laid out.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSpec {
+    pub kind: ConvKind,
+    pub shape: ConvShape,
+    pub batch_norm: bool,
+    pub activation: Activation,
+}
+
+/// A network: blocks, flat parameters and gradients, and its Adam state.
+#[derive(Clone, Debug)]
+pub struct Net {
+    pub blocks: Vec<Block>,
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
+    pub adam: Adam,
+    input_side: usize,
+    input: Vec<f32>,
+    batch: usize,
+    scratch: Vec<f32>,
+    grad_a: Vec<f32>,
+    grad_b: Vec<f32>,
+}
+
+impl Net {
+    /// Lays out the blocks' parameters in order: each block's conv weight, then its BN gamma
+    /// and beta. Parameters start at zero; the caller initialises them.
+    pub fn new(input_side: usize, specs: &[BlockSpec]) -> Self {
+        let mut offset = 0;
+        let mut side = input_side;
+        let mut blocks = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let weight = offset..offset + spec.shape.weight_len();
+            offset = weight.end;
+            let bn = spec.batch_norm.then(|| {
+                let c = spec.shape.out_channels;
+                let gamma = offset..offset + c;
+                let beta = gamma.end..gamma.end + c;
+                offset = beta.end;
+                BnParams { layer: BatchNorm::new(c), gamma, beta }
+            });
+            let out_side = match spec.kind {
+                ConvKind::Conv => spec.shape.conv_output(side),
+                ConvKind::Transposed => spec.shape.conv_transpose_output(side),
+            };
+            blocks.push(Block {
+                kind: spec.kind,
+                shape: spec.shape,
+                in_side: side,
+                out_side,
+                weight,
+                bn,
+                activation: spec.activation,
+                cols: Vec::new(),
+                out: Vec::new(),
+            });
+            side = out_side;
+        }
+        Self {
+            blocks,
+            params: vec![0.0; offset],
+            grads: vec![0.0; offset],
+            adam: Adam::new(offset),
+            input_side,
+            input: Vec::new(),
+            batch: 0,
+            scratch: Vec::new(),
+            grad_a: Vec::new(),
+            grad_b: Vec::new(),
+        }
+    }
+
+    pub fn input_side(&self) -> usize {
+        self.input_side
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// Runs the network on `input` (C, N, H, W) and returns the last block's output
+    /// (C, N*H*W). Keeps what backward needs.
+    pub fn forward(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        mode: BnMode,
+        mut sync: Option<&mut (dyn Collective + '_)>,
+    ) -> Result<&[f32], CollectiveError> {
+        let first = &self.blocks[0];
+        assert_eq!(
+            input.len(),
+            first.shape.in_channels * batch * self.input_side * self.input_side,
+            "network input size"
+        );
+        self.batch = batch;
+        self.input.clear();
+        self.input.extend_from_slice(input);
+        for i in 0..self.blocks.len() {
+            let (before, rest) = self.blocks.split_at_mut(i);
+            let block = &mut rest[0];
+            let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1].out };
+            let out_len = block.shape.out_channels * batch * block.out_side * block.out_side;
+            block.out.resize(out_len, 0.0);
+            let w = &self.params[block.weight.clone()];
+            match block.kind {
+                ConvKind::Conv => {
+                    conv::conv2d_forward(&block.shape, batch, block.in_side, x, w, &mut block.cols, &mut block.out)
+                }
+                ConvKind::Transposed => conv::conv_transpose2d_forward(
+                    &block.shape,
+                    batch,
+                    block.in_side,
+                    x,
+                    w,
+                    &mut self.scratch,
+                    &mut block.out,
+                ),
+            }
+            if let Some(bn) = &mut block.bn {
+                let gamma = &self.params[bn.gamma.clone()];
+                let beta = &self.params[bn.beta.clone()];
+                bn.layer.forward(&mut block.out, gamma, beta, mode, sync.as_deref_mut())?;
+            }
+            block.activation.forward_in_place(&mut block.out);
+        }
+        Ok(&self.blocks[self.blocks.len() - 1].out)
+    }
+
+    /// Back-propagates `d_out` (gradient of the loss with respect to the last block's output)
+    /// through the last forward. Adds weight gradients into `grads` when `weight_grads`, and
+    /// returns the input gradient (C, N, H, W) when `input_grad`. Work that neither needs is
+    /// skipped: the first layer's input gradient in D's own step, D's weight gradients in G's.
+    pub fn backward(
+        &mut self,
+        d_out: &[f32],
+        weight_grads: bool,
+        input_grad: bool,
+        mut sync: Option<&mut (dyn Collective + '_)>,
+    ) -> Result<Option<&[f32]>, CollectiveError> {
+        let batch = self.batch;
+        self.grad_a.clear();
+        self.grad_a.extend_from_slice(d_out);
+        for i in (0..self.blocks.len()).rev() {
+            let (before, rest) = self.blocks.split_at_mut(i);
+            let block = &mut rest[0];
+            assert_eq!(self.grad_a.len(), block.out.len(), "gradient size at block {i}");
+            block.activation.backward_in_place(&block.out, &mut self.grad_a);
+            if let Some(bn) = &block.bn {
+                let gamma_range = bn.gamma.clone();
+                let (gamma_slice, gbeta_grads) = if weight_grads {
+                    // gamma and beta are adjacent: split the grads buffer to borrow both.
+                    let (g, b) = self.grads[gamma_range.start..bn.beta.end].split_at_mut(gamma_range.len());
+                    (Some(g), Some(b))
+                } else {
+                    (None, None)
+                };
+                let grads = gamma_slice.zip(gbeta_grads);
+                bn.layer.backward(&mut self.grad_a, &self.params[gamma_range], grads, sync.as_deref_mut())?;
+            }
+            let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1].out };
+            let need_dx = i > 0 || input_grad;
+            let in_len = block.shape.in_channels * batch * block.in_side * block.in_side;
+            if need_dx {
+                self.grad_b.resize(in_len, 0.0);
+            }
+            let w = &self.params[block.weight.clone()];
+            let gw = if weight_grads { Some(&mut self.grads[block.weight.clone()]) } else { None };
+            let dx = if need_dx { Some(&mut self.grad_b[..]) } else { None };
+            match block.kind {
+                ConvKind::Conv => conv::conv2d_backward(
+                    &block.shape,
+                    batch,
+                    block.in_side,
+                    &self.grad_a,
+                    w,
+                    &block.cols,
+                    gw,
+                    dx,
+                    &mut self.scratch,
+                ),
+                ConvKind::Transposed => conv::conv_transpose2d_backward(
+                    &block.shape,
+                    batch,
+                    block.in_side,
+                    &self.grad_a,
+                    w,
+                    x,
+                    gw,
+                    dx,
+                    &mut self.scratch,
+                ),
+            }
+            if !need_dx {
+                return Ok(None);
+            }
+            std::mem::swap(&mut self.grad_a, &mut self.grad_b);
+        }
+        Ok(Some(&self.grad_a))
+    }
+
+    /// The running statistics of every BatchNorm, in block order.
+    pub fn batch_norms(&self) -> impl Iterator<Item = &BatchNorm> {
+        self.blocks.iter().filter_map(|b| b.bn.as_ref().map(|bn| &bn.layer))
+    }
+}

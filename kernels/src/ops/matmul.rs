@@ -1,0 +1,121 @@
+//! Row-major matrix products on the `gemm` crate, with transposes expressed as strides.
+
+use gemm::Parallelism;
+
+/// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
+/// more than it saves.
+const PARALLEL_THRESHOLD: usize = 1 << 18;
+
+/// How an operand is stored: as the (rows, cols) matrix the product needs, or as its transpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Normal,
+    Transposed,
+}
+
+/// `c (m x n) = a (m x k) * b (k x n)`, plus the old `c` when `accumulate`.
+///
+/// `a` is stored m x k (Normal) or k x m (Transposed), `b` k x n or n x k; all row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_layout: Layout,
+    b: &[f32],
+    b_layout: Layout,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
+    assert!(b.len() >= k * n, "rhs too short for {k}x{n}");
+    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = match a_layout {
+        Layout::Normal => (k as isize, 1),
+        Layout::Transposed => (1, m as isize),
+    };
+    let (b_rs, b_cs) = match b_layout {
+        Layout::Normal => (n as isize, 1),
+        Layout::Transposed => (1, k as isize),
+    };
+    let threads = rayon::current_num_threads();
+    let parallelism =
+        if threads > 1 && m * n * k >= PARALLEL_THRESHOLD { Parallelism::Rayon(threads) } else { Parallelism::None };
+    // SAFETY: the asserts above guarantee that every index the strides reach lies inside the
+    // slices, and `c` is borrowed mutably so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av * bv;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_layouts_match_the_naive_product() {
+        let (m, n, k) = (7, 5, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        for (ta, la) in [(false, Layout::Normal), (true, Layout::Transposed)] {
+            for (tb, lb) in [(false, Layout::Normal), (true, Layout::Transposed)] {
+                let want = naive(m, n, k, &a, ta, &b, tb);
+                let mut c = vec![1.0; m * n];
+                matmul(m, n, k, &a, la, &b, lb, &mut c, true);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - (y + 1.0)).abs() < 1e-4);
+                }
+                matmul(m, n, k, &a, la, &b, lb, &mut c, false);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}

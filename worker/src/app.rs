@@ -1,0 +1,331 @@
+//! One worker from join to exit.
+//!
+//! The async side (tokio) talks to the coordinator: join, rendezvous, checkpoint download,
+//! heartbeats, the data stream, reports and uploads. The training runs on a blocking thread of
+//! its own ([`Trainer::run`]) with a rayon pool sized by `--threads`, so compute never stalls the
+//! network tasks and vice versa.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kernels::CheckpointFiles;
+use proto::v1;
+use tokio::sync::mpsc;
+
+use crate::batches::{self, PREFETCH_STEPS, Plan};
+use crate::cli::Cli;
+use crate::client::{self, Client, Upload};
+use crate::stop::Stop;
+use crate::trainer::Trainer;
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// Heartbeats that may fail in a row before the worker gives the coordinator up.
+const HEARTBEAT_MISSES: u32 = 15;
+
+/// Runs the worker; `Ok` when its part of the run completed.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let local = cli.local_data()?;
+    let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout)).await?;
+    let threads = cli.threads.map(|t| t as usize).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let join = v1::JoinRequest {
+        hostname,
+        pid: std::process::id(),
+        device: cli.device.clone(),
+        threads: threads as u32,
+        requested_rank: cli.rank.map_or(-1, |r| r as i32),
+    };
+    let joined = raw.clone().join(join).await.context("join")?.into_inner();
+    let id = joined
+        .id
+        .clone()
+        .context("the coordinator's join answer has no id")?;
+    let config = joined
+        .config
+        .clone()
+        .context("the coordinator's join answer has no config")?;
+    let (rank, world) = (id.rank as usize, joined.world_size as usize);
+    check_config(&config, world)?;
+    tracing::info!(rank, world, run = %id.run_id, generation = id.generation, "joined");
+    let client = Client::new(raw, id);
+    let stop = Arc::new(Stop::default());
+
+    // From here on, whatever goes wrong is told to the coordinator before exiting.
+    let result = train(
+        &cli,
+        &client,
+        &joined,
+        config,
+        threads,
+        local,
+        Arc::clone(&stop),
+    )
+    .await;
+    match result {
+        Ok((final_step, checksum)) => {
+            client
+                .finish(true, String::new(), final_step, checksum)
+                .await?;
+            tracing::info!(
+                rank,
+                final_step,
+                checksum = format!("{checksum:#018x}"),
+                "finished"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if let Err(f) = client.finish(false, msg, 0, 0).await {
+                tracing::debug!("could not tell the coordinator: {f:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {
+    if world == 0 || c.steps_per_epoch == 0 || c.batch_size == 0 || c.dataset_len == 0 {
+        bail!("the coordinator sent an unusable configuration: {c:?}");
+    }
+    if (c.batch_size as usize) < world {
+        bail!(
+            "global batch {} is smaller than the world of {world}",
+            c.batch_size
+        );
+    }
+    Ok(())
+}
+
+async fn train(
+    cli: &Cli,
+    client: &Client,
+    joined: &v1::JoinResponse,
+    config: v1::RunConfig,
+    threads: usize,
+    local: Option<data::DatasetSpec>,
+    stop: Arc<Stop>,
+) -> anyhow::Result<(u64, u64)> {
+    let rank = client.id.rank as usize;
+    let world = joined.world_size as usize;
+    let start_step = if joined.load_checkpoint {
+        joined.checkpoint_step
+    } else {
+        0
+    };
+
+    // Heartbeats start at once: loading a dataset or a checkpoint can take a while.
+    let progress = Arc::new(AtomicU64::new(start_step));
+    let heartbeat = tokio::spawn(heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&progress)));
+    let _heartbeat_guard = AbortOnDrop(heartbeat);
+
+    let listener = TcpListener::bind((cli.listen_host.as_str(), 0)).with_context(|| {
+        format!(
+            "cannot bind the ring listener on {} (--listen-host)",
+            cli.listen_host
+        )
+    })?;
+    let port = listener
+        .local_addr()
+        .context("ring listener address")?
+        .port();
+    let advertise = cli
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| cli.listen_host.clone());
+    let ring_address = if advertise.contains(':') {
+        format!("[{advertise}]:{port}")
+    } else {
+        format!("{advertise}:{port}")
+    };
+    let ring = client.rendezvous(ring_address).await?;
+    let peers = resolve(&ring.ring_addresses).await?;
+    if peers.len() != world {
+        bail!(
+            "the coordinator sent {} ring addresses for a world of {world}",
+            peers.len()
+        );
+    }
+
+    let checkpoint = if joined.load_checkpoint {
+        let files = client.download_checkpoint(start_step).await?;
+        tracing::info!(step = start_step, "checkpoint downloaded");
+        Some(CheckpointFiles { files })
+    } else {
+        None
+    };
+
+    let sample_len = (config.nc * config.image_size * config.image_size) as usize;
+    let plan = Plan {
+        rank,
+        world,
+        seed: config.seed,
+        global_batch: config.batch_size as usize,
+        steps_per_epoch: config.steps_per_epoch,
+        start_step,
+        total_steps: config.total_steps,
+        sample_len,
+    };
+    let (batch_tx, batch_rx) = mpsc::channel(PREFETCH_STEPS);
+    let data_task = match local {
+        None => {
+            let (c, p, s) = (client.clone(), plan, Arc::clone(&stop));
+            tokio::spawn(async move {
+                if let Err(e) = batches::from_coordinator(c, p, batch_tx).await {
+                    s.set(format!("data stream: {e:#}"));
+                }
+            })
+        }
+        Some(spec) => {
+            let (cfg, s) = (config.clone(), Arc::clone(&stop));
+            tokio::task::spawn_blocking(move || {
+                let r = batches::load_local(&spec, &cfg)
+                    .and_then(|d| batches::from_local(Arc::new(d), plan, batch_tx));
+                if let Err(e) = r {
+                    s.set(format!("local data: {e:#}"));
+                }
+            })
+        }
+    };
+    let _data_guard = AbortOnDrop(data_task);
+
+    let (report_tx, report_rx) = mpsc::channel(64);
+    let reporter = tokio::spawn(report_steps(client.clone(), report_rx, Arc::clone(&stop)));
+    // One checkpoint in flight: if uploads are slower than checkpoints, rank 0 waits rather
+    // than piling copies of the model up in memory.
+    let (upload_tx, upload_rx) = mpsc::channel(1);
+    let uploader = tokio::spawn(upload_checkpoints(
+        client.clone(),
+        upload_rx,
+        Arc::clone(&stop),
+    ));
+
+    let config_json = serde_json::from_str(&joined.config_json).unwrap_or(serde_json::Value::Null);
+    let trainer = Trainer {
+        rank,
+        world,
+        config,
+        config_json,
+        start_step,
+        checkpoint,
+        peers,
+        listener,
+        session: ring.session,
+        ring_timeout: Duration::from_secs(cli.ring_timeout),
+        threads,
+        batches: batch_rx,
+        reports: report_tx,
+        uploads: upload_tx,
+        stop: Arc::clone(&stop),
+        progress,
+    };
+    let outcome = tokio::task::spawn_blocking(move || trainer.run())
+        .await
+        .context("the compute thread panicked")?;
+    // The trainer dropped its senders: wait until every report and upload has gone out.
+    let reported = reporter.await.context("the reporter panicked")?;
+    let uploaded = uploader.await.context("the uploader panicked")?;
+    let outcome = outcome?;
+    reported?;
+    uploaded?;
+    Ok((outcome.final_step, outcome.checksum))
+}
+
+/// Aborts a background task when the worker leaves the scope that owns it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn resolve(addresses: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut out = Vec::with_capacity(addresses.len());
+    for (rank, a) in addresses.iter().enumerate() {
+        let addr = tokio::net::lookup_host(a.as_str())
+            .await
+            .with_context(|| format!("rank {rank}'s ring address {a:?}"))?
+            .next()
+            .with_context(|| format!("rank {rank}'s ring address {a:?} resolves to nothing"))?;
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+async fn heartbeats(client: Client, stop: Arc<Stop>, progress: Arc<AtomicU64>) {
+    let mut misses = 0;
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tick.tick().await;
+        match client.heartbeat(progress.load(Ordering::Relaxed)).await {
+            Ok(v1::RunState::Failed) => {
+                stop.set("the coordinator reports that the run failed");
+                return;
+            }
+            Ok(_) => misses = 0,
+            Err(e) => {
+                misses += 1;
+                tracing::warn!(
+                    "heartbeat failed ({misses}/{HEARTBEAT_MISSES}): {}",
+                    e.message()
+                );
+                if misses >= HEARTBEAT_MISSES {
+                    stop.set(format!(
+                        "the coordinator stopped answering: {}",
+                        e.message()
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn report_steps(
+    client: Client,
+    mut rx: mpsc::Receiver<v1::ReportStepRequest>,
+    stop: Arc<Stop>,
+) -> anyhow::Result<()> {
+    while let Some(report) = rx.recv().await {
+        match client.report(report).await {
+            Ok(r) if r.continue_training => {}
+            Ok(r) => {
+                stop.set(format!("the coordinator stopped the run: {}", r.reason));
+                return Ok(());
+            }
+            Err(e) => {
+                stop.set(format!("{e:#}"));
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn upload_checkpoints(
+    client: Client,
+    mut rx: mpsc::Receiver<Upload>,
+    stop: Arc<Stop>,
+) -> anyhow::Result<()> {
+    while let Some(upload) = rx.recv().await {
+        let step = upload.step;
+        match client.upload_checkpoint(upload).await {
+            Ok(path) => tracing::info!(step, path, "checkpoint uploaded"),
+            Err(e) => {
+                stop.set(format!("{e:#}"));
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! The worker's command line; every flag can also come from a `DCGAN_*` environment variable.
+
+use clap::Parser;
+
+/// A DCGAN training worker: joins a coordinator, gets its rank, the run's configuration and its
+/// data shard, trains synchronously with its peers (gradients averaged over a TCP ring),
+/// reports metrics and, as rank 0, uploads checkpoints.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "worker", version, about, long_about)]
+pub struct Cli {
+    /// The coordinator's gRPC address, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "DCGAN_COORDINATOR")]
+    pub coordinator: String,
+
+    /// Compute threads [default: all CPU cores].
+    #[arg(long, env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+
+    /// Address the all-reduce ring listener binds (on a port the system picks).
+    #[arg(long, env = "DCGAN_LISTEN_HOST", default_value = "127.0.0.1")]
+    pub listen_host: String,
+
+    /// Host the other workers use to reach this one's ring listener [default: --listen-host].
+    #[arg(long, env = "DCGAN_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+
+    /// Ask for this rank (e.g. a Kubernetes Indexed Job's completion index) instead of any free one.
+    #[arg(long, env = "DCGAN_RANK")]
+    pub rank: Option<u32>,
+
+    /// Read the dataset locally (`local:SPEC`, e.g. `local:mnist:/data/mnist`) instead of
+    /// receiving the shard over gRPC. The copy must match the coordinator's.
+    #[arg(long, env = "DCGAN_WORKER_DATA")]
+    pub data: Option<String>,
+
+    /// Compute device. Only `cpu` exists so far.
+    #[arg(long, env = "DCGAN_DEVICE", default_value = "cpu", value_parser = ["cpu"])]
+    pub device: String,
+
+    /// Seconds to keep trying to reach the coordinator at start.
+    #[arg(long, env = "DCGAN_CONNECT_TIMEOUT", default_value_t = 60)]
+    pub connect_timeout: u64,
+
+    /// Seconds to wait for the ring's neighbours to connect.
+    #[arg(long, env = "DCGAN_RING_TIMEOUT", default_value_t = 120)]
+    pub ring_timeout: u64,
+}
+
+impl Cli {
+    /// The dataset spec of `--data local:SPEC`, if given.
+    pub fn local_data(&self) -> anyhow::Result<Option<data::DatasetSpec>> {
+        match &self.data {
+            None => Ok(None),
+            Some(d) => {
+                let spec = d.strip_prefix("local:").ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--data {d:?}: expected local:SPEC, e.g. local:mnist:/data/mnist"
+                    )
+                })?;
+                Ok(Some(
+                    spec.parse().map_err(|e| anyhow::anyhow!("--data: {e}"))?,
+                ))
+            }
+        }
+    }
+}

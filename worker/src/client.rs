@@ -1,0 +1,174 @@
+//! The worker's side of the protocol: a client that stamps its identity on every request, and
+//! the checkpoint transfers in both directions.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use proto::framing::{CheckpointAssembler, CheckpointChunks, checkpoint_header};
+use proto::v1::coordinator_client::CoordinatorClient;
+use proto::v1::{self, WorkerId};
+use tonic::transport::{Channel, Endpoint};
+
+/// A client of the coordinator, for a worker that has joined.
+#[derive(Clone)]
+pub struct Client {
+    inner: CoordinatorClient<Channel>,
+    pub id: WorkerId,
+}
+
+/// Connects to `url`, retrying until `timeout`: workers may start before the coordinator listens.
+pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    let deadline = Instant::now() + timeout;
+    loop {
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(CoordinatorClient::new(ch)
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES));
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("coordinator not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => bail!(
+                "cannot reach the coordinator at {url} within {} s: {e}",
+                timeout.as_secs()
+            ),
+        }
+    }
+}
+
+impl Client {
+    pub fn new(inner: CoordinatorClient<Channel>, id: WorkerId) -> Self {
+        Self { inner, id }
+    }
+
+    pub fn raw(&self) -> CoordinatorClient<Channel> {
+        self.inner.clone()
+    }
+
+    pub async fn rendezvous(&self, ring_address: String) -> anyhow::Result<v1::RendezvousResponse> {
+        let req = v1::RendezvousRequest {
+            id: Some(self.id.clone()),
+            ring_address,
+        };
+        Ok(self
+            .raw()
+            .rendezvous(req)
+            .await
+            .context("rendezvous")?
+            .into_inner())
+    }
+
+    pub async fn shard(
+        &self,
+        epoch: u64,
+        from_step_in_epoch: u64,
+    ) -> anyhow::Result<tonic::Streaming<v1::ShardChunk>> {
+        let req = v1::GetShardRequest {
+            id: Some(self.id.clone()),
+            epoch,
+            from_step_in_epoch,
+        };
+        Ok(self
+            .raw()
+            .get_shard(req)
+            .await
+            .with_context(|| format!("shard of epoch {epoch}"))?
+            .into_inner())
+    }
+
+    pub async fn report(
+        &self,
+        mut req: v1::ReportStepRequest,
+    ) -> anyhow::Result<v1::ReportStepResponse> {
+        req.id = Some(self.id.clone());
+        let step = req.step;
+        Ok(self
+            .raw()
+            .report_step(req)
+            .await
+            .with_context(|| format!("report of step {step}"))?
+            .into_inner())
+    }
+
+    pub async fn heartbeat(&self, step: u64) -> Result<v1::RunState, tonic::Status> {
+        let req = v1::HeartbeatRequest {
+            id: Some(self.id.clone()),
+            step,
+        };
+        let resp = self.raw().heartbeat(req).await?.into_inner();
+        Ok(v1::RunState::try_from(resp.state).unwrap_or(v1::RunState::Unspecified))
+    }
+
+    pub async fn finish(
+        &self,
+        ok: bool,
+        error: String,
+        final_step: u64,
+        parameter_checksum: u64,
+    ) -> anyhow::Result<()> {
+        let req = v1::FinishRequest {
+            id: Some(self.id.clone()),
+            ok,
+            error,
+            final_step,
+            parameter_checksum,
+        };
+        self.raw().finish(req).await.context("finish")?;
+        Ok(())
+    }
+
+    /// Streams a checkpoint to the coordinator: the header with every file's size and sha256,
+    /// then the bytes in bounded chunks.
+    pub async fn upload_checkpoint(&self, upload: Upload) -> anyhow::Result<String> {
+        let mut header = checkpoint_header(&upload.files);
+        header.id = Some(self.id.clone());
+        header.step = upload.step;
+        header.epoch = upload.epoch;
+        header.end_of_epoch = upload.end_of_epoch;
+        header.r#final = upload.is_final;
+        let chunks = CheckpointChunks::new(header, upload.files);
+        let resp = self
+            .raw()
+            .upload_checkpoint(tokio_stream::iter(chunks))
+            .await
+            .with_context(|| format!("upload of the checkpoint of step {}", upload.step))?;
+        Ok(resp.into_inner().path)
+    }
+
+    /// Fetches the checkpoint of `step`, checking every file's size and sha256.
+    pub async fn download_checkpoint(&self, step: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let req = v1::DownloadCheckpointRequest {
+            id: Some(self.id.clone()),
+            step,
+        };
+        let mut stream = self
+            .raw()
+            .download_checkpoint(req)
+            .await
+            .with_context(|| format!("download of the checkpoint of step {step}"))?
+            .into_inner();
+        let mut assembler = CheckpointAssembler::new();
+        while let Some(chunk) = stream.message().await.context("checkpoint download")? {
+            assembler.push(chunk).context("checkpoint download")?;
+        }
+        let (_, files) = assembler.finish().context("checkpoint download")?;
+        Ok(files)
+    }
+}
+
+/// A checkpoint rank 0 hands to the uploader.
+pub struct Upload {
+    pub step: u64,
+    pub epoch: u64,
+    pub end_of_epoch: bool,
+    pub is_final: bool,
+    pub files: Vec<(String, Vec<u8>)>,
+}

@@ -1,0 +1,50 @@
+//! One flag that tells every part of a worker to stop, with the first reason given.
+//!
+//! Any task can set it (the reporter when the coordinator says the run failed, the heartbeat
+//! when the coordinator is gone, the data source on a broken stream); the compute thread checks
+//! it between steps. The first reason is kept because later ones are usually its echoes.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Default)]
+pub struct Stop {
+    set: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Stop {
+    /// Asks everything to stop; keeps the first reason.
+    pub fn set(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason.into());
+        }
+        self.set.store(true, Ordering::Release);
+    }
+
+    /// The reason, once stop was asked for.
+    pub fn reason(&self) -> Option<String> {
+        if !self.set.load(Ordering::Acquire) {
+            return None;
+        }
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let s = Stop::default();
+        assert_eq!(s.reason(), None);
+        s.set("a");
+        s.set("b");
+        assert_eq!(s.reason().as_deref(), Some("a"));
+    }
+}

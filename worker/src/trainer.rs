@@ -1,0 +1,268 @@
+//! The compute loop of one rank, on its own thread with its own rayon pool: take the step's
+//! batch, draw its noise, train, report, and (rank 0) hand checkpoints to the uploader.
+//!
+//! It never touches the network itself except through the collective: reports and uploads go
+//! to async tasks through channels, so a slow coordinator delays no step.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kernels::{
+    CheckpointFiles, Collective, Gan, ModelConfig, OptimConfig, SingleProcess, Tensor,
+    TrainingState,
+};
+use proto::v1;
+use tokio::sync::mpsc;
+
+use crate::batches::Batch;
+use crate::client::Upload;
+use crate::stop::Stop;
+
+/// Everything the compute thread needs; built by the async side.
+pub struct Trainer {
+    pub rank: usize,
+    pub world: usize,
+    pub config: v1::RunConfig,
+    pub config_json: serde_json::Value,
+    pub start_step: u64,
+    pub checkpoint: Option<CheckpointFiles>,
+    pub peers: Vec<SocketAddr>,
+    pub listener: TcpListener,
+    pub session: u64,
+    pub ring_timeout: Duration,
+    pub threads: usize,
+    pub batches: mpsc::Receiver<Batch>,
+    pub reports: mpsc::Sender<v1::ReportStepRequest>,
+    pub uploads: mpsc::Sender<Upload>,
+    pub stop: Arc<Stop>,
+    /// Global steps completed, for the heartbeats.
+    pub progress: Arc<AtomicU64>,
+}
+
+/// How the loop ended when it ended well.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub final_step: u64,
+    pub checksum: u64,
+}
+
+impl Trainer {
+    pub fn model(&self) -> ModelConfig {
+        let c = &self.config;
+        ModelConfig {
+            image_size: c.image_size as usize,
+            nc: c.nc as usize,
+            nz: c.nz as usize,
+            ngf: c.ngf as usize,
+            ndf: c.ndf as usize,
+        }
+    }
+
+    /// Runs every remaining step. Blocking: call from a dedicated thread.
+    pub fn run(mut self) -> anyhow::Result<Outcome> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("compute-{i}"))
+            .build()
+            .context("cannot build the compute thread pool")?;
+        let mut collective: Box<dyn Collective + Send> = if self.world == 1 {
+            Box::new(SingleProcess)
+        } else {
+            let listener = self.listener.try_clone().context("ring listener")?;
+            let ring = allreduce::TcpRing::connect(
+                self.rank,
+                &self.peers,
+                listener,
+                self.session,
+                self.ring_timeout,
+            )
+            .context("cannot build the all-reduce ring")?;
+            tracing::info!(
+                rank = self.rank,
+                world = self.world,
+                "all-reduce ring connected"
+            );
+            Box::new(ring)
+        };
+        let mut gan = self.build_gan()?;
+        gan.set_sync_batch_norm(self.config.sync_bn);
+
+        let c = self.config.clone();
+        let (spe, total, global) = (c.steps_per_epoch, c.total_steps, c.batch_size as u64);
+        let s = c.image_size as usize;
+        let mut step = self.start_step;
+        while step < total {
+            if let Some(reason) = self.stop.reason() {
+                bail!("stopped at step {step}: {reason}");
+            }
+            let t0 = Instant::now();
+            let batch = match self.batches.blocking_recv() {
+                Some(b) => b,
+                None => match self.stop.reason() {
+                    Some(reason) => bail!("stopped at step {step}: {reason}"),
+                    None => bail!("the data source ended before step {step}"),
+                },
+            };
+            if batch.step != step {
+                bail!("data for step {} arrived at step {step}", batch.step);
+            }
+            let n = batch.indices.len();
+            let real =
+                Tensor::new(vec![n, c.nc as usize, s, s], batch.pixels).context("real batch")?;
+            let z = kernels::rng::noise(c.seed, self.rank as u64, step, n, c.nz as usize);
+            let data_seconds = t0.elapsed().as_secs_f64();
+
+            // The last step of an epoch also takes the remainder, so its global batch is larger.
+            let step_in_epoch = step % spe;
+            let global_n = if step_in_epoch + 1 == spe {
+                c.dataset_len - step_in_epoch * global
+            } else {
+                global
+            };
+            let grad_weight = (n as f64 * self.world as f64 / global_n as f64) as f32;
+            let stats = pool
+                .install(|| gan.train_step(&real, &z, grad_weight, collective.as_mut()))
+                .with_context(|| format!("training step {step}"))?;
+            let epoch = step / spe;
+            step += 1;
+            self.progress.store(step, Ordering::Relaxed);
+
+            let checksum = (step == total
+                || (c.checksum_every > 0 && step % c.checksum_every == 0))
+                .then(|| consistency_checksum(&gan, c.sync_bn));
+            let report = v1::ReportStepRequest {
+                id: None,
+                step,
+                epoch,
+                local_batch: n as u32,
+                loss_d: stats.loss_d,
+                loss_g: stats.loss_g,
+                d_x: stats.d_x,
+                d_g_z1: stats.d_g_z1,
+                d_g_z2: stats.d_g_z2,
+                data_seconds,
+                compute_seconds: stats.compute_seconds,
+                all_reduce_seconds: stats.all_reduce_seconds,
+                step_seconds: t0.elapsed().as_secs_f64(),
+                has_checksum: checksum.is_some(),
+                parameter_checksum: checksum.unwrap_or(0),
+            };
+            if self.reports.blocking_send(report).is_err() {
+                bail!(
+                    "stopped at step {step}: {}",
+                    self.stop
+                        .reason()
+                        .unwrap_or_else(|| "the reporter stopped".into())
+                );
+            }
+            if step % spe == 0 {
+                tracing::info!(
+                    epoch,
+                    step,
+                    loss_d = stats.loss_d,
+                    loss_g = stats.loss_g,
+                    "epoch done"
+                );
+            }
+
+            let end_of_epoch = step % spe == 0;
+            let is_final = step == total;
+            if self.rank == 0
+                && (end_of_epoch
+                    || is_final
+                    || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0))
+            {
+                let state = TrainingState {
+                    step,
+                    epoch: step / spe,
+                    step_in_epoch: step % spe,
+                    seed: c.seed,
+                    config: self.config_json.clone(),
+                };
+                let files = gan
+                    .save(&state)
+                    .with_context(|| format!("checkpoint of step {step}"))?;
+                let upload = Upload {
+                    step,
+                    epoch,
+                    end_of_epoch,
+                    is_final,
+                    files: files.files,
+                };
+                if self.uploads.blocking_send(upload).is_err() {
+                    bail!(
+                        "stopped at step {step}: {}",
+                        self.stop
+                            .reason()
+                            .unwrap_or_else(|| "the uploader stopped".into())
+                    );
+                }
+            }
+        }
+        Ok(Outcome {
+            final_step: step,
+            checksum: consistency_checksum(&gan, c.sync_bn),
+        })
+    }
+
+    /// A fresh GAN from the run's seed (the same on every rank), or the checkpoint's.
+    fn build_gan(&mut self) -> anyhow::Result<Gan> {
+        let model = self.model();
+        match self.checkpoint.take() {
+            None => {
+                let optim = OptimConfig {
+                    lr: self.config.lr,
+                    beta1: self.config.beta1,
+                    ..Default::default()
+                };
+                Gan::new(model, optim, self.config.seed).context("cannot build the networks")
+            }
+            Some(files) => {
+                let (gan, state) = Gan::load(&files).context("cannot load the checkpoint")?;
+                if state.step != self.start_step {
+                    bail!(
+                        "the checkpoint is of step {}, the coordinator said {}",
+                        state.step,
+                        self.start_step
+                    );
+                }
+                if *gan.model_config() != model {
+                    bail!(
+                        "the checkpoint's networks {:?} are not the run's {:?}",
+                        gan.model_config(),
+                        model
+                    );
+                }
+                tracing::info!(step = state.step, "resumed from checkpoint");
+                Ok(gan)
+            }
+        }
+    }
+}
+
+/// The fingerprint the ranks compare to prove they hold the same model.
+///
+/// With sync-BN every rank computes the same BatchNorm statistics, so everything must agree,
+/// running statistics included ([`Gan::parameter_checksum`]). Without it each rank's running
+/// statistics follow its own batches — by design, as with DDP, where rank 0's are the ones
+/// saved — so only the trainable parameters (which the all-reduce keeps identical) are compared.
+pub fn consistency_checksum(gan: &Gan, sync_bn: bool) -> u64 {
+    if sync_bn {
+        return gan.parameter_checksum();
+    }
+    // FNV-1a over the parameters' bits: stable across processes, builds and Rust versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in gan
+        .generator_params()
+        .iter()
+        .chain(gan.discriminator_params())
+    {
+        for b in v.to_bits().to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}

@@ -1,0 +1,65 @@
+//! The worker binary's edges: its help, and clear errors when it cannot start. (Having an
+//! integration test also makes `cargo test` build the `worker` binary the coordinator's
+//! end-to-end tests launch.)
+
+use std::process::Command;
+
+fn worker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+}
+
+#[test]
+fn help_explains_the_flags() {
+    let out = worker().arg("--help").output().expect("run worker --help");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--coordinator",
+        "--threads",
+        "--listen-host",
+        "--data",
+        "--rank",
+        "[env: DCGAN_COORDINATOR=",
+    ] {
+        assert!(text.contains(flag), "help lacks {flag}:\n{text}");
+    }
+}
+
+#[test]
+fn an_unreachable_coordinator_is_reported() {
+    // Port 1 on loopback: nothing listens there.
+    let out = worker()
+        .args([
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--connect-timeout",
+            "1",
+        ])
+        .output()
+        .expect("run worker");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the coordinator at http://127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flags_are_reported() {
+    let out = worker()
+        .args(["--coordinator", "http://127.0.0.1:1", "--data", "mnist:/x"])
+        .output()
+        .expect("run worker");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected local:SPEC"), "{err}");
+
+    let out = worker()
+        .args(["--coordinator", "not a url"])
+        .output()
+        .expect("run worker");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a valid URL"), "{err}");
+}
