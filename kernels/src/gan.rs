@@ -252,6 +252,16 @@ impl Gan {
         Ok(self.d.forward(&xc, n, BnMode::Eval, None).map_err(KernelError::Collective)?.to_vec())
     }
 
+    /// The generator, for inspection (feature maps, hooks) by the research tools.
+    pub fn generator_net(&mut self) -> &mut Net {
+        &mut self.g
+    }
+
+    /// The discriminator, for inspection (features, guided backpropagation).
+    pub fn discriminator_net(&mut self) -> &mut Net {
+        &mut self.d
+    }
+
     /// A fingerprint of every parameter and BatchNorm buffer, bit for bit: ranks that compare
     /// equal hold identical networks.
     pub fn parameter_checksum(&self) -> u64 {

@@ -134,7 +134,21 @@ impl Net {
         input: &[f32],
         batch: usize,
         mode: BnMode,
+        sync: Option<&mut (dyn Collective + '_)>,
+    ) -> Result<&[f32], CollectiveError> {
+        self.forward_with_hook(input, batch, mode, sync, &mut |_, _| {})
+    }
+
+    /// [`Net::forward`], calling `hook(block, output)` on each block's output (C, N*H*W) after
+    /// its activation, before the next block reads it: for inspecting or editing feature maps
+    /// (the paper's removal of generator filters).
+    pub fn forward_with_hook(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        mode: BnMode,
         mut sync: Option<&mut (dyn Collective + '_)>,
+        hook: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<&[f32], CollectiveError> {
         let first = &self.blocks[0];
         assert_eq!(
@@ -172,6 +186,7 @@ impl Net {
                 bn.layer.forward(&mut block.out, gamma, beta, mode, sync.as_deref_mut())?;
             }
             block.activation.forward_in_place(&mut block.out);
+            hook(i, &mut block.out);
         }
         Ok(&self.blocks[self.blocks.len() - 1].out)
     }
@@ -185,16 +200,41 @@ impl Net {
         d_out: &[f32],
         weight_grads: bool,
         input_grad: bool,
+        sync: Option<&mut (dyn Collective + '_)>,
+    ) -> Result<Option<&[f32]>, CollectiveError> {
+        let last = self.blocks.len() - 1;
+        self.backward_from(last, d_out, weight_grads, input_grad, false, sync)
+    }
+
+    /// The input gradient of a quantity of block `block`'s output (`d_out`, the gradient with
+    /// respect to that output) by guided backpropagation (Springenberg et al.), as the DCGAN
+    /// paper used to show what D's features respond to: at each rectifier only positive
+    /// gradients pass. No weight gradients are computed.
+    pub fn guided_input_gradient(&mut self, block: usize, d_out: &[f32]) -> Result<&[f32], CollectiveError> {
+        let g = self.backward_from(block, d_out, false, true, true, None)?;
+        Ok(g.unwrap_or_default())
+    }
+
+    fn backward_from(
+        &mut self,
+        start: usize,
+        d_out: &[f32],
+        weight_grads: bool,
+        input_grad: bool,
+        guided: bool,
         mut sync: Option<&mut (dyn Collective + '_)>,
     ) -> Result<Option<&[f32]>, CollectiveError> {
         let batch = self.batch;
         self.grad_a.clear();
         self.grad_a.extend_from_slice(d_out);
-        for i in (0..self.blocks.len()).rev() {
+        for i in (0..=start).rev() {
             let (before, rest) = self.blocks.split_at_mut(i);
             let block = &mut rest[0];
             assert_eq!(self.grad_a.len(), block.out.len(), "gradient size at block {i}");
             block.activation.backward_in_place(&block.out, &mut self.grad_a);
+            if guided && matches!(block.activation, Activation::Relu | Activation::LeakyRelu) {
+                self.grad_a.iter_mut().for_each(|g| *g = g.max(0.0));
+            }
             if let Some(bn) = &block.bn {
                 let gamma_range = bn.gamma.clone();
                 let (gamma_slice, gbeta_grads) = if weight_grads {

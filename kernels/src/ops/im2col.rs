@@ -87,31 +87,67 @@ pub fn im2col(g: &Geometry, big: &[f32], cols: &mut [f32]) {
     let k = g.kernel;
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
-    cols[..g.rows() * g.cols()].par_chunks_mut(g.cols()).enumerate().for_each(|(row, out)| {
-        let c = row / (k * k);
-        let ky = (row / k) % k;
-        let kx = row % k;
-        let (oy_lo, oy_hi) = g.valid_range(ky, sh, g.big_h);
-        let (ox_lo, ox_hi) = g.valid_range(kx, sw, g.big_w);
-        for n in 0..g.batch {
-            let src = &big[(c * g.batch + n) * plane..][..plane];
-            let dst = &mut out[n * sh * sw..][..sh * sw];
-            dst.fill(0.0);
-            for oy in oy_lo..oy_hi {
-                let iy = oy * g.stride + ky - g.padding;
-                let src_row = &src[iy * g.big_w..][..g.big_w];
-                let dst_row = &mut dst[oy * sw..][..sw];
-                if g.stride == 1 {
-                    let ix0 = ox_lo + kx - g.padding;
-                    dst_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
-                } else {
-                    for ox in ox_lo..ox_hi {
-                        dst_row[ox] = src_row[ox * g.stride + kx - g.padding];
+    let ncols = g.cols();
+    // One task per (channel, ky): its k rows read the same source rows, which a stride-2
+    // convolution splits once into even and odd columns so every kx becomes a contiguous copy.
+    cols[..g.rows() * ncols].par_chunks_mut(k * ncols).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(even, odd), (group, out)| {
+            let c = group / k;
+            let ky = group % k;
+            let (oy_lo, oy_hi) = g.valid_range(ky, sh, g.big_h);
+            out.fill(0.0);
+            for n in 0..g.batch {
+                let src = &big[(c * g.batch + n) * plane..][..plane];
+                for oy in oy_lo..oy_hi {
+                    let iy = oy * g.stride + ky - g.padding;
+                    let src_row = &src[iy * g.big_w..][..g.big_w];
+                    if g.stride == 2 {
+                        split_even_odd(src_row, even, odd);
+                    }
+                    for kx in 0..k {
+                        let (ox_lo, ox_hi) = g.valid_range(kx, sw, g.big_w);
+                        if ox_lo >= ox_hi {
+                            continue;
+                        }
+                        let dst_row = &mut out[kx * ncols + n * sh * sw + oy * sw..][..sw];
+                        let q = kx as isize - g.padding as isize;
+                        let len = ox_hi - ox_lo;
+                        match g.stride {
+                            1 => {
+                                let ix0 = (ox_lo as isize + q) as usize;
+                                dst_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + len]);
+                            }
+                            2 => {
+                                let half = if q.rem_euclid(2) == 0 { &even[..] } else { &odd[..] };
+                                let j0 = (ox_lo as isize + q.div_euclid(2)) as usize;
+                                dst_row[ox_lo..ox_hi].copy_from_slice(&half[j0..j0 + len]);
+                            }
+                            s => {
+                                for ox in ox_lo..ox_hi {
+                                    dst_row[ox] = src_row[(ox as isize * s as isize + q) as usize];
+                                }
+                            }
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
+}
+
+/// Splits a row into its even- and odd-indexed elements.
+fn split_even_odd(row: &[f32], even: &mut Vec<f32>, odd: &mut Vec<f32>) {
+    let pairs = row.len() / 2;
+    even.resize(row.len().div_ceil(2), 0.0);
+    odd.resize(pairs, 0.0);
+    for (j, p) in row.chunks_exact(2).enumerate() {
+        even[j] = p[0];
+        odd[j] = p[1];
+    }
+    if row.len() % 2 == 1 {
+        even[pairs] = row[row.len() - 1];
+    }
 }
 
 /// Folds `cols` (C*k*k, N*OH*OW) back into `big` (C, N, H, W), adding overlapping entries.
@@ -123,27 +159,71 @@ pub fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
     let ncols = g.cols();
-    big.par_chunks_mut(plane).enumerate().for_each(|(cn, dst)| {
-        let c = cn / g.batch;
-        let n = cn % g.batch;
-        dst.fill(0.0);
-        for ky in 0..k {
-            let (oy_lo, oy_hi) = g.valid_range(ky, sh, g.big_h);
-            for kx in 0..k {
-                let (ox_lo, ox_hi) = g.valid_range(kx, sw, g.big_w);
-                let row = (c * k + ky) * k + kx;
-                let src = &cols[row * ncols + n * sh * sw..][..sh * sw];
-                for oy in oy_lo..oy_hi {
-                    let iy = oy * g.stride + ky - g.padding;
-                    let src_row = &src[oy * sw..][..sw];
-                    let dst_row = &mut dst[iy * g.big_w..][..g.big_w];
-                    for ox in ox_lo..ox_hi {
-                        dst_row[ox * g.stride + kx - g.padding] += src_row[ox];
+    // With stride 2, even and odd output columns are accumulated in two separate planes, where
+    // every kernel tap adds a contiguous run; they are interleaved into the output at the end.
+    let half_w = g.big_w.div_ceil(2);
+    big.par_chunks_mut(plane).enumerate().for_each_init(
+        || vec![0.0f32; 2 * g.big_h * half_w],
+        |split, (cn, dst)| {
+            let c = cn / g.batch;
+            let n = cn % g.batch;
+            if g.stride == 2 {
+                split.fill(0.0);
+            } else {
+                dst.fill(0.0);
+            }
+            for ky in 0..k {
+                let (oy_lo, oy_hi) = g.valid_range(ky, sh, g.big_h);
+                for kx in 0..k {
+                    let (ox_lo, ox_hi) = g.valid_range(kx, sw, g.big_w);
+                    if ox_lo >= ox_hi {
+                        continue;
+                    }
+                    let row = (c * k + ky) * k + kx;
+                    let src = &cols[row * ncols + n * sh * sw..][..sh * sw];
+                    let q = kx as isize - g.padding as isize;
+                    let len = ox_hi - ox_lo;
+                    for oy in oy_lo..oy_hi {
+                        let iy = oy * g.stride + ky - g.padding;
+                        let src_run = &src[oy * sw + ox_lo..][..len];
+                        match g.stride {
+                            1 => {
+                                let ix0 = (ox_lo as isize + q) as usize;
+                                let dst_run = &mut dst[iy * g.big_w + ix0..][..len];
+                                dst_run.iter_mut().zip(src_run).for_each(|(d, s)| *d += s);
+                            }
+                            2 => {
+                                let parity = q.rem_euclid(2) as usize;
+                                let j0 = (ox_lo as isize + q.div_euclid(2)) as usize;
+                                let base = (parity * g.big_h + iy) * half_w + j0;
+                                let dst_run = &mut split[base..][..len];
+                                dst_run.iter_mut().zip(src_run).for_each(|(d, s)| *d += s);
+                            }
+                            s => {
+                                for (i, v) in src_run.iter().enumerate() {
+                                    let ix = ((ox_lo + i) as isize * s as isize + q) as usize;
+                                    dst[iy * g.big_w + ix] += v;
+                                }
+                            }
+                        }
                     }
                 }
             }
-        }
-    });
+            if g.stride == 2 {
+                for iy in 0..g.big_h {
+                    let even = &split[iy * half_w..][..half_w];
+                    let odd = &split[(g.big_h + iy) * half_w..][..half_w];
+                    let row = &mut dst[iy * g.big_w..][..g.big_w];
+                    for (j, pair) in row.chunks_mut(2).enumerate() {
+                        pair[0] = even[j];
+                        if let Some(o) = pair.get_mut(1) {
+                            *o = odd[j];
+                        }
+                    }
+                }
+            }
+        },
+    );
 }
 
 #[cfg(test)]
@@ -153,7 +233,7 @@ mod tests {
     /// <im2col(x), y> == <x, col2im(y)>: col2im is im2col's adjoint, which is what backward needs.
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
-        for &(h, k, s, p) in &[(8, 4, 2, 1), (4, 4, 1, 0), (5, 3, 2, 1), (7, 3, 1, 1)] {
+        for &(h, k, s, p) in &[(8, 4, 2, 1), (4, 4, 1, 0), (5, 3, 2, 1), (7, 3, 1, 1), (9, 3, 3, 1), (7, 4, 2, 2)] {
             let g = Geometry::for_conv(2, 3, h, h, k, s, p);
             let x: Vec<f32> = (0..g.big_len()).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
             let y: Vec<f32> = (0..g.rows() * g.cols()).map(|i| ((i * 104729) % 11) as f32 - 5.0).collect();
@@ -164,6 +244,29 @@ mod tests {
             let lhs: f64 = cols.iter().zip(&y).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
             let rhs: f64 = x.iter().zip(&back).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
             assert_eq!(lhs, rhs, "geometry {g:?}");
+        }
+    }
+
+    /// The fast paths (stride 1, stride 2 split into even/odd columns) against the definition.
+    #[test]
+    fn im2col_matches_the_definition() {
+        for &(h, w, k, s, p) in &[(8, 8, 4, 2, 1), (7, 5, 4, 2, 1), (4, 4, 4, 1, 0), (6, 7, 3, 1, 1), (9, 9, 3, 3, 1)] {
+            let mut g = Geometry::for_conv(3, 2, h, w, k, s, p);
+            g.small_w = (w + 2 * p - k) / s + 1;
+            let x: Vec<f32> = (0..g.big_len()).map(|i| i as f32).collect();
+            let mut cols = vec![-1.0; g.rows() * g.cols()];
+            im2col(&g, &x, &mut cols);
+            for row in 0..g.rows() {
+                let (c, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+                for col in 0..g.cols() {
+                    let (n, oy, ox) = (col / (g.small_h * g.small_w), (col / g.small_w) % g.small_h, col % g.small_w);
+                    let iy = (oy * s + ky) as isize - p as isize;
+                    let ix = (ox * s + kx) as isize - p as isize;
+                    let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
+                    let want = if inside { x[((c * 2 + n) * h + iy as usize) * w + ix as usize] } else { 0.0 };
+                    assert_eq!(cols[row * g.cols() + col], want, "{g:?} row {row} col {col}");
+                }
+            }
         }
     }
 }
