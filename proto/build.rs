@@ -13,10 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.open_files(files)?;
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("dcgan_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out_dir.join("dcgan_descriptor.bin"), compiler.encode_file_descriptor_set())?;
 
     tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
     Ok(())

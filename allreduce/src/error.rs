@@ -112,22 +112,17 @@ impl fmt::Display for HandshakeMismatch {
                 write!(f, "protocol version {theirs}, we speak {ours}")
             }
             Self::Rank { expected, got } => {
-                write!(
-                    f,
-                    "the peer says it is rank {got}, expected rank {expected}"
-                )
+                write!(f, "the peer says it is rank {got}, expected rank {expected}")
             }
             Self::World { ours, theirs } => {
                 write!(f, "the peer has world size {theirs}, ours is {ours}")
             }
-            Self::Session { ours, theirs } => write!(
-                f,
-                "the peer is in session {theirs:#018x}, ours is {ours:#018x} (another run or generation)"
-            ),
-            Self::SegmentElems { ours, theirs } => write!(
-                f,
-                "the peer cuts frames into {theirs} floats, we cut into {ours} (different segment_bytes)"
-            ),
+            Self::Session { ours, theirs } => {
+                write!(f, "the peer is in session {theirs:#018x}, ours is {ours:#018x} (another run or generation)")
+            }
+            Self::SegmentElems { ours, theirs } => {
+                write!(f, "the peer cuts frames into {theirs} floats, we cut into {ours} (different segment_bytes)")
+            }
             Self::RefusedByPeer(why) => write!(f, "the peer refused our hello: {why}"),
         }
     }
@@ -183,11 +178,7 @@ pub enum RingError {
     },
 
     #[error("rank {rank}: refused {peer}: {mismatch}")]
-    Handshake {
-        rank: usize,
-        peer: Peer,
-        mismatch: HandshakeMismatch,
-    },
+    Handshake { rank: usize, peer: Peer, mismatch: HandshakeMismatch },
 
     #[error("rank {rank}: {op} {peer} failed: {source}")]
     Io {
@@ -199,22 +190,13 @@ pub enum RingError {
     },
 
     #[error("rank {rank}: {op} {peer} timed out after {after:?} (peer dead or stuck?)")]
-    Timeout {
-        rank: usize,
-        op: Op,
-        peer: Peer,
-        after: Duration,
-    },
+    Timeout { rank: usize, op: Op, peer: Peer, after: Duration },
 
     #[error("rank {rank}: {peer} closed the connection while we were {op} it")]
     PeerClosed { rank: usize, op: Op, peer: Peer },
 
     #[error("rank {rank}: out of step with {peer}: {detail}")]
-    Desync {
-        rank: usize,
-        peer: Peer,
-        detail: String,
-    },
+    Desync { rank: usize, peer: Peer, detail: String },
 
     #[error("rank {rank}: internal error: {detail}")]
     Internal { rank: usize, detail: String },
@@ -226,27 +208,13 @@ pub enum RingError {
 impl RingError {
     /// Classifies an I/O error: timeouts and EOF get their own variants because they are the
     /// usual signatures of a dead or stuck peer.
-    pub(crate) fn io(
-        rank: usize,
-        op: Op,
-        peer: Peer,
-        source: io::Error,
-        timeout: Duration,
-    ) -> Self {
+    pub(crate) fn io(rank: usize, op: Op, peer: Peer, source: io::Error, timeout: Duration) -> Self {
         match source.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => RingError::Timeout {
-                rank,
-                op,
-                peer,
-                after: timeout,
-            },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                RingError::Timeout { rank, op, peer, after: timeout }
+            }
             io::ErrorKind::UnexpectedEof => RingError::PeerClosed { rank, op, peer },
-            _ => RingError::Io {
-                rank,
-                op,
-                peer,
-                source,
-            },
+            _ => RingError::Io { rank, op, peer, source },
         }
     }
 }

@@ -44,44 +44,25 @@ impl Hello {
         }
         let version = u32_at(8);
         if version != PROTOCOL_VERSION {
-            return Err(HandshakeMismatch::Version {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-            });
+            return Err(HandshakeMismatch::Version { ours: PROTOCOL_VERSION, theirs: version });
         }
-        let (rank, world, seg) = (
-            u32_at(12) as usize,
-            u32_at(16) as usize,
-            u32_at(20) as usize,
-        );
+        let (rank, world, seg) = (u32_at(12) as usize, u32_at(16) as usize, u32_at(20) as usize);
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[24..32]);
         let session = u64::from_le_bytes(s);
         // Session first: a peer from another run usually differs in everything, and "wrong
         // session" is the message that explains it.
         if session != self.session {
-            return Err(HandshakeMismatch::Session {
-                ours: self.session,
-                theirs: session,
-            });
+            return Err(HandshakeMismatch::Session { ours: self.session, theirs: session });
         }
         if world != self.world {
-            return Err(HandshakeMismatch::World {
-                ours: self.world,
-                theirs: world,
-            });
+            return Err(HandshakeMismatch::World { ours: self.world, theirs: world });
         }
         if rank != expected_rank {
-            return Err(HandshakeMismatch::Rank {
-                expected: expected_rank,
-                got: rank,
-            });
+            return Err(HandshakeMismatch::Rank { expected: expected_rank, got: rank });
         }
         if seg != self.segment_elems {
-            return Err(HandshakeMismatch::SegmentElems {
-                ours: self.segment_elems,
-                theirs: seg,
-            });
+            return Err(HandshakeMismatch::SegmentElems { ours: self.segment_elems, theirs: seg });
         }
         Ok(())
     }
@@ -123,11 +104,7 @@ pub enum HandshakeError {
 /// Runs the symmetric handshake on `stream`; the peer must be rank `expected_rank`.
 ///
 /// Both hellos are 32 bytes and the verdicts one byte, so writing before reading cannot deadlock.
-pub fn handshake(
-    mut stream: &TcpStream,
-    me: &Hello,
-    expected_rank: usize,
-) -> Result<(), HandshakeError> {
+pub fn handshake(mut stream: &TcpStream, me: &Hello, expected_rank: usize) -> Result<(), HandshakeError> {
     stream.write_all(&me.encode()).map_err(HandshakeError::Io)?;
     let mut theirs = [0u8; HELLO_BYTES];
     stream.read_exact(&mut theirs).map_err(HandshakeError::Io)?;
@@ -139,14 +116,10 @@ pub fn handshake(
     stream.write_all(&[verdict]).map_err(HandshakeError::Io)?;
     ours.map_err(HandshakeError::Mismatch)?;
     let mut their_verdict = [0u8; 1];
-    stream
-        .read_exact(&mut their_verdict)
-        .map_err(HandshakeError::Io)?;
+    stream.read_exact(&mut their_verdict).map_err(HandshakeError::Io)?;
     match their_verdict[0] {
         0 => Ok(()),
-        code => Err(HandshakeError::Mismatch(HandshakeMismatch::RefusedByPeer(
-            refusal_from_code(code),
-        ))),
+        code => Err(HandshakeError::Mismatch(HandshakeMismatch::RefusedByPeer(refusal_from_code(code)))),
     }
 }
 
@@ -155,12 +128,7 @@ mod tests {
     use super::*;
 
     fn hello(rank: usize) -> Hello {
-        Hello {
-            rank,
-            world: 4,
-            session: 0xfeed,
-            segment_elems: 65536,
-        }
+        Hello { rank, world: 4, session: 0xfeed, segment_elems: 65536 }
     }
 
     #[test]
@@ -171,29 +139,11 @@ mod tests {
     #[test]
     fn names_each_mismatch() {
         let me = hello(0);
-        assert_eq!(
-            me.check(&hello(2).encode(), 3),
-            Err(HandshakeMismatch::Rank {
-                expected: 3,
-                got: 2
-            })
-        );
-        let other = Hello {
-            session: 7,
-            ..hello(3)
-        };
-        assert!(matches!(
-            me.check(&other.encode(), 3),
-            Err(HandshakeMismatch::Session { theirs: 7, .. })
-        ));
-        let other = Hello {
-            world: 5,
-            ..hello(3)
-        };
-        assert!(matches!(
-            me.check(&other.encode(), 3),
-            Err(HandshakeMismatch::World { theirs: 5, .. })
-        ));
+        assert_eq!(me.check(&hello(2).encode(), 3), Err(HandshakeMismatch::Rank { expected: 3, got: 2 }));
+        let other = Hello { session: 7, ..hello(3) };
+        assert!(matches!(me.check(&other.encode(), 3), Err(HandshakeMismatch::Session { theirs: 7, .. })));
+        let other = Hello { world: 5, ..hello(3) };
+        assert!(matches!(me.check(&other.encode(), 3), Err(HandshakeMismatch::World { theirs: 5, .. })));
         let mut garbage = hello(3).encode();
         garbage[0] = b'G';
         assert_eq!(me.check(&garbage, 3), Err(HandshakeMismatch::BadMagic));

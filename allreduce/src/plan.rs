@@ -87,10 +87,7 @@ mod tests {
         for world in 2..=7 {
             for rank in 0..world {
                 for step in 0..2 * (world - 1) - 1 {
-                    assert_eq!(
-                        send_chunk(rank, world, step + 1),
-                        recv_chunk(rank, world, step)
-                    );
+                    assert_eq!(send_chunk(rank, world, step + 1), recv_chunk(rank, world, step));
                 }
                 // After reduce-scatter, rank holds the finished chunk rank+1 and sends it first.
                 assert_eq!(send_chunk(rank, world, world - 1), (rank + 1) % world);
@@ -102,10 +99,7 @@ mod tests {
     fn segments_cover_chunk() {
         assert_eq!(segments(5..5, 4).collect::<Vec<_>>(), vec![5..5]);
         assert_eq!(segments(0..8, 4).collect::<Vec<_>>(), vec![0..4, 4..8]);
-        assert_eq!(
-            segments(2..11, 4).collect::<Vec<_>>(),
-            vec![2..6, 6..10, 10..11]
-        );
+        assert_eq!(segments(2..11, 4).collect::<Vec<_>>(), vec![2..6, 6..10, 10..11]);
     }
 
     #[test]
@@ -113,13 +107,9 @@ mod tests {
         for len in [0, 1, 3, 10, 1001] {
             for world in 2..=5 {
                 for rank in 0..world {
-                    let by_schedule: usize = (0..2 * (world - 1))
-                        .map(|s| chunk_range(len, world, send_chunk(rank, world, s)).len())
-                        .sum();
-                    assert_eq!(
-                        bytes_sent_per_all_reduce(len, world, rank),
-                        4 * by_schedule as u64
-                    );
+                    let by_schedule: usize =
+                        (0..2 * (world - 1)).map(|s| chunk_range(len, world, send_chunk(rank, world, s)).len()).sum();
+                    assert_eq!(bytes_sent_per_all_reduce(len, world, rank), 4 * by_schedule as u64);
                 }
             }
         }

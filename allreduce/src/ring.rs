@@ -44,11 +44,7 @@ pub struct RingOptions {
 
 impl Default for RingOptions {
     fn default() -> Self {
-        RingOptions {
-            io_timeout: Duration::from_secs(60),
-            segment_bytes: 256 * 1024,
-            socket_buffer_bytes: None,
-        }
+        RingOptions { io_timeout: Duration::from_secs(60), segment_bytes: 256 * 1024, socket_buffer_bytes: None }
     }
 }
 
@@ -164,17 +160,10 @@ impl FrameHeader {
                 got.total_len, self.total_len
             ));
         }
-        if (got.step, got.segment, got.payload_bytes)
-            != (self.step, self.segment, self.payload_bytes)
-        {
+        if (got.step, got.segment, got.payload_bytes) != (self.step, self.segment, self.payload_bytes) {
             return Err(format!(
                 "expected step {} segment {} with {} bytes, got step {} segment {} with {} bytes",
-                self.step,
-                self.segment,
-                self.payload_bytes,
-                got.step,
-                got.segment,
-                got.payload_bytes
+                self.step, self.segment, self.payload_bytes, got.step, got.segment, got.payload_bytes
             ));
         }
         Ok(())
@@ -193,11 +182,7 @@ fn swap_to_from_wire(v: &mut [f32]) {
 /// Takes a frame buffer of exactly `len` floats, reusing one when possible. The contents are
 /// garbage: every caller overwrites them.
 fn take_buf(pool: &mut Vec<Vec<f32>>, returned: &mpsc::Receiver<Vec<f32>>, len: usize) -> Vec<f32> {
-    let mut v = returned
-        .try_recv()
-        .ok()
-        .or_else(|| pool.pop())
-        .unwrap_or_default();
+    let mut v = returned.try_recv().ok().or_else(|| pool.pop()).unwrap_or_default();
     // Only a length change touches memory; frames are mostly the same size.
     v.resize(len, 0.0);
     v
@@ -221,10 +206,7 @@ fn write_frame(mut w: &TcpStream, header: &[u8], payload: &[u8]) -> io::Result<(
 
 /// Accept errors that concern one incoming connection, not the listener.
 fn transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-    )
+    matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted)
 }
 
 impl TcpRing {
@@ -236,14 +218,7 @@ impl TcpRing {
         session: u64,
         timeout: Duration,
     ) -> Result<TcpRing, RingError> {
-        Self::connect_with(
-            rank,
-            peers,
-            listener,
-            session,
-            timeout,
-            RingOptions::default(),
-        )
+        Self::connect_with(rank, peers, listener, session, timeout, RingOptions::default())
     }
 
     /// Builds the ring: connects to the right neighbour `peers[rank + 1 mod world]` and accepts
@@ -272,9 +247,7 @@ impl TcpRing {
             return Err(RingError::InvalidSetup("the peer list is empty".into()));
         }
         if rank >= world {
-            return Err(RingError::InvalidSetup(format!(
-                "rank {rank} is outside a world of {world}"
-            )));
+            return Err(RingError::InvalidSetup(format!("rank {rank} is outside a world of {world}")));
         }
         if world > MAX_WORLD {
             return Err(RingError::InvalidSetup(format!(
@@ -289,9 +262,7 @@ impl TcpRing {
             )));
         }
         if options.io_timeout.is_zero() {
-            return Err(RingError::InvalidSetup(
-                "io_timeout must be positive".into(),
-            ));
+            return Err(RingError::InvalidSetup("io_timeout must be positive".into()));
         }
         let mut ring = TcpRing {
             rank,
@@ -307,30 +278,16 @@ impl TcpRing {
         if world == 1 {
             return Ok(ring);
         }
-        let left_peer = Peer {
-            rank: (rank + world - 1) % world,
-            addr: peers[(rank + world - 1) % world],
-            side: Side::Left,
-        };
-        let right_peer = Peer {
-            rank: (rank + 1) % world,
-            addr: peers[(rank + 1) % world],
-            side: Side::Right,
-        };
-        let hello = Hello {
-            rank,
-            world,
-            session,
-            segment_elems,
-        };
+        let left_peer =
+            Peer { rank: (rank + world - 1) % world, addr: peers[(rank + world - 1) % world], side: Side::Left };
+        let right_peer = Peer { rank: (rank + 1) % world, addr: peers[(rank + 1) % world], side: Side::Right };
+        let hello = Hello { rank, world, session, segment_elems };
         let deadline = Instant::now() + timeout;
         let abort = AtomicBool::new(false);
         let opts = &ring.options;
         let (left, right) = thread::scope(|s| {
             let accepting = s.spawn(|| {
-                let r = accept_left(
-                    &listener, &hello, left_peer, deadline, timeout, opts, &abort,
-                );
+                let r = accept_left(&listener, &hello, left_peer, deadline, timeout, opts, &abort);
                 if r.is_err() {
                     abort.store(true, Ordering::Relaxed);
                 }
@@ -340,27 +297,20 @@ impl TcpRing {
             if right.is_err() {
                 abort.store(true, Ordering::Relaxed);
             }
-            let left = accepting.join().unwrap_or_else(|_| {
-                Err(Some(RingError::InvalidSetup(
-                    "the accepting thread panicked".into(),
-                )))
-            });
+            let left = accepting
+                .join()
+                .unwrap_or_else(|_| Err(Some(RingError::InvalidSetup("the accepting thread panicked".into()))));
             match (left, right) {
                 (Ok(l), Ok(r)) => Ok((l, r)),
                 // Prefer the side that failed by itself over the one we aborted.
                 (Err(Some(e)), _) => Err(e),
                 (_, Err(Some(e))) => Err(e),
-                (Err(None), _) | (_, Err(None)) => Err(RingError::InvalidSetup(
-                    "ring setup aborted without a reason".into(),
-                )),
+                (Err(None), _) | (_, Err(None)) => {
+                    Err(RingError::InvalidSetup("ring setup aborted without a reason".into()))
+                }
             }
         })?;
-        ring.links = Some(Links {
-            left,
-            right,
-            left_peer,
-            right_peer,
-        });
+        ring.links = Some(Links { left, right, left_peer, right_peer });
         Ok(ring)
     }
 
@@ -392,10 +342,7 @@ impl TcpRing {
     /// rank promptly instead of each waiting out its own timeout.
     pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), RingError> {
         if let Some(first) = &self.poisoned {
-            return Err(RingError::Poisoned {
-                rank: self.rank,
-                first: first.clone(),
-            });
+            return Err(RingError::Poisoned { rank: self.rank, first: first.clone() });
         }
         let start = Instant::now();
         let Some(links) = &self.links else {
@@ -497,21 +444,11 @@ fn connect_right(
                     Ok(()) => {
                         return match configure(&stream, opts.io_timeout, opts) {
                             Ok(()) => Ok(stream),
-                            Err(e) => Err(Some(RingError::io(
-                                rank,
-                                Op::Configure,
-                                peer,
-                                e,
-                                opts.io_timeout,
-                            ))),
+                            Err(e) => Err(Some(RingError::io(rank, Op::Configure, peer, e, opts.io_timeout))),
                         };
                     }
                     Err(HandshakeError::Mismatch(mismatch)) => {
-                        return Err(Some(RingError::Handshake {
-                            rank,
-                            peer,
-                            mismatch,
-                        }));
+                        return Err(Some(RingError::Handshake { rank, peer, mismatch }));
                     }
                     // The listener may belong to a process that is going away; try again.
                     Err(HandshakeError::Io(e)) => last_err = Some(e),
@@ -549,13 +486,7 @@ fn accept_left(
     abort: &AtomicBool,
 ) -> Result<TcpStream, Option<RingError>> {
     let rank = hello.rank;
-    let listener_err = |source: io::Error| {
-        Some(RingError::Listener {
-            rank,
-            addr: listener.local_addr().ok(),
-            source,
-        })
-    };
+    let listener_err = |source: io::Error| Some(RingError::Listener { rank, addr: listener.local_addr().ok(), source });
     if let Some(bytes) = opts.socket_buffer_bytes {
         // Accepted sockets inherit these, in time for the SYN-ACK's window scale.
         let sock = SockRef::from(listener);
@@ -571,21 +502,13 @@ fn accept_left(
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(Some(RingError::AcceptTimeout {
-                rank,
-                peer,
-                timeout,
-                last_refusal,
-            }));
+            return Err(Some(RingError::AcceptTimeout { rank, peer, timeout, last_refusal }));
         }
         match listener.accept() {
             Ok((stream, from)) => {
                 let io_to = opts.io_timeout.min(remaining).max(Duration::from_millis(1));
                 // Some platforms hand out accepted sockets in the listener's non-blocking mode.
-                if let Err(e) = stream
-                    .set_nonblocking(false)
-                    .and_then(|()| configure(&stream, io_to, opts))
-                {
+                if let Err(e) = stream.set_nonblocking(false).and_then(|()| configure(&stream, io_to, opts)) {
                     last_refusal = Some(format!("{from}: could not configure the socket: {e}"));
                     continue;
                 }
@@ -593,22 +516,14 @@ fn accept_left(
                     Ok(()) => {
                         return match configure(&stream, opts.io_timeout, opts) {
                             Ok(()) => Ok(stream),
-                            Err(e) => Err(Some(RingError::io(
-                                rank,
-                                Op::Configure,
-                                peer,
-                                e,
-                                opts.io_timeout,
-                            ))),
+                            Err(e) => Err(Some(RingError::io(rank, Op::Configure, peer, e, opts.io_timeout))),
                         };
                     }
                     Err(HandshakeError::Mismatch(m)) => {
                         last_refusal = Some(format!("connection from {from}: {m}"));
                     }
                     Err(HandshakeError::Io(e)) => {
-                        last_refusal = Some(format!(
-                            "connection from {from} broke during the handshake: {e}"
-                        ));
+                        last_refusal = Some(format!("connection from {from} broke during the handshake: {e}"));
                     }
                 }
             }
@@ -653,9 +568,7 @@ fn run_ring(
     };
     // Shutting both sockets down makes the other thread and both neighbours fail at once.
     let bail = |who: u8| {
-        let first = failed
-            .compare_exchange(NO_FAILURE, who, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok();
+        let first = failed.compare_exchange(NO_FAILURE, who, Ordering::SeqCst, Ordering::SeqCst).is_ok();
         let _ = links.left.shutdown(Shutdown::Both);
         let _ = links.right.shutdown(Shutdown::Both);
         first
@@ -668,13 +581,7 @@ fn run_ring(
                 let payload: &[u8] = bytemuck::cast_slice(&frame.payload);
                 if let Err(e) = write_frame(&links.right, &frame.header, payload) {
                     bail(WRITER_FAILED);
-                    return Err(RingError::io(
-                        rank,
-                        Op::Send,
-                        links.right_peer,
-                        e,
-                        io_timeout,
-                    ));
+                    return Err(RingError::io(rank, Op::Send, links.right_peer, e, io_timeout));
                 }
                 sent += (FRAME_HEADER_BYTES + payload.len()) as u64;
                 // The reader may be gone already; the buffer is then simply dropped.
@@ -686,22 +593,16 @@ fn run_ring(
         let mut main = || -> Result<u64, RingError> {
             let send = |frame: Frame| {
                 // Only after the writer failed; its own error is the one reported.
-                to_writer.send(frame).map_err(|_| RingError::Internal {
-                    rank,
-                    detail: "the sending thread stopped early".into(),
-                })
+                to_writer
+                    .send(frame)
+                    .map_err(|_| RingError::Internal { rank, detail: "the sending thread stopped early".into() })
             };
             // Step 0: our own chunk goes out as it is.
-            for (k, r) in
-                segments(chunk_range(len, world, send_chunk(rank, world, 0)), seg).enumerate()
-            {
+            for (k, r) in segments(chunk_range(len, world, send_chunk(rank, world, 0)), seg).enumerate() {
                 let mut v = take_buf(pool, &returned, r.len());
                 v.copy_from_slice(&buf[r]);
                 swap_to_from_wire(&mut v);
-                send(Frame {
-                    header: header(0, k, v.len()).encode(),
-                    payload: v,
-                })?;
+                send(Frame { header: header(0, k, v.len()).encode(), payload: v })?;
             }
             let mut received = 0u64;
             let mut hdr = [0u8; FRAME_HEADER_BYTES];
@@ -712,16 +613,13 @@ fn run_ring(
                 let chunk = chunk_range(len, world, recv_chunk(rank, world, step));
                 for (k, r) in segments(chunk, seg).enumerate() {
                     left.read_exact(&mut hdr).map_err(recv_err)?;
-                    header(step, k, r.len())
-                        .check(&hdr)
-                        .map_err(|detail| RingError::Desync {
-                            rank,
-                            peer: links.left_peer,
-                            detail,
-                        })?;
+                    header(step, k, r.len()).check(&hdr).map_err(|detail| RingError::Desync {
+                        rank,
+                        peer: links.left_peer,
+                        detail,
+                    })?;
                     let mut v = take_buf(pool, &returned, r.len());
-                    left.read_exact(bytemuck::cast_slice_mut(&mut v))
-                        .map_err(recv_err)?;
+                    left.read_exact(bytemuck::cast_slice_mut(&mut v)).map_err(recv_err)?;
                     received += (FRAME_HEADER_BYTES + 4 * v.len()) as u64;
                     swap_to_from_wire(&mut v);
                     let dst = &mut buf[r];
@@ -739,10 +637,7 @@ fn run_ring(
                         // What we just received is what we forward next step, so the frame
                         // buffer goes straight to the writer without another copy.
                         swap_to_from_wire(&mut v);
-                        send(Frame {
-                            header: header(step + 1, k, v.len()).encode(),
-                            payload: v,
-                        })?;
+                        send(Frame { header: header(step + 1, k, v.len()).encode(), payload: v })?;
                     } else {
                         pool.push(v);
                     }
@@ -755,12 +650,9 @@ fn run_ring(
             bail(MAIN_FAILED);
         }
         drop(to_writer);
-        let writer_result = writer.join().unwrap_or_else(|_| {
-            Err(RingError::Internal {
-                rank,
-                detail: "the sending thread panicked".into(),
-            })
-        });
+        let writer_result = writer
+            .join()
+            .unwrap_or_else(|_| Err(RingError::Internal { rank, detail: "the sending thread panicked".into() }));
         (main_result, writer_result)
     });
     pool.extend(returned.try_iter());
@@ -769,11 +661,7 @@ fn run_ring(
     pool.truncate(MAX_POOLED_FRAMES);
     match (main_result, writer_result) {
         (Ok(received), Ok(sent)) => Ok((sent, received)),
-        (Err(m), Err(w)) => Err(if failed.load(Ordering::SeqCst) == WRITER_FAILED {
-            w
-        } else {
-            m
-        }),
+        (Err(m), Err(w)) => Err(if failed.load(Ordering::SeqCst) == WRITER_FAILED { w } else { m }),
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
     }
 }
@@ -784,18 +672,9 @@ mod tests {
 
     #[test]
     fn frame_header_round_trip_and_mismatch() {
-        let h = FrameHeader {
-            op_seq: 5,
-            total_len: 1_000_003,
-            step: 2,
-            segment: 7,
-            payload_bytes: 4096,
-        };
+        let h = FrameHeader { op_seq: 5, total_len: 1_000_003, step: 2, segment: 7, payload_bytes: 4096 };
         assert_eq!(h.check(&h.encode()), Ok(()));
-        let other = FrameHeader {
-            total_len: 1000,
-            ..h
-        };
+        let other = FrameHeader { total_len: 1000, ..h };
         let err = h.check(&other.encode()).unwrap_err();
         assert!(err.contains("1000 floats"), "{err}");
         let other = FrameHeader { op_seq: 6, ..h };

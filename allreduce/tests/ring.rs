@@ -5,19 +5,14 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use allreduce::{
-    FRAME_HEADER_BYTES, HandshakeMismatch, RingError, RingOptions, TcpRing,
-    bytes_sent_per_all_reduce,
-};
+use allreduce::{FRAME_HEADER_BYTES, HandshakeMismatch, RingError, RingOptions, TcpRing, bytes_sent_per_all_reduce};
 use kernels::Collective;
 
 const SESSION: u64 = 0x5eed_0001;
 const SETUP: Duration = Duration::from_secs(10);
 
 fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
-    let ls: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
     (ls, addrs)
 }
@@ -77,9 +72,7 @@ fn check_sums(world: usize, options: RingOptions) {
                 let sent = after.bytes_sent - before.bytes_sent;
                 let headers = sent - payload;
                 assert_eq!(headers % FRAME_HEADER_BYTES as u64, 0);
-                assert!(
-                    headers >= 2 * (world as u64 - 1) * FRAME_HEADER_BYTES as u64 || world == 1
-                );
+                assert!(headers >= 2 * (world as u64 - 1) * FRAME_HEADER_BYTES as u64 || world == 1);
                 outs.push(buf);
             }
             assert_eq!(ring.stats().all_reduces, LENS.len() as u64);
@@ -91,20 +84,11 @@ fn check_sums(world: usize, options: RingOptions) {
         for j in 0..len {
             let exact: f64 = inputs.iter().map(|v| f64::from(v[j])).sum();
             let got = results[0][i][j];
-            assert!(
-                (f64::from(got) - exact).abs() <= 1e-5,
-                "world {world} len {len} element {j}: {got} vs {exact}"
-            );
+            assert!((f64::from(got) - exact).abs() <= 1e-5, "world {world} len {len} element {j}: {got} vs {exact}");
         }
         for (rank, r) in results.iter().enumerate().skip(1) {
-            let same = r[i]
-                .iter()
-                .zip(&results[0][i])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "world {world} len {len}: rank {rank} differs from rank 0"
-            );
+            let same = r[i].iter().zip(&results[0][i]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "world {world} len {len}: rank {rank} differs from rank 0");
         }
     }
 }
@@ -119,19 +103,13 @@ fn sums_match_serial_and_are_bit_identical() {
 #[test]
 fn tiny_segments_pipeline_correctly() {
     // 64-byte frames: many segments per chunk even for the short buffers.
-    let options = RingOptions {
-        segment_bytes: 64,
-        ..RingOptions::default()
-    };
+    let options = RingOptions { segment_bytes: 64, ..RingOptions::default() };
     check_sums(3, options);
 }
 
 #[test]
 fn explicit_socket_buffers_work() {
-    let options = RingOptions {
-        socket_buffer_bytes: Some(1 << 20),
-        ..RingOptions::default()
-    };
+    let options = RingOptions { socket_buffer_bytes: Some(1 << 20), ..RingOptions::default() };
     check_sums(2, options);
 }
 
@@ -167,9 +145,7 @@ fn wrong_session_is_refused() {
             .map(|(rank, l)| {
                 let (addrs, options) = (&addrs, options.clone());
                 let session = if rank == 1 { SESSION + 1 } else { SESSION };
-                s.spawn(move || {
-                    TcpRing::connect_with(rank, addrs, l, session, Duration::from_secs(2), options)
-                })
+                s.spawn(move || TcpRing::connect_with(rank, addrs, l, session, Duration::from_secs(2), options))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -178,32 +154,16 @@ fn wrong_session_is_refused() {
     let errors: Vec<RingError> = results.into_iter().map(|r| r.unwrap_err()).collect();
     // Rank 1 connects to rank 2 and sees the foreign session itself.
     assert!(
-        matches!(
-            errors[1],
-            RingError::Handshake {
-                mismatch: HandshakeMismatch::Session { .. },
-                ..
-            }
-        ),
+        matches!(errors[1], RingError::Handshake { mismatch: HandshakeMismatch::Session { .. }, .. }),
         "{}",
         errors[1]
     );
     // Rank 0 connects to the odd one out: refused, or (if rank 1 has already given up and closed
     // its listener) never answered.
-    assert!(
-        matches!(
-            errors[0],
-            RingError::Handshake { .. } | RingError::Connect { .. }
-        ),
-        "{}",
-        errors[0]
-    );
+    assert!(matches!(errors[0], RingError::Handshake { .. } | RingError::Connect { .. }), "{}", errors[0]);
     // Rank 2 turned rank 1 away and kept waiting for a proper left neighbour.
     let msg = errors[2].to_string();
-    assert!(
-        matches!(errors[2], RingError::AcceptTimeout { .. }),
-        "{msg}"
-    );
+    assert!(matches!(errors[2], RingError::AcceptTimeout { .. }), "{msg}");
     assert!(msg.contains("session"), "{msg}");
 }
 
@@ -265,10 +225,7 @@ fn late_peer_is_waited_for() {
 #[test]
 fn peer_that_dies_mid_operation_fails_the_others_fast() {
     // A long I/O timeout: the others must notice through the closed sockets, not by waiting.
-    let options = RingOptions {
-        io_timeout: Duration::from_secs(30),
-        ..RingOptions::default()
-    };
+    let options = RingOptions { io_timeout: Duration::from_secs(30), ..RingOptions::default() };
     let start = Instant::now();
     let results = with_ranks(
         3,
@@ -292,20 +249,14 @@ fn peer_that_dies_mid_operation_fails_the_others_fast() {
     );
     for (msg, elapsed) in results.into_iter().flatten() {
         assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: {msg}");
-        assert!(
-            msg.contains("closed the connection") || msg.contains("failed"),
-            "{msg}"
-        );
+        assert!(msg.contains("closed the connection") || msg.contains("failed"), "{msg}");
     }
 }
 
 #[test]
 fn stuck_peer_times_out_instead_of_hanging() {
     let io_timeout = Duration::from_millis(300);
-    let options = RingOptions {
-        io_timeout,
-        ..RingOptions::default()
-    };
+    let options = RingOptions { io_timeout, ..RingOptions::default() };
     let results = with_ranks(
         3,
         |_| SESSION,
@@ -328,16 +279,8 @@ fn stuck_peer_times_out_instead_of_hanging() {
         assert!(*elapsed < Duration::from_secs(2), "took {elapsed:?}: {err}");
     }
     // Rank 0 reads from the stuck rank 2 and times out; rank 1 hears about it from rank 0.
-    assert!(
-        matches!(errors[0].0, RingError::Timeout { .. }),
-        "{}",
-        errors[0].0
-    );
-    assert!(
-        errors[0].0.to_string().contains("rank 2"),
-        "{}",
-        errors[0].0
-    );
+    assert!(matches!(errors[0].0, RingError::Timeout { .. }), "{}", errors[0].0);
+    assert!(errors[0].0.to_string().contains("rank 2"), "{}", errors[0].0);
 }
 
 #[test]

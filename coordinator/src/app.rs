@@ -24,13 +24,12 @@ use crate::{samples, server};
 
 /// How long workers get to exit by themselves after a completed run.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
+/// How long open gRPC streams get to end after the run ended.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the coordinator; `Ok` when the run completed.
 pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<()> {
-    let root = cli
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
+    let root = cli.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
     let dir = RunDir::new(&root);
 
     // A resumed run takes its settings from run.json; a fresh one must not overwrite a run.
@@ -55,6 +54,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         false => Some(resolve_worker_bin(cli.worker_bin.as_deref())?),
     };
 
+    RunConfig::check_cli(&cli, 3)?;
+
     // The dataset is read and checked before anything else starts.
     let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
     let (image_size, limit) = (cli.image_size as usize, cli.data_limit.map(|l| l as usize));
@@ -68,24 +69,15 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         bail!("dataset {spec} has no samples");
     }
     tracing::info!(name = %dataset.name, samples = dataset.len, nc = dataset.nc, "dataset loaded");
-    let facts = DatasetFacts {
-        name: dataset.name.clone(),
-        len: dataset.len as u64,
-        nc: dataset.nc as u32,
-    };
+    let facts = DatasetFacts { name: dataset.name.clone(), len: dataset.len as u64, nc: dataset.nc as u32 };
 
     let config = match &previous {
         None => {
-            let run_id = format!(
-                "{}-{:04x}",
-                utc_stamp(),
-                (unix_ms() ^ u64::from(std::process::id())) & 0xffff
-            );
+            let run_id = format!("{}-{:04x}", utc_stamp(), (unix_ms() ^ u64::from(std::process::id())) & 0xffff);
             RunConfig::from_cli(&cli, &facts, run_id, utc_stamp())?
         }
         Some(prev) => {
-            let mut c =
-                RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())?;
+            let mut c = RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())?;
             c.generation = prev.generation + 1;
             if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
                 bail!(
@@ -100,14 +92,14 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
     };
 
+    // The port is taken before anything is written, so a busy one leaves no half-made run.
+    let listener =
+        TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+
     dir.create()?;
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
     store.remove_partial()?;
-    let resume_from = if previous.is_some() {
-        Some(resume_point(&store, &config)?)
-    } else {
-        None
-    };
+    let resume_from = if previous.is_some() { Some(resume_point(&store, &config)?) } else { None };
     write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
     let metrics_log = match resume_from {
         Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
@@ -122,15 +114,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             .context("sample writer panicked")??;
     }
 
-    let listener = TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let addr = listener.local_addr().context("listener address")?;
     write_atomic(&dir.address_file(), format!("{addr}\n").as_bytes())?;
-    println!(
-        "coordinator listening on {addr}, run directory {}",
-        root.display()
-    );
+    println!("coordinator listening on {addr}, run directory {}", root.display());
 
     let checkpoints = store
         .list()?
@@ -177,28 +163,19 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     if Progress::wanted(cli.quiet) {
         progress.start(run.start_step, config.total_steps, config.epochs);
     }
-    let progress_task = tokio::spawn(follow_progress(
-        Arc::clone(&run),
-        progress.clone(),
-        config.epochs,
-    ));
+    let progress_task = tokio::spawn(follow_progress(Arc::clone(&run), progress.clone(), config.epochs));
 
     let (exit_tx, mut exits) = mpsc::unbounded_channel();
     let launcher = if config.external_workers {
-        tracing::info!(
-            "waiting for {} external workers to join at {addr}",
-            config.workers
-        );
+        tracing::info!("waiting for {} external workers to join at {addr}", config.workers);
         None
     } else {
         let spec = LaunchSpec {
-            bin: worker_bin.context("no worker binary")?,
+            worker: worker_bin.context("no worker command")?,
             coordinator_url: format!("http://{}", connectable(addr)),
             world: config.workers as usize,
             threads: config.worker_threads,
-            local_data: config
-                .workers_local_data
-                .then(|| format!("local:{}", config.dataset)),
+            local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
             logs: dir.logs(),
         };
         match Launcher::launch(&spec, exit_tx) {
@@ -255,11 +232,18 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         Ok(Err(e)) => tracing::warn!("cannot draw sample grids: {e:#}"),
         Err(e) => tracing::warn!("sample renderer panicked: {e}"),
     }
+    // Graceful shutdown waits for open streams; a client that stopped reading must not keep
+    // the coordinator alive, so the wait is bounded.
     let _ = stop_server.send(());
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("{e}"),
-        Err(e) => tracing::warn!("server task panicked: {e}"),
+    let server_abort = server.abort_handle();
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("{e}"),
+        Ok(Err(e)) => tracing::warn!("server task panicked: {e}"),
+        Err(_) => {
+            tracing::warn!("clients still connected {} s after the run ended: closing", SHUTDOWN_GRACE.as_secs());
+            server_abort.abort();
+        }
     }
     progress_task.abort();
     progress.finish();
@@ -290,12 +274,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
 /// The checkpoint a resumed run starts from: the newest, checked against its digests, and not
 /// already at the end.
 fn resume_point(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<u64> {
-    let latest = store.latest()?.with_context(|| {
-        format!(
-            "--resume: no checkpoint in {} to resume from",
-            store.dir().display()
-        )
-    })?;
+    let latest = store
+        .latest()?
+        .with_context(|| format!("--resume: no checkpoint in {} to resume from", store.dir().display()))?;
     let files = store.read(latest.step)?;
     // Loading the checkpoint fully checks it (names, shapes, the state document) before any
     // worker is started on it.
@@ -310,12 +291,7 @@ fn resume_point(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<u
         );
     }
     if state.step != latest.step {
-        bail!(
-            "{}: state.json says step {}, the directory name says {}",
-            latest.dir.display(),
-            state.step,
-            latest.step
-        );
+        bail!("{}: state.json says step {}, the directory name says {}", latest.dir.display(), state.step, latest.step);
     }
     if latest.step >= config.total_steps {
         bail!(
@@ -332,31 +308,21 @@ fn resume_point(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<u
 fn connectable(addr: SocketAddr) -> SocketAddr {
     let mut a = addr;
     if a.ip().is_unspecified() {
-        a.set_ip(if a.is_ipv4() {
-            [127, 0, 0, 1].into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
+        a.set_ip(if a.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
     }
     a
 }
 
 /// Draws the fake grids asked for by [`Event::RenderSamples`] until [`Event::Stop`].
-async fn render_samples(
-    mut events: mpsc::UnboundedReceiver<Event>,
-    dir: PathBuf,
-    seed: u64,
-) -> anyhow::Result<()> {
+async fn render_samples(mut events: mpsc::UnboundedReceiver<Event>, dir: PathBuf, seed: u64) -> anyhow::Result<()> {
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Stop => break,
             Event::RenderSamples { files, epoch, step } => {
                 let d = dir.clone();
-                let path = tokio::task::spawn_blocking(move || {
-                    samples::write_fake(&d, files, seed, epoch)
-                })
-                .await
-                .context("sample renderer panicked")??;
+                let path = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
+                    .await
+                    .context("sample renderer panicked")??;
                 tracing::info!(step, epoch, path = %path.display(), "samples drawn");
             }
         }

@@ -49,10 +49,7 @@ pub struct CheckpointStore {
 impl CheckpointStore {
     /// `keep` is at least 1: the newest checkpoint is never pruned.
     pub fn new(dir: impl Into<PathBuf>, keep: usize) -> Self {
-        Self {
-            dir: dir.into(),
-            keep: keep.max(1),
-        }
+        Self { dir: dir.into(), keep: keep.max(1) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -74,45 +71,30 @@ impl CheckpointStore {
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(".tmp-") {
                 let p = entry.path();
-                fs::remove_dir_all(&p)
-                    .map_err(|e| RunDirError::new(&p, "remove partial checkpoint", e))?;
+                fs::remove_dir_all(&p).map_err(|e| RunDirError::new(&p, "remove partial checkpoint", e))?;
             }
         }
         Ok(())
     }
 
     /// Writes one checkpoint atomically, then prunes old ones beyond `keep`.
-    pub fn store(
-        &self,
-        step: u64,
-        files: &[(String, Vec<u8>)],
-    ) -> Result<StoredCheckpoint, StoreError> {
+    pub fn store(&self, step: u64, files: &[(String, Vec<u8>)]) -> Result<StoredCheckpoint, StoreError> {
         for (name, _) in files {
             if !is_plain_file_name(name) || name == SUMS_FILE {
                 return Err(StoreError::BadName(name.clone()));
             }
         }
-        fs::create_dir_all(&self.dir)
-            .map_err(|e| RunDirError::new(&self.dir, "create directory", e))?;
+        fs::create_dir_all(&self.dir).map_err(|e| RunDirError::new(&self.dir, "create directory", e))?;
         let final_dir = self.dir.join(Self::dir_name(step));
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}-{}",
-            Self::dir_name(step),
-            std::process::id(),
-            nanos()
-        ));
+        let tmp = self.dir.join(format!(".tmp-{}-{}-{}", Self::dir_name(step), std::process::id(), nanos()));
         let result = self.write_into(&tmp, files).and_then(|total_size| {
             // A checkpoint of the same step (a resumed run retaking it) is replaced whole.
             if final_dir.exists() {
-                let old = self
-                    .dir
-                    .join(format!(".tmp-old-{}-{}", Self::dir_name(step), nanos()));
-                fs::rename(&final_dir, &old)
-                    .map_err(|e| RunDirError::new(&final_dir, "move aside", e))?;
+                let old = self.dir.join(format!(".tmp-old-{}-{}", Self::dir_name(step), nanos()));
+                fs::rename(&final_dir, &old).map_err(|e| RunDirError::new(&final_dir, "move aside", e))?;
                 let _ = fs::remove_dir_all(&old);
             }
-            fs::rename(&tmp, &final_dir)
-                .map_err(|e| RunDirError::new(&final_dir, "rename into place", e))?;
+            fs::rename(&tmp, &final_dir).map_err(|e| RunDirError::new(&final_dir, "rename into place", e))?;
             sync_dir(&self.dir)?;
             Ok(total_size)
         });
@@ -124,11 +106,7 @@ impl CheckpointStore {
             }
         };
         self.prune()?;
-        Ok(StoredCheckpoint {
-            step,
-            dir: final_dir,
-            total_size,
-        })
+        Ok(StoredCheckpoint { step, dir: final_dir, total_size })
     }
 
     fn write_into(&self, tmp: &Path, files: &[(String, Vec<u8>)]) -> Result<u64, StoreError> {
@@ -156,10 +134,7 @@ impl CheckpointStore {
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name
-                .strip_prefix(PREFIX)
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
+            let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u64>().ok()) else {
                 continue;
             };
             let dir = entry.path();
@@ -175,11 +150,7 @@ impl CheckpointStore {
                         .sum()
                 })
                 .unwrap_or(0);
-            out.push(StoredCheckpoint {
-                step,
-                dir,
-                total_size,
-            });
+            out.push(StoredCheckpoint { step, dir, total_size });
         }
         out.sort_by_key(|c| c.step);
         Ok(out)
@@ -197,38 +168,22 @@ impl CheckpointStore {
         if !dir.is_dir() {
             return Err(StoreError::Missing(step));
         }
-        let corrupt = |reason: String| StoreError::Corrupt {
-            dir: dir.clone(),
-            reason,
-        };
+        let corrupt = |reason: String| StoreError::Corrupt { dir: dir.clone(), reason };
         let sums_path = dir.join(SUMS_FILE);
-        let sums =
-            fs::read_to_string(&sums_path).map_err(|e| RunDirError::new(&sums_path, "read", e))?;
+        let sums = fs::read_to_string(&sums_path).map_err(|e| RunDirError::new(&sums_path, "read", e))?;
         let mut files = Vec::new();
-        for (n, line) in sums
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let (digest, name) = line.split_once("  ").ok_or_else(|| {
-                corrupt(format!(
-                    "{SUMS_FILE} line {}: expected `<sha256>  <name>`",
-                    n + 1
-                ))
-            })?;
+        for (n, line) in sums.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let (digest, name) = line
+                .split_once("  ")
+                .ok_or_else(|| corrupt(format!("{SUMS_FILE} line {}: expected `<sha256>  <name>`", n + 1)))?;
             if !is_plain_file_name(name) {
-                return Err(corrupt(format!(
-                    "{SUMS_FILE} line {}: bad file name {name:?}",
-                    n + 1
-                )));
+                return Err(corrupt(format!("{SUMS_FILE} line {}: bad file name {name:?}", n + 1)));
             }
             let path = dir.join(name);
             let bytes = fs::read(&path).map_err(|e| RunDirError::new(&path, "read", e))?;
             let got = sha256_hex(&bytes);
             if got != digest {
-                return Err(corrupt(format!(
-                    "{name} has sha256 {got}, {SUMS_FILE} says {digest}"
-                )));
+                return Err(corrupt(format!("{name} has sha256 {got}, {SUMS_FILE} says {digest}")));
             }
             files.push((name.to_string(), bytes));
         }
@@ -243,8 +198,7 @@ impl CheckpointStore {
         let all = self.list()?;
         if all.len() > self.keep {
             for old in &all[..all.len() - self.keep] {
-                fs::remove_dir_all(&old.dir)
-                    .map_err(|e| RunDirError::new(&old.dir, "remove old checkpoint", e))?;
+                fs::remove_dir_all(&old.dir).map_err(|e| RunDirError::new(&old.dir, "remove old checkpoint", e))?;
             }
         }
         Ok(())
@@ -253,16 +207,12 @@ impl CheckpointStore {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
     let mut f = File::create(path).map_err(|e| RunDirError::new(path, "create", e))?;
-    f.write_all(bytes)
-        .map_err(|e| RunDirError::new(path, "write", e))?;
+    f.write_all(bytes).map_err(|e| RunDirError::new(path, "write", e))?;
     f.sync_all().map_err(|e| RunDirError::new(path, "fsync", e))
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -270,10 +220,7 @@ mod tests {
     use super::*;
 
     fn files(tag: u8) -> Vec<(String, Vec<u8>)> {
-        vec![
-            ("a.safetensors".into(), vec![tag; 10]),
-            ("state.json".into(), b"{}".to_vec()),
-        ]
+        vec![("a.safetensors".into(), vec![tag; 10]), ("state.json".into(), b"{}".to_vec())]
     }
 
     #[test]
@@ -286,8 +233,7 @@ mod tests {
         }
         let steps: Vec<u64> = store.list().unwrap().iter().map(|c| c.step).collect();
         assert_eq!(steps, vec![10, 15]);
-        let sums =
-            fs::read_to_string(dir.path().join("checkpoints/step_00000015/SHA256SUMS")).unwrap();
+        let sums = fs::read_to_string(dir.path().join("checkpoints/step_00000015/SHA256SUMS")).unwrap();
         assert!(sums.contains("  a.safetensors\n") && sums.contains("  state.json\n"));
         assert_eq!(store.read(15).unwrap(), files(15));
         assert_eq!(store.latest().unwrap().unwrap().step, 15);
@@ -314,9 +260,6 @@ mod tests {
     fn refuses_names_that_escape() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::new(dir.path(), 3);
-        assert!(matches!(
-            store.store(1, &[("../x".into(), vec![])]),
-            Err(StoreError::BadName(_))
-        ));
+        assert!(matches!(store.store(1, &[("../x".into(), vec![])]), Err(StoreError::BadName(_))));
     }
 }

@@ -161,10 +161,7 @@ fn explicit_ids(matches: &ArgMatches) -> Explicit {
     matches
         .ids()
         .filter(|id| {
-            matches!(
-                matches.value_source(id.as_str()),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            )
+            matches!(matches.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
         })
         .map(|id| id.as_str().to_string())
         .collect()
@@ -194,9 +191,6 @@ mod tests {
     #[test]
     fn help_names_defaults() {
         let help = Cli::command().render_long_help().to_string();
-        assert!(
-            help.contains("[default: 64]") && help.contains("[env: DCGAN_WORKERS="),
-            "{help}"
-        );
+        assert!(help.contains("[default: 64]") && help.contains("[env: DCGAN_WORKERS="), "{help}");
     }
 }

@@ -74,46 +74,38 @@ pub struct DatasetFacts {
 }
 
 impl RunConfig {
-    /// Builds and checks the configuration of a fresh run.
-    pub fn from_cli(
-        cli: &Cli,
-        data: &DatasetFacts,
-        run_id: String,
-        created: String,
-    ) -> Result<Self, ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
+    /// Checks what the command line alone decides (batch against world, the networks' shape,
+    /// Adam's settings), so a typo is reported before a large dataset is read. `nc` is the
+    /// dataset's channel count, or any valid one before the dataset is known.
+    pub fn check_cli(cli: &Cli, nc: u32) -> Result<(), ConfigError> {
         if cli.batch_size < cli.workers {
-            return invalid(format!(
+            return Err(ConfigError::Invalid(format!(
                 "--batch-size {} is smaller than --workers {}: every worker needs at least one sample per step",
                 cli.batch_size, cli.workers
-            ));
+            )));
         }
-        let steps_per_epoch = data::steps_per_epoch(data.len as usize, cli.batch_size as usize)
-            .map_err(|e| ConfigError::Invalid(format!("dataset {}: {e}", cli.dataset)))?
-            as u64;
         let model = kernels::ModelConfig {
             image_size: cli.image_size as usize,
-            nc: data.nc as usize,
+            nc: nc as usize,
             nz: cli.nz as usize,
             ngf: cli.ngf as usize,
             ndf: cli.ndf as usize,
         };
-        model
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("model: {e}")))?;
-        let optim = kernels::OptimConfig {
-            lr: cli.lr,
-            beta1: cli.beta1,
-            ..Default::default()
-        };
-        optim
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
+        model.validate().map_err(|e| ConfigError::Invalid(format!("model: {e}")))?;
+        let optim = kernels::OptimConfig { lr: cli.lr, beta1: cli.beta1, ..Default::default() };
+        optim.validate().map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
+        Ok(())
+    }
+
+    /// Builds and checks the configuration of a fresh run.
+    pub fn from_cli(cli: &Cli, data: &DatasetFacts, run_id: String, created: String) -> Result<Self, ConfigError> {
+        Self::check_cli(cli, data.nc)?;
+        let steps_per_epoch = data::steps_per_epoch(data.len as usize, cli.batch_size as usize)
+            .map_err(|e| ConfigError::Invalid(format!("dataset {}: {e}", cli.dataset)))?
+            as u64;
         let all_steps = steps_per_epoch.saturating_mul(cli.epochs as u64);
         let total_steps = cli.max_steps.map_or(all_steps, |m| m.min(all_steps));
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
         Ok(Self {
             run_id,
             generation: 1,
@@ -183,10 +175,7 @@ impl RunConfig {
 
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let bytes = std::fs::read(path).map_err(|e| RunDirError::new(path, "read", e))?;
-        serde_json::from_slice(&bytes).map_err(|source| ConfigError::BadRunJson {
-            path: path.to_path_buf(),
-            source,
-        })
+        serde_json::from_slice(&bytes).map_err(|source| ConfigError::BadRunJson { path: path.to_path_buf(), source })
     }
 
     pub fn to_json(&self) -> String {
@@ -197,11 +186,7 @@ impl RunConfig {
 /// Prepares the command line of a resumed run: every setting not given explicitly takes
 /// `previous`'s value; a given one that would change what is computed (the model, the data, the
 /// batch, the seed, the world) is refused, because the run could then not continue exactly.
-pub fn merge_for_resume(
-    cli: &mut Cli,
-    explicit: &Explicit,
-    previous: &RunConfig,
-) -> Result<(), ConfigError> {
+pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig) -> Result<(), ConfigError> {
     let mut conflicts = Vec::new();
     macro_rules! fixed {
         ($($field:ident => $flag:literal),* $(,)?) => {$(
@@ -249,11 +234,7 @@ mod tests {
     use super::*;
 
     fn facts() -> DatasetFacts {
-        DatasetFacts {
-            name: "shapes".into(),
-            len: 1000,
-            nc: 3,
-        }
+        DatasetFacts { name: "shapes".into(), len: 1000, nc: 3 }
     }
 
     fn cli(args: &[&str]) -> (Cli, Explicit) {
@@ -269,33 +250,19 @@ mod tests {
         assert_eq!(cfg.steps_per_epoch, 15);
         assert_eq!(cfg.total_steps, 45);
         let (c, _) = cli(&["--max-steps", "7"]);
-        assert_eq!(
-            RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
-                .unwrap()
-                .total_steps,
-            7
-        );
+        assert_eq!(RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap().total_steps, 7);
     }
 
     #[test]
     fn clear_errors_for_impossible_settings() {
         let (c, _) = cli(&["--workers", "4", "--batch-size", "3"]);
-        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--batch-size 3 is smaller than --workers 4"),
-            "{e}"
-        );
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap_err().to_string();
+        assert!(e.contains("--batch-size 3 is smaller than --workers 4"), "{e}");
         let (c, _) = cli(&["--batch-size", "2000"]);
-        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
-            .unwrap_err()
-            .to_string();
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap_err().to_string();
         assert!(e.contains("1000 samples"), "{e}");
         let (c, _) = cli(&["--image-size", "48"]);
-        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into())
-            .unwrap_err()
-            .to_string();
+        let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap_err().to_string();
         assert!(e.contains("image_size"), "{e}");
         let (c, _) = cli(&["--lr=-1"]);
         assert!(RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).is_err());
@@ -309,9 +276,7 @@ mod tests {
         merge_for_resume(&mut c, &explicit, &prev).unwrap();
         assert_eq!((c.ngf, c.max_steps), (16, Some(8)));
         let (mut c, explicit) = cli(&["--ngf", "32", "--seed", "1"]);
-        let e = merge_for_resume(&mut c, &explicit, &prev)
-            .unwrap_err()
-            .to_string();
+        let e = merge_for_resume(&mut c, &explicit, &prev).unwrap_err().to_string();
         assert!(e.contains("--ngf 32") && e.contains("--seed 1"), "{e}");
     }
 

@@ -16,10 +16,7 @@ use tokio::task::JoinHandle;
 /// Why the workers could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error(
-        "worker binary not found at {}: build it (`cargo build -p worker`) or pass --worker-bin",
-        .0.display()
-    )]
+    #[error("worker binary not found at {} (--worker-bin)", .0.display())]
     NotFound(PathBuf),
     #[error("{}: cannot {op}: {source}", .path.display())]
     Io {
@@ -43,7 +40,7 @@ pub struct WorkerExit {
 /// What each launched worker is started with.
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
-    pub bin: PathBuf,
+    pub worker: WorkerCommand,
     pub coordinator_url: String,
     pub world: usize,
     pub threads: u32,
@@ -58,51 +55,53 @@ pub struct Launcher {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The worker binary: `--worker-bin`, or `worker` next to this executable.
-pub fn resolve_worker_bin(explicit: Option<&Path>) -> Result<PathBuf, LaunchError> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let exe = std::env::current_exe().map_err(|e| LaunchError::Io {
-                path: PathBuf::from("coordinator"),
-                op: "locate executable",
-                source: e,
-            })?;
-            exe.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX))
-        }
-    };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(LaunchError::NotFound(path))
+/// The first argument that turns the coordinator binary into a worker (see [`WorkerCommand`]).
+pub const WORKER_MODE_FLAG: &str = "--worker-mode";
+
+/// How to start a worker process: a program and the arguments that come before the worker's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub prefix_args: Vec<String>,
+}
+
+/// How workers are started: `--worker-bin` if given (it must exist); else the `worker` binary
+/// next to this executable; else this executable itself in worker mode
+/// (`coordinator --worker-mode ...`), so that `cargo run --bin coordinator` works on a fresh
+/// checkout where only the coordinator was built.
+pub fn resolve_worker_bin(explicit: Option<&Path>) -> Result<WorkerCommand, LaunchError> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(WorkerCommand { program: p.to_path_buf(), prefix_args: Vec::new() })
+        } else {
+            Err(LaunchError::NotFound(p.to_path_buf()))
+        };
     }
+    let exe = std::env::current_exe().map_err(|e| LaunchError::Io {
+        path: PathBuf::from("coordinator"),
+        op: "locate executable",
+        source: e,
+    })?;
+    let beside = exe.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    if beside.is_file() {
+        return Ok(WorkerCommand { program: beside, prefix_args: Vec::new() });
+    }
+    tracing::info!("no worker binary at {}: workers run as `coordinator {WORKER_MODE_FLAG}`", beside.display());
+    Ok(WorkerCommand { program: exe, prefix_args: vec![WORKER_MODE_FLAG.to_string()] })
 }
 
 impl Launcher {
     /// Starts `spec.world` workers; each one's exit is sent on `exits`.
-    pub fn launch(
-        spec: &LaunchSpec,
-        exits: mpsc::UnboundedSender<WorkerExit>,
-    ) -> Result<Self, LaunchError> {
+    pub fn launch(spec: &LaunchSpec, exits: mpsc::UnboundedSender<WorkerExit>) -> Result<Self, LaunchError> {
         let (kill, _) = watch::channel(false);
-        let mut launcher = Self {
-            kill,
-            tasks: Vec::new(),
-        };
+        let mut launcher = Self { kill, tasks: Vec::new() };
         for rank in 0..spec.world {
             let log = spec.logs.join(format!("worker-{rank}.log"));
-            let out = File::create(&log).map_err(|e| LaunchError::Io {
-                path: log.clone(),
-                op: "create",
-                source: e,
-            })?;
-            let err = out.try_clone().map_err(|e| LaunchError::Io {
-                path: log.clone(),
-                op: "open",
-                source: e,
-            })?;
-            let mut cmd = Command::new(&spec.bin);
-            cmd.arg("--coordinator")
+            let out = File::create(&log).map_err(|e| LaunchError::Io { path: log.clone(), op: "create", source: e })?;
+            let err = out.try_clone().map_err(|e| LaunchError::Io { path: log.clone(), op: "open", source: e })?;
+            let mut cmd = Command::new(&spec.worker.program);
+            cmd.args(&spec.worker.prefix_args)
+                .arg("--coordinator")
                 .arg(&spec.coordinator_url)
                 .arg("--rank")
                 .arg(rank.to_string())
@@ -111,19 +110,12 @@ impl Launcher {
             if let Some(d) = &spec.local_data {
                 cmd.arg("--data").arg(d);
             }
-            cmd.stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .kill_on_drop(true);
+            cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(e) => {
                     launcher.kill_all();
-                    return Err(LaunchError::Io {
-                        path: spec.bin.clone(),
-                        op: "start",
-                        source: e,
-                    });
+                    return Err(LaunchError::Io { path: spec.worker.program.clone(), op: "start", source: e });
                 }
             };
             tracing::debug!(rank, pid = child.id(), log = %log.display(), "worker started");
@@ -139,12 +131,7 @@ impl Launcher {
                 }
                 // Reaps the child (or returns its already-known status).
                 let status = child.wait().await;
-                let _ = exits.send(WorkerExit {
-                    rank,
-                    status,
-                    log,
-                    killed,
-                });
+                let _ = exits.send(WorkerExit { rank, status, log, killed });
             }));
         }
         Ok(launcher)
@@ -161,10 +148,7 @@ impl Launcher {
         let all = futures_join(tasks);
         tokio::pin!(all);
         if tokio::time::timeout(grace, &mut all).await.is_err() {
-            tracing::warn!(
-                "workers still running {} s after the run ended: killing them",
-                grace.as_secs()
-            );
+            tracing::warn!("workers still running {} s after the run ended: killing them", grace.as_secs());
             let _ = kill.send(true);
             all.await;
         }
@@ -199,9 +183,5 @@ pub fn describe_exit(exit: &WorkerExit) -> String {
         Err(e) => format!("could not be waited for: {e}"),
     };
     let tail = log_tail(&exit.log, 15);
-    format!(
-        "worker rank {} {how}; last lines of {}:\n{tail}",
-        exit.rank,
-        exit.log.display()
-    )
+    format!("worker rank {} {how}; last lines of {}:\n{tail}", exit.rank, exit.log.display())
 }

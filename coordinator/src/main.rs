@@ -1,17 +1,25 @@
 //! `coordinator`: trains a DCGAN with N worker processes. See `coordinator --help`.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use coordinator::cli::Cli;
+use coordinator::launcher::WORKER_MODE_FLAG;
 use coordinator::progress::Progress;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `coordinator --worker-mode ARGS` is `worker ARGS`: the launcher's fallback when no
+    // `worker` binary sits beside this one.
+    if std::env::args_os().nth(1).is_some_and(|a| a == WORKER_MODE_FLAG) {
+        let args = std::iter::once(OsString::from("worker")).chain(std::env::args_os().skip(2));
+        return worker::main_with_args(args);
+    }
     let (cli, explicit) = Cli::parse_with_sources();
     let progress = Progress::default();
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(if cli.quiet { "warn" } else { "info" }));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if cli.quiet { "warn" } else { "info" }));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -19,11 +27,7 @@ fn main() -> ExitCode {
         .with_writer(progress.log_writer())
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -64,24 +64,14 @@ pub struct StepRecord {
 /// A report that cannot be taken, or ranks that disagree.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AggregateError {
-    #[error(
-        "rank {rank} reported step {step}, outside the steps {first}..={last} this run still expects"
-    )]
-    StepOutOfRange {
-        rank: usize,
-        step: u64,
-        first: u64,
-        last: u64,
-    },
+    #[error("rank {rank} reported step {step}, outside the steps {first}..={last} this run still expects")]
+    StepOutOfRange { rank: usize, step: u64, first: u64, last: u64 },
     #[error("rank {rank} reported step {step} twice")]
     Duplicate { rank: usize, step: u64 },
     #[error("rank {rank} is outside a world of {world}")]
     BadRank { rank: usize, world: usize },
     #[error("parameter checksums differ at step {step}: {}", describe(.by_rank))]
-    ChecksumMismatch {
-        step: u64,
-        by_rank: Vec<(usize, Option<u64>)>,
-    },
+    ChecksumMismatch { step: u64, by_rank: Vec<(usize, Option<u64>)> },
 }
 
 fn describe(by_rank: &[(usize, Option<u64>)]) -> String {
@@ -108,12 +98,7 @@ pub struct StepAggregator {
 impl StepAggregator {
     /// Expects steps `first..=last` from `world` ranks.
     pub fn new(world: usize, first: u64, last: u64) -> Self {
-        Self {
-            world,
-            next: first,
-            last,
-            pending: BTreeMap::new(),
-        }
+        Self { world, next: first, last, pending: BTreeMap::new() }
     }
 
     /// The last step aggregated so far (first - 1 before any).
@@ -125,10 +110,7 @@ impl StepAggregator {
     pub fn add(&mut self, report: RankReport) -> Result<Vec<StepRecord>, AggregateError> {
         let (rank, step) = (report.rank, report.step);
         if rank >= self.world {
-            return Err(AggregateError::BadRank {
-                rank,
-                world: self.world,
-            });
+            return Err(AggregateError::BadRank { rank, world: self.world });
         }
         if step < self.next || step > self.last || step > self.next + MAX_STEPS_AHEAD {
             return Err(AggregateError::StepOutOfRange {
@@ -138,10 +120,7 @@ impl StepAggregator {
                 last: self.last.min(self.next + MAX_STEPS_AHEAD),
             });
         }
-        let slots = self
-            .pending
-            .entry(step)
-            .or_insert_with(|| vec![None; self.world]);
+        let slots = self.pending.entry(step).or_insert_with(|| vec![None; self.world]);
         if slots[rank].is_some() {
             return Err(AggregateError::Duplicate { rank, step });
         }
@@ -152,13 +131,8 @@ impl StepAggregator {
             if slots.iter().any(Option::is_none) {
                 break;
             }
-            let reports: Vec<RankReport> = self
-                .pending
-                .remove(&self.next)
-                .unwrap_or_default()
-                .into_iter()
-                .flatten()
-                .collect();
+            let reports: Vec<RankReport> =
+                self.pending.remove(&self.next).unwrap_or_default().into_iter().flatten().collect();
             done.push(aggregate(self.next, &reports)?);
             self.next += 1;
         }
@@ -168,15 +142,11 @@ impl StepAggregator {
 
 /// Combines one step's reports (one per rank, in rank order).
 fn aggregate(step: u64, reports: &[RankReport]) -> Result<StepRecord, AggregateError> {
-    let checksums: Vec<(usize, Option<u64>)> =
-        reports.iter().map(|r| (r.rank, r.checksum)).collect();
+    let checksums: Vec<(usize, Option<u64>)> = reports.iter().map(|r| (r.rank, r.checksum)).collect();
     let parameter_checksum = if checksums.iter().any(|(_, c)| c.is_some()) {
         let first = checksums[0].1;
         if first.is_none() || checksums.iter().any(|(_, c)| *c != first) {
-            return Err(AggregateError::ChecksumMismatch {
-                step,
-                by_rank: checksums,
-            });
+            return Err(AggregateError::ChecksumMismatch { step, by_rank: checksums });
         }
         first
     } else {
@@ -184,11 +154,7 @@ fn aggregate(step: u64, reports: &[RankReport]) -> Result<StepRecord, AggregateE
     };
     let total: u32 = reports.iter().map(|r| r.local_batch).sum();
     let weight = |r: &RankReport| {
-        if total == 0 {
-            1.0 / reports.len() as f32
-        } else {
-            r.local_batch as f32 / total as f32
-        }
+        if total == 0 { 1.0 / reports.len() as f32 } else { r.local_batch as f32 / total as f32 }
     };
     let mean = |f: fn(&RankReport) -> f32| reports.iter().map(|r| f(r) * weight(r)).sum::<f32>();
     let max = |f: fn(&RankReport) -> f64| reports.iter().map(f).fold(0.0, f64::max);
@@ -224,10 +190,7 @@ impl MetricsLog {
     /// Starts a fresh log (truncating any old one).
     pub fn create(path: &Path) -> Result<Self, RunDirError> {
         let file = File::create(path).map_err(|e| RunDirError::new(path, "create", e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
+        Ok(Self { path: path.to_path_buf(), file })
     }
 
     /// Continues a log from a checkpoint at `step`: lines of later steps (written after that
@@ -255,24 +218,14 @@ impl MetricsLog {
             Err(e) => return Err(RunDirError::new(path, "open", e)),
         }
         write_atomic(path, kept.as_bytes())?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| RunDirError::new(path, "open for appending", e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
+        let file =
+            OpenOptions::new().append(true).open(path).map_err(|e| RunDirError::new(path, "open for appending", e))?;
+        Ok(Self { path: path.to_path_buf(), file })
     }
 
     pub fn append(&mut self, record: &StepRecord) -> Result<(), RunDirError> {
-        let mut line = serde_json::to_string(record).map_err(|e| {
-            RunDirError::new(
-                &self.path,
-                "encode a metrics line",
-                std::io::Error::other(e),
-            )
-        })?;
+        let mut line = serde_json::to_string(record)
+            .map_err(|e| RunDirError::new(&self.path, "encode a metrics line", std::io::Error::other(e)))?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
@@ -285,13 +238,7 @@ impl MetricsLog {
 mod tests {
     use super::*;
 
-    fn report(
-        rank: usize,
-        step: u64,
-        local_batch: u32,
-        loss_d: f32,
-        checksum: Option<u64>,
-    ) -> RankReport {
+    fn report(rank: usize, step: u64, local_batch: u32, loss_d: f32, checksum: Option<u64>) -> RankReport {
         RankReport {
             rank,
             step,
@@ -326,19 +273,10 @@ mod tests {
         a.add(report(1, 1, 1, 0.0, None)).unwrap();
         let done = a.add(report(1, 2, 1, 0.0, None)).unwrap();
         assert_eq!(done.iter().map(|r| r.step).collect::<Vec<_>>(), vec![2]);
-        assert!(matches!(
-            a.add(report(1, 2, 1, 0.0, None)),
-            Err(AggregateError::StepOutOfRange { .. })
-        ));
-        assert!(matches!(
-            a.add(report(1, 11, 1, 0.0, None)),
-            Err(AggregateError::StepOutOfRange { .. })
-        ));
+        assert!(matches!(a.add(report(1, 2, 1, 0.0, None)), Err(AggregateError::StepOutOfRange { .. })));
+        assert!(matches!(a.add(report(1, 11, 1, 0.0, None)), Err(AggregateError::StepOutOfRange { .. })));
         a.add(report(1, 3, 1, 0.0, None)).unwrap();
-        assert_eq!(
-            a.add(report(1, 3, 1, 0.0, None)),
-            Err(AggregateError::Duplicate { rank: 1, step: 3 })
-        );
+        assert_eq!(a.add(report(1, 3, 1, 0.0, None)), Err(AggregateError::Duplicate { rank: 1, step: 3 }));
     }
 
     #[test]
@@ -346,14 +284,8 @@ mod tests {
         let mut a = StepAggregator::new(3, 1, 10);
         a.add(report(0, 1, 1, 0.0, Some(7))).unwrap();
         a.add(report(1, 1, 1, 0.0, Some(7))).unwrap();
-        let e = a
-            .add(report(2, 1, 1, 0.0, Some(8)))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("step 1") && e.contains("rank 2 = 0x0000000000000008"),
-            "{e}"
-        );
+        let e = a.add(report(2, 1, 1, 0.0, Some(8))).unwrap_err().to_string();
+        assert!(e.contains("step 1") && e.contains("rank 2 = 0x0000000000000008"), "{e}");
         let mut a = StepAggregator::new(2, 1, 10);
         a.add(report(0, 1, 1, 0.0, Some(7))).unwrap();
         let done = a.add(report(1, 1, 1, 0.0, Some(7))).unwrap();
@@ -366,29 +298,14 @@ mod tests {
         let p = dir.path().join("metrics.jsonl");
         let mut log = MetricsLog::create(&p).unwrap();
         for step in 1..=5 {
-            log.append(&StepRecord {
-                step,
-                ..Default::default()
-            })
-            .unwrap();
+            log.append(&StepRecord { step, ..Default::default() }).unwrap();
         }
         drop(log);
         let mut log = MetricsLog::resume(&p, 3).unwrap();
-        log.append(&StepRecord {
-            step: 4,
-            loss_d: 1.5,
-            ..Default::default()
-        })
-        .unwrap();
-        let lines: Vec<StepRecord> = std::fs::read_to_string(&p)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(
-            lines.iter().map(|r| r.step).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        log.append(&StepRecord { step: 4, loss_d: 1.5, ..Default::default() }).unwrap();
+        let lines: Vec<StepRecord> =
+            std::fs::read_to_string(&p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(lines[3].loss_d, 1.5);
     }
 }

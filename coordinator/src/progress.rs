@@ -62,9 +62,7 @@ impl Progress {
 
     /// A `MakeWriter` for tracing that prints log lines above the bar.
     pub fn log_writer(&self) -> LogWriter {
-        LogWriter {
-            progress: self.clone(),
-        }
+        LogWriter { progress: self.clone() }
     }
 }
 

@@ -20,11 +20,7 @@ pub struct RunDirError {
 
 impl RunDirError {
     pub fn new(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
-        Self {
-            path: path.into(),
-            op,
-            source,
-        }
+        Self { path: path.into(), op, source }
     }
 }
 
@@ -66,12 +62,7 @@ impl RunDir {
 
     /// Creates the directory and its sub-directories.
     pub fn create(&self) -> Result<(), RunDirError> {
-        for d in [
-            self.root.clone(),
-            self.samples(),
-            self.checkpoints(),
-            self.logs(),
-        ] {
+        for d in [self.root.clone(), self.samples(), self.checkpoints(), self.logs()] {
             fs::create_dir_all(&d).map_err(|e| RunDirError::new(&d, "create directory", e))?;
         }
         Ok(())
@@ -82,10 +73,7 @@ impl RunDir {
 /// a temporary file in the same directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
     let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
@@ -102,9 +90,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
 
 /// fsyncs a directory so that a rename inside it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), RunDirError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RunDirError::new(dir, "fsync directory", e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| RunDirError::new(dir, "fsync directory", e))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -116,26 +102,15 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Now as UTC `YYYYMMDD-HHMMSS`, for default run directory names and run ids.
 pub fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Gregorian date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).

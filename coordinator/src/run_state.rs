@@ -87,11 +87,7 @@ struct WorkerSlot {
 pub enum Event {
     /// A checkpoint ending an epoch or the run was stored: draw that epoch's samples from it.
     /// The files travel with the event, so pruning old checkpoints cannot race the drawing.
-    RenderSamples {
-        step: u64,
-        epoch: u64,
-        files: Vec<(String, Vec<u8>)>,
-    },
+    RenderSamples { step: u64, epoch: u64, files: Vec<(String, Vec<u8>)> },
     /// Nothing more will come: the renderer finishes what is queued and stops.
     Stop,
 }
@@ -218,27 +214,16 @@ impl Run {
     pub fn check(&self, id: Option<&WorkerId>) -> Result<usize, RunError> {
         let id = id.ok_or(RunError::MissingId)?;
         if id.run_id != self.config.run_id {
-            return Err(RunError::UnknownRun {
-                got: id.run_id.clone(),
-                expected: self.config.run_id.clone(),
-            });
+            return Err(RunError::UnknownRun { got: id.run_id.clone(), expected: self.config.run_id.clone() });
         }
         if id.generation != self.config.generation {
-            return Err(RunError::StaleGeneration {
-                got: id.generation,
-                current: self.config.generation,
-            });
+            return Err(RunError::StaleGeneration { got: id.generation, current: self.config.generation });
         }
         if id.rank >= self.world() {
-            return Err(RunError::BadRank {
-                rank: id.rank,
-                world: self.world(),
-            });
+            return Err(RunError::BadRank { rank: id.rank, world: self.world() });
         }
         let mut inner = self.lock();
-        let slot = inner.workers[id.rank as usize]
-            .as_mut()
-            .ok_or(RunError::NotJoined(id.rank))?;
+        let slot = inner.workers[id.rank as usize].as_mut().ok_or(RunError::NotJoined(id.rank))?;
         slot.last_seen = Instant::now();
         slot.last_seen_unix_ms = unix_ms();
         Ok(id.rank as usize)
@@ -262,11 +247,7 @@ impl Run {
             }
             r
         } else {
-            inner
-                .workers
-                .iter()
-                .position(Option::is_none)
-                .ok_or(RunError::WorldFull(world))? as u32
+            inner.workers.iter().position(Option::is_none).ok_or(RunError::WorldFull(world))? as u32
         };
         inner.workers[rank as usize] = Some(WorkerSlot {
             hostname: req.hostname.clone(),
@@ -281,11 +262,7 @@ impl Run {
         });
         tracing::info!(rank, host = %req.hostname, pid = req.pid, device = %req.device, "worker joined");
         Ok(v1::JoinResponse {
-            id: Some(WorkerId {
-                run_id: self.config.run_id.clone(),
-                generation: self.config.generation,
-                rank,
-            }),
+            id: Some(WorkerId { run_id: self.config.run_id.clone(), generation: self.config.generation, rank }),
             world_size: world,
             config: Some(self.proto_config.clone()),
             config_json: self.config_json.clone(),
@@ -298,9 +275,7 @@ impl Run {
     pub fn set_ring_address(&self, rank: usize, address: &str) -> Result<(), RunError> {
         self.refuse_if_over()?;
         if address.is_empty() || address.len() > 256 {
-            return Err(RunError::Invalid(format!(
-                "ring address {address:?} is not host:port"
-            )));
+            return Err(RunError::Invalid(format!("ring address {address:?} is not host:port")));
         }
         let all_ready = {
             let mut inner = self.lock();
@@ -308,10 +283,7 @@ impl Run {
                 slot.ring_address = Some(address.to_string());
                 slot.state = v1::WorkerState::Ready;
             }
-            inner
-                .workers
-                .iter()
-                .all(|w| w.as_ref().is_some_and(|w| w.ring_address.is_some()))
+            inner.workers.iter().all(|w| w.as_ref().is_some_and(|w| w.ring_address.is_some()))
         };
         if all_ready {
             let started = self.phase.send_if_modified(|p| {
@@ -342,11 +314,7 @@ impl Run {
                     let addrs = inner
                         .workers
                         .iter()
-                        .map(|w| {
-                            w.as_ref()
-                                .and_then(|w| w.ring_address.clone())
-                                .unwrap_or_default()
-                        })
+                        .map(|w| w.as_ref().and_then(|w| w.ring_address.clone()).unwrap_or_default())
                         .collect();
                     return Ok((addrs, self.session));
                 }
@@ -404,9 +372,7 @@ impl Run {
     pub fn check_upload(&self, rank: usize, step: u64) -> Result<(), RunError> {
         self.refuse_if_over()?;
         if rank != 0 {
-            return Err(RunError::Invalid(format!(
-                "rank {rank} uploaded a checkpoint; only rank 0 does"
-            )));
+            return Err(RunError::Invalid(format!("rank {rank} uploaded a checkpoint; only rank 0 does")));
         }
         if step == 0 || step > self.config.total_steps {
             return Err(RunError::Invalid(format!(
@@ -432,11 +398,7 @@ impl Run {
         }
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         if header.end_of_epoch || header.r#final {
-            let _ = self.events.send(Event::RenderSamples {
-                step: stored.step,
-                epoch: header.epoch,
-                files,
-            });
+            let _ = self.events.send(Event::RenderSamples { step: stored.step, epoch: header.epoch, files });
         }
     }
 
@@ -444,10 +406,7 @@ impl Run {
     /// aggregated, the final checkpoint is stored and the ranks' final parameters agree.
     pub fn finish(&self, rank: usize, req: &v1::FinishRequest) {
         if !req.ok {
-            let host = self.lock().workers[rank]
-                .as_ref()
-                .map(|w| w.hostname.clone())
-                .unwrap_or_default();
+            let host = self.lock().workers[rank].as_ref().map(|w| w.hostname.clone()).unwrap_or_default();
             self.fail(format!("rank {rank} (host {host}) failed: {}", req.error));
             return;
         }
@@ -458,15 +417,9 @@ impl Run {
                 w.last_step = req.final_step;
                 w.final_checksum = Some(req.parameter_checksum);
             }
-            let all_done = inner.workers.iter().all(|w| {
-                w.as_ref()
-                    .is_some_and(|w| w.state == v1::WorkerState::Finished)
-            });
-            if !all_done {
-                None
-            } else {
-                Some(self.completion_verdict(&inner))
-            }
+            let all_done =
+                inner.workers.iter().all(|w| w.as_ref().is_some_and(|w| w.state == v1::WorkerState::Finished));
+            if !all_done { None } else { Some(self.completion_verdict(&inner)) }
         };
         match verdict {
             None => tracing::info!(rank, step = req.final_step, "worker finished"),
@@ -498,25 +451,13 @@ impl Run {
             ));
         }
         if inner.last_stored_step != Some(total) {
-            return Err(format!(
-                "every rank finished but the final checkpoint (step {total}) was not stored"
-            ));
+            return Err(format!("every rank finished but the final checkpoint (step {total}) was not stored"));
         }
-        let sums: Vec<(usize, Option<u64>)> = inner
-            .workers
-            .iter()
-            .enumerate()
-            .map(|(r, w)| (r, w.as_ref().and_then(|w| w.final_checksum)))
-            .collect();
+        let sums: Vec<(usize, Option<u64>)> =
+            inner.workers.iter().enumerate().map(|(r, w)| (r, w.as_ref().and_then(|w| w.final_checksum))).collect();
         if sums.iter().any(|(_, c)| *c != sums[0].1) {
-            let list: Vec<String> = sums
-                .iter()
-                .map(|(r, c)| format!("rank {r} = {:#018x}", c.unwrap_or(0)))
-                .collect();
-            return Err(format!(
-                "final parameter checksums differ: {}",
-                list.join(", ")
-            ));
+            let list: Vec<String> = sums.iter().map(|(r, c)| format!("rank {r} = {:#018x}", c.unwrap_or(0))).collect();
+            return Err(format!("final parameter checksums differ: {}", list.join(", ")));
         }
         Ok(())
     }
@@ -530,9 +471,7 @@ impl Run {
             let inner = self.lock();
             inner.workers.iter().enumerate().find_map(|(r, w)| {
                 w.as_ref()
-                    .filter(|w| {
-                        w.state != v1::WorkerState::Finished && w.last_seen.elapsed() > timeout
-                    })
+                    .filter(|w| w.state != v1::WorkerState::Finished && w.last_seen.elapsed() > timeout)
                     .map(|w| (r, w.hostname.clone(), w.pid, w.last_seen.elapsed()))
             })
         };

@@ -39,24 +39,12 @@ pub fn write_real(dir: &Path, dataset: &Dataset, seed: u64) -> Result<PathBuf, S
 }
 
 /// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise.
-pub fn write_fake(
-    dir: &Path,
-    files: Vec<(String, Vec<u8>)>,
-    seed: u64,
-    epoch: u64,
-) -> Result<PathBuf, SampleError> {
+pub fn write_fake(dir: &Path, files: Vec<(String, Vec<u8>)>, seed: u64, epoch: u64) -> Result<PathBuf, SampleError> {
     let (mut gan, _) = Gan::load(&CheckpointFiles { files }).map_err(SampleError::Load)?;
     let model = gan.model_config().clone();
     let z = kernels::rng::fixed_noise(seed, GRID_IMAGES, model.nz);
     let images = gan.generate(&z).map_err(SampleError::Generate)?;
     let path = dir.join(format!("fake_epoch_{epoch:03}.png"));
-    data::save_grid(
-        &path,
-        images.data(),
-        GRID_IMAGES,
-        model.nc,
-        model.image_size,
-        GRID_ROW,
-    )?;
+    data::save_grid(&path, images.data(), GRID_IMAGES, model.nc, model.image_size, GRID_ROW)?;
     Ok(path)
 }

@@ -32,9 +32,7 @@ impl From<RunError> for Status {
     fn from(e: RunError) -> Self {
         let msg = e.to_string();
         match e {
-            RunError::MissingId | RunError::BadRank { .. } | RunError::Invalid(_) => {
-                Status::invalid_argument(msg)
-            }
+            RunError::MissingId | RunError::BadRank { .. } | RunError::Invalid(_) => Status::invalid_argument(msg),
             RunError::UnknownRun { .. } => Status::not_found(msg),
             RunError::StaleGeneration { .. } | RunError::NotJoined(_) | RunError::Formed => {
                 Status::failed_precondition(msg)
@@ -48,9 +46,7 @@ impl From<RunError> for Status {
 
 fn framing_status(e: FramingError) -> Status {
     match e {
-        FramingError::DigestMismatch { .. } | FramingError::Truncated { .. } => {
-            Status::data_loss(e.to_string())
-        }
+        FramingError::DigestMismatch { .. } | FramingError::Truncated { .. } => Status::data_loss(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -78,10 +74,7 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn join(
-        &self,
-        request: Request<v1::JoinRequest>,
-    ) -> Result<Response<v1::JoinResponse>, Status> {
+    async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
         Ok(Response::new(self.run.join(request.get_ref())?))
     }
 
@@ -93,24 +86,15 @@ impl Coordinator for CoordinatorService {
         let rank = self.run.check(req.id.as_ref())?;
         self.run.set_ring_address(rank, &req.ring_address)?;
         let (ring_addresses, session) = self.run.ring().await?;
-        Ok(Response::new(v1::RendezvousResponse {
-            ring_addresses,
-            session,
-        }))
+        Ok(Response::new(v1::RendezvousResponse { ring_addresses, session }))
     }
 
     type GetShardStream = RpcStream<v1::ShardChunk>;
 
-    async fn get_shard(
-        &self,
-        request: Request<v1::GetShardRequest>,
-    ) -> Result<Response<Self::GetShardStream>, Status> {
+    async fn get_shard(&self, request: Request<v1::GetShardRequest>) -> Result<Response<Self::GetShardStream>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
-        self.run
-            .shards
-            .check(req.epoch, req.from_step_in_epoch)
-            .map_err(|e| Status::out_of_range(e.to_string()))?;
+        self.run.shards.check(req.epoch, req.from_step_in_epoch).map_err(|e| Status::out_of_range(e.to_string()))?;
         let (tx, rx) = mpsc::channel(SHARD_STEPS_IN_FLIGHT);
         let run = Arc::clone(&self.run);
         // Gathering and encoding pixels is CPU work: keep it off the async workers.
@@ -123,7 +107,7 @@ impl Coordinator for CoordinatorService {
                     return;
                 }
                 let chunks = shards.step_chunks(&order, req.epoch, step, rank);
-                tracing::trace!(rank, epoch = req.epoch, step, indices = ?shards.indices(&order, step, rank), "serving shard step");
+                tracing::debug!(rank, epoch = req.epoch, step, indices = ?shards.indices(&order, step, rank), "serving shard step");
                 for chunk in chunks {
                     if tx.blocking_send(Ok(chunk)).is_err() {
                         return; // The worker hung up.
@@ -161,10 +145,7 @@ impl Coordinator for CoordinatorService {
             crate::run_state::Phase::Failed(r) => r,
             _ => String::new(),
         };
-        Ok(Response::new(v1::ReportStepResponse {
-            continue_training: carry_on,
-            reason,
-        }))
+        Ok(Response::new(v1::ReportStepResponse { continue_training: carry_on, reason }))
     }
 
     async fn upload_checkpoint(
@@ -173,10 +154,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::UploadCheckpointResponse>, Status> {
         let mut stream = request.into_inner();
         let mut assembler = CheckpointAssembler::new();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
         match &first.chunk {
             Some(checkpoint_chunk::Chunk::Header(h)) => {
                 let rank = self.run.check(h.id.as_ref())?;
@@ -209,9 +187,7 @@ impl Coordinator for CoordinatorService {
             })
             .collect();
         self.run.checkpoint_stored(&header, &stored, infos, files);
-        Ok(Response::new(v1::UploadCheckpointResponse {
-            path: relative_path(&stored.dir),
-        }))
+        Ok(Response::new(v1::UploadCheckpointResponse { path: relative_path(&stored.dir) }))
     }
 
     type DownloadCheckpointStream = RpcStream<v1::CheckpointChunk>;
@@ -249,25 +225,17 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
         let state = self.run.heartbeat(rank, req.step);
-        Ok(Response::new(v1::HeartbeatResponse {
-            state: state as i32,
-        }))
+        Ok(Response::new(v1::HeartbeatResponse { state: state as i32 }))
     }
 
-    async fn finish(
-        &self,
-        request: Request<v1::FinishRequest>,
-    ) -> Result<Response<v1::FinishResponse>, Status> {
+    async fn finish(&self, request: Request<v1::FinishRequest>) -> Result<Response<v1::FinishResponse>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
         self.run.finish(rank, &req);
         Ok(Response::new(v1::FinishResponse {}))
     }
 
-    async fn get_status(
-        &self,
-        _request: Request<v1::GetStatusRequest>,
-    ) -> Result<Response<v1::RunStatus>, Status> {
+    async fn get_status(&self, _request: Request<v1::GetStatusRequest>) -> Result<Response<v1::RunStatus>, Status> {
         Ok(Response::new(self.run.status()))
     }
 
@@ -307,12 +275,8 @@ impl Coordinator for CoordinatorService {
 
 /// A checkpoint directory relative to the run directory (`checkpoints/step_NNNNNNNN`).
 fn relative_path(dir: &std::path::Path) -> String {
-    let mut parts: Vec<String> = dir
-        .components()
-        .rev()
-        .take(2)
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
+    let mut parts: Vec<String> =
+        dir.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     parts.reverse();
     parts.join("/")
 }
@@ -333,9 +297,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)

@@ -35,28 +35,10 @@ pub struct ShardServer {
 }
 
 impl ShardServer {
-    pub fn new(
-        dataset: Arc<Dataset>,
-        seed: u64,
-        global_batch: usize,
-        world: usize,
-        total_steps: u64,
-    ) -> Self {
+    pub fn new(dataset: Arc<Dataset>, seed: u64, global_batch: usize, world: usize, total_steps: u64) -> Self {
         let steps_per_epoch = data::steps_per_epoch(dataset.len, global_batch).unwrap_or(0) as u64;
-        let epochs = if steps_per_epoch == 0 {
-            0
-        } else {
-            total_steps.div_ceil(steps_per_epoch)
-        };
-        Self {
-            dataset,
-            seed,
-            global_batch,
-            world,
-            steps_per_epoch,
-            epochs,
-            cache: Mutex::new(Vec::new()),
-        }
+        let epochs = if steps_per_epoch == 0 { 0 } else { total_steps.div_ceil(steps_per_epoch) };
+        Self { dataset, seed, global_batch, world, steps_per_epoch, epochs, cache: Mutex::new(Vec::new()) }
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -84,16 +66,10 @@ impl ShardServer {
     /// Checks a request before a stream is opened for it.
     pub fn check(&self, epoch: u64, from_step: u64) -> Result<(), ShardRequestError> {
         if epoch >= self.epochs {
-            return Err(ShardRequestError::EpochOutOfRange {
-                epoch,
-                last: self.epochs.saturating_sub(1),
-            });
+            return Err(ShardRequestError::EpochOutOfRange { epoch, last: self.epochs.saturating_sub(1) });
         }
         if from_step >= self.steps_per_epoch {
-            return Err(ShardRequestError::StepOutOfRange {
-                step: from_step,
-                steps: self.steps_per_epoch,
-            });
+            return Err(ShardRequestError::StepOutOfRange { step: from_step, steps: self.steps_per_epoch });
         }
         Ok(())
     }
@@ -107,13 +83,7 @@ impl ShardServer {
 
     /// The chunks carrying `rank`'s batch at `step`: whole samples, at most
     /// [`proto::CHUNK_BYTES`] of pixels each (at least one sample), the last one flagged.
-    pub fn step_chunks(
-        &self,
-        order: &[u32],
-        epoch: u64,
-        step: u64,
-        rank: usize,
-    ) -> Vec<ShardChunk> {
+    pub fn step_chunks(&self, order: &[u32], epoch: u64, step: u64, rank: usize) -> Vec<ShardChunk> {
         let indices = self.indices(order, step, rank);
         let sample_bytes = self.dataset.sample_len() * 4;
         let per_chunk = (proto::CHUNK_BYTES / sample_bytes.max(1)).max(1);
@@ -184,11 +154,7 @@ mod tests {
         let order = s.order(0);
         let chunks = s.step_chunks(&order, 0, 0, 0);
         assert_eq!(chunks.len(), 4);
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c.pixels.len() <= proto::CHUNK_BYTES && c.step_batch == 64)
-        );
+        assert!(chunks.iter().all(|c| c.pixels.len() <= proto::CHUNK_BYTES && c.step_batch == 64));
         assert_eq!(chunks.iter().filter(|c| c.last_in_step).count(), 1);
         assert!(chunks[3].last_in_step);
     }
@@ -196,14 +162,8 @@ mod tests {
     #[test]
     fn refuses_requests_outside_the_run() {
         let s = ShardServer::new(dataset(100, 4), 5, 16, 2, 12);
-        assert_eq!(
-            s.check(2, 0),
-            Err(ShardRequestError::EpochOutOfRange { epoch: 2, last: 1 })
-        );
-        assert_eq!(
-            s.check(0, 6),
-            Err(ShardRequestError::StepOutOfRange { step: 6, steps: 6 })
-        );
+        assert_eq!(s.check(2, 0), Err(ShardRequestError::EpochOutOfRange { epoch: 2, last: 1 }));
+        assert_eq!(s.check(0, 6), Err(ShardRequestError::StepOutOfRange { step: 6, steps: 6 }));
         assert!(s.check(1, 5).is_ok());
     }
 }

@@ -15,17 +15,8 @@ fn run(run_dir: &Path, extra: &[&str]) -> Finished {
 }
 
 fn assert_fails_with(f: &Finished, needles: &[&str]) {
-    assert!(
-        !f.status.success(),
-        "expected failure; stdout:\n{}",
-        f.stdout
-    );
-    assert_eq!(
-        f.status.code(),
-        Some(1),
-        "exit status; stderr:\n{}",
-        f.stderr
-    );
+    assert!(!f.status.success(), "expected failure; stdout:\n{}", f.stdout);
+    assert_eq!(f.status.code(), Some(1), "exit status; stderr:\n{}", f.stderr);
     assert!(!f.stderr.contains("panicked"), "{}", f.stderr);
     for n in needles {
         assert!(f.stderr.contains(n), "stderr lacks {n:?}:\n{}", f.stderr);
@@ -46,10 +37,7 @@ fn corrupt_mnist_file_is_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let idx = tmp.path().join("train-images-idx3-ubyte");
     std::fs::write(&idx, [0u8, 0, 8, 1, 0, 0, 0, 1]).expect("write");
-    let f = run(
-        &tmp.path().join("run"),
-        &["--dataset", &format!("mnist:{}", idx.display())],
-    );
+    let f = run(&tmp.path().join("run"), &["--dataset", &format!("mnist:{}", idx.display())]);
     assert_fails_with(&f, &[&idx.display().to_string(), "magic"]);
 }
 
@@ -63,10 +51,7 @@ fn unknown_dataset_kind_lists_the_known_ones() {
 #[test]
 fn batch_smaller_than_the_world_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let a = with_flags(
-        small_run(3, &tmp.path().join("run")),
-        &["--batch-size", "2"],
-    );
+    let a = with_flags(small_run(3, &tmp.path().join("run")), &["--batch-size", "2"]);
     let f = run_coordinator(&a, TIMEOUT);
     assert_fails_with(&f, &["--batch-size 2 is smaller than --workers 3"]);
 }
@@ -113,6 +98,7 @@ fn a_busy_listen_address_is_reported() {
     let a = with_flags(small_run(1, &tmp.path().join("run")), &["--listen", &addr]);
     let f = run_coordinator(&a, TIMEOUT);
     assert_fails_with(&f, &[&format!("cannot listen on {addr}")]);
+    assert!(!tmp.path().join("run").exists(), "nothing was written");
 }
 
 #[test]

@@ -16,26 +16,15 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn client(url: &str) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(url.to_string())
-        .await
-        .expect("connect to the coordinator")
+    CoordinatorClient::connect(url.to_string()).await.expect("connect to the coordinator")
 }
 
 fn external_args(workers: u32, run_dir: &Path) -> Vec<String> {
-    with_flags(
-        small_run(workers, run_dir),
-        &["--data-limit", "100", "--external-workers", "--epochs", "2"],
-    )
+    with_flags(small_run(workers, run_dir), &["--data-limit", "100", "--external-workers", "--epochs", "2"])
 }
 
 fn join_request() -> v1::JoinRequest {
-    v1::JoinRequest {
-        hostname: "test".into(),
-        pid: 1,
-        device: "cpu".into(),
-        threads: 1,
-        requested_rank: -1,
-    }
+    v1::JoinRequest { hostname: "test".into(), pid: 1, device: "cpu".into(), threads: 1, requested_rank: -1 }
 }
 
 /// Three fake workers join, meet, and read two epochs of shards: every sample exactly once per
@@ -54,70 +43,34 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
         assert_eq!(r.world_size, 3);
         assert!(!r.load_checkpoint);
         let cfg = r.config.expect("config");
-        assert_eq!(
-            (cfg.batch_size, cfg.dataset_len, cfg.steps_per_epoch, cfg.nc),
-            (24, 100, 4, 3)
-        );
+        assert_eq!((cfg.batch_size, cfg.dataset_len, cfg.steps_per_epoch, cfg.nc), (24, 100, 4, 3));
         ids.push(r.id.expect("id"));
     }
-    assert_eq!(
-        ids.iter().map(|i| i.rank).collect::<Vec<_>>(),
-        vec![0, 1, 2]
-    );
+    assert_eq!(ids.iter().map(|i| i.rank).collect::<Vec<_>>(), vec![0, 1, 2]);
     let e = c.join(join_request()).await.expect_err("a fourth worker");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
 
     // Identity checks.
     let mut wrong = ids[0].clone();
     wrong.run_id = "someone-else".into();
-    let e = c
-        .heartbeat(v1::HeartbeatRequest {
-            id: Some(wrong),
-            step: 0,
-        })
-        .await
-        .expect_err("wrong run");
+    let e = c.heartbeat(v1::HeartbeatRequest { id: Some(wrong), step: 0 }).await.expect_err("wrong run");
     assert_eq!(e.code(), Code::NotFound, "{e}");
     let mut stale = ids[0].clone();
     stale.generation += 1;
-    let e = c
-        .heartbeat(v1::HeartbeatRequest {
-            id: Some(stale),
-            step: 0,
-        })
-        .await
-        .expect_err("stale");
+    let e = c.heartbeat(v1::HeartbeatRequest { id: Some(stale), step: 0 }).await.expect_err("stale");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     let mut far = ids[0].clone();
     far.rank = 7;
-    let e = c
-        .heartbeat(v1::HeartbeatRequest {
-            id: Some(far),
-            step: 0,
-        })
-        .await
-        .expect_err("rank 7");
+    let e = c.heartbeat(v1::HeartbeatRequest { id: Some(far), step: 0 }).await.expect_err("rank 7");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
-    let e = c
-        .heartbeat(v1::HeartbeatRequest { id: None, step: 0 })
-        .await
-        .expect_err("anonymous");
+    let e = c.heartbeat(v1::HeartbeatRequest { id: None, step: 0 }).await.expect_err("anonymous");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 
-    let status = c
-        .get_status(v1::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = c.get_status(v1::GetStatusRequest {}).await.expect("status").into_inner();
     assert_eq!(status.state, v1::RunState::WaitingForWorkers as i32);
     assert_eq!(status.world_size, 3);
     assert_eq!(status.workers.len(), 3);
-    assert!(
-        status
-            .workers
-            .iter()
-            .all(|w| w.state == v1::WorkerState::Joined as i32)
-    );
+    assert!(status.workers.iter().all(|w| w.state == v1::WorkerState::Joined as i32));
 
     // Rendezvous blocks until all three have reported an address.
     let mut waits = Vec::new();
@@ -125,42 +78,25 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
         let mut c = c.clone();
         waits.push(tokio::spawn(async move {
             let addr = format!("127.0.0.1:{}", 40000 + id.rank);
-            c.rendezvous(v1::RendezvousRequest {
-                id: Some(id),
-                ring_address: addr,
-            })
-            .await
+            c.rendezvous(v1::RendezvousRequest { id: Some(id), ring_address: addr }).await
         }));
     }
     let mut sessions = BTreeSet::new();
     for w in waits {
         let r = w.await.expect("task").expect("rendezvous").into_inner();
-        assert_eq!(
-            r.ring_addresses,
-            vec!["127.0.0.1:40000", "127.0.0.1:40001", "127.0.0.1:40002"]
-        );
+        assert_eq!(r.ring_addresses, vec!["127.0.0.1:40000", "127.0.0.1:40001", "127.0.0.1:40002"]);
         sessions.insert(r.session);
     }
     assert_eq!(sessions.len(), 1, "every rank gets the same session");
-    let status = c
-        .get_status(v1::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = c.get_status(v1::GetStatusRequest {}).await.expect("status").into_inner();
     assert_eq!(status.state, v1::RunState::Running as i32);
 
-    let dataset = data::DatasetSpec::Shapes
-        .load(32, Some(100))
-        .expect("built-in data");
+    let dataset = data::DatasetSpec::Shapes.load(32, Some(100)).expect("built-in data");
     for epoch in 0..2u64 {
         let mut seen = Vec::new();
         for id in &ids {
             let mut stream = c
-                .get_shard(v1::GetShardRequest {
-                    id: Some(id.clone()),
-                    epoch,
-                    from_step_in_epoch: 0,
-                })
+                .get_shard(v1::GetShardRequest { id: Some(id.clone()), epoch, from_step_in_epoch: 0 })
                 .await
                 .expect("shard")
                 .into_inner();
@@ -172,32 +108,19 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
                 assert_eq!(px.len(), chunk.indices.len() * dataset.sample_len());
                 for (k, &i) in chunk.indices.iter().enumerate() {
                     let n = dataset.sample_len();
-                    assert_eq!(
-                        &px[k * n..(k + 1) * n],
-                        dataset.sample(i as usize),
-                        "pixels of sample {i}"
-                    );
+                    assert_eq!(&px[k * n..(k + 1) * n], dataset.sample(i as usize), "pixels of sample {i}");
                 }
                 steps.push(chunk.step_in_epoch);
                 seen.extend(chunk.indices);
             }
-            assert_eq!(
-                steps,
-                vec![0, 1, 2, 3],
-                "rank {} gets every step in order",
-                id.rank
-            );
+            assert_eq!(steps, vec![0, 1, 2, 3], "rank {} gets every step in order", id.rank);
         }
         assert_eq!(seen.len(), 100, "epoch {epoch}: no sample twice");
         let set: BTreeSet<u32> = seen.iter().copied().collect();
         assert_eq!(set, (0..100).collect(), "epoch {epoch}: every sample once");
     }
     let e = c
-        .get_shard(v1::GetShardRequest {
-            id: Some(ids[0].clone()),
-            epoch: 2,
-            from_step_in_epoch: 0,
-        })
+        .get_shard(v1::GetShardRequest { id: Some(ids[0].clone()), epoch: 2, from_step_in_epoch: 0 })
         .await
         .expect_err("an epoch past the run");
     assert_eq!(e.code(), Code::OutOfRange, "{e}");
@@ -214,28 +137,15 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
     };
     let mut answers = Vec::new();
     for (id, sum) in ids.iter().zip([1u64, 1, 2]) {
-        answers.push(
-            c.report_step(report(id, sum))
-                .await
-                .expect("report")
-                .into_inner(),
-        );
+        answers.push(c.report_step(report(id, sum)).await.expect("report").into_inner());
     }
     assert!(answers[0].continue_training && answers[1].continue_training);
-    assert!(
-        !answers[2].continue_training,
-        "the report that completes the step learns the run failed"
-    );
-    assert!(
-        answers[2].reason.contains("parameter checksums differ"),
-        "{:?}",
-        answers[2]
-    );
+    assert!(!answers[2].continue_training, "the report that completes the step learns the run failed");
+    assert!(answers[2].reason.contains("parameter checksums differ"), "{:?}", answers[2]);
     let f = coordinator.wait(Duration::from_secs(60));
     assert!(!f.status.success());
     assert!(
-        f.stderr.contains("parameter checksums differ at step 1")
-            && f.stderr.contains("rank 2 = 0x0000000000000002"),
+        f.stderr.contains("parameter checksums differ at step 1") && f.stderr.contains("rank 2 = 0x0000000000000002"),
         "{}",
         f.stderr
     );
@@ -246,53 +156,26 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
 async fn status_and_metrics_stream_follow_a_real_run() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--epochs",
-            "5",
-            "--max-steps",
-            "40",
-            "--checkpoint-every",
-            "10",
-        ],
-    );
+    let args = with_flags(small_run(2, &run_dir), &["--epochs", "5", "--max-steps", "40", "--checkpoint-every", "10"]);
     let coordinator = Running::start(&args, &run_dir);
     let mut c = client(&coordinator.url()).await;
-    let mut watch = c
-        .watch_metrics(v1::WatchMetricsRequest {})
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = c.watch_metrics(v1::WatchMetricsRequest {}).await.expect("watch").into_inner();
     let mut steps = Vec::new();
     let mut saw_running = false;
     while let Some(m) = watch.message().await.expect("metrics") {
         if steps.is_empty() {
-            let s = c
-                .get_status(v1::GetStatusRequest {})
-                .await
-                .expect("status")
-                .into_inner();
+            let s = c.get_status(v1::GetStatusRequest {}).await.expect("status").into_inner();
             saw_running = s.state == v1::RunState::Running as i32
                 && s.workers.len() == 2
-                && s.workers
-                    .iter()
-                    .all(|w| w.last_heartbeat_unix_ms > 0 && !w.ring_address.is_empty());
+                && s.workers.iter().all(|w| w.last_heartbeat_unix_ms > 0 && !w.ring_address.is_empty());
         }
         assert!(m.loss_d.is_finite() && m.images_per_sec > 0.0);
         steps.push(m.step);
     }
-    assert!(
-        saw_running,
-        "GetStatus showed the run training with both workers"
-    );
+    assert!(saw_running, "GetStatus showed the run training with both workers");
     assert!(!steps.is_empty(), "the watch saw steps");
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    assert_eq!(
-        steps.last(),
-        Some(&40),
-        "the stream ends with the last step"
-    );
+    assert_eq!(steps.last(), Some(&40), "the stream ends with the last step");
     let f = coordinator.wait(Duration::from_secs(120));
     f.assert_success();
 }
@@ -302,18 +185,11 @@ async fn status_and_metrics_stream_follow_a_real_run() {
 /// (`.ci/install-tools.sh` installs both).
 #[test]
 fn reflection_lists_the_services_to_real_clients() {
-    let has_grpcurl = Command::new("grpcurl")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let has_python = Command::new("python3")
-        .args(["-c", "import grpc, grpc_reflection"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let has_grpcurl = Command::new("grpcurl").arg("-version").output().is_ok_and(|o| o.status.success());
+    let has_python =
+        Command::new("python3").args(["-c", "import grpc, grpc_reflection"]).output().is_ok_and(|o| o.status.success());
     if !has_grpcurl && !has_python {
-        println!(
-            "SKIPPED: neither grpcurl nor python3 with grpcio-reflection is installed (run .ci/install-tools.sh)"
-        );
+        println!("SKIPPED: neither grpcurl nor python3 with grpcio-reflection is installed (run .ci/install-tools.sh)");
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -322,54 +198,27 @@ fn reflection_lists_the_services_to_real_clients() {
     let addr = coordinator.addr.clone();
 
     if has_grpcurl {
-        let out = Command::new("grpcurl")
-            .args(["-plaintext", &addr, "list"])
-            .output()
-            .expect("grpcurl list");
+        let out = Command::new("grpcurl").args(["-plaintext", &addr, "list"]).output().expect("grpcurl list");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for s in [
-            "dcgan.v1.Coordinator",
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection",
-        ] {
-            assert!(
-                text.lines().any(|l| l.trim() == s),
-                "grpcurl list lacks {s}: {text}"
-            );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for s in ["dcgan.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"] {
+            assert!(text.lines().any(|l| l.trim() == s), "grpcurl list lacks {s}: {text}");
         }
         let out = Command::new("grpcurl")
             .args(["-plaintext", &addr, "dcgan.v1.Coordinator/GetStatus"])
             .output()
             .expect("grpcurl GetStatus");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let status: serde_json::Value = serde_json::from_str(&text).expect("GetStatus as JSON");
         assert_eq!(status["state"], "RUN_STATE_WAITING_FOR_WORKERS", "{text}");
         assert_eq!(status["worldSize"], 2, "{text}");
         assert_eq!(status["dataset"], "shapes", "{text}");
         let out = Command::new("grpcurl")
-            .args([
-                "-plaintext",
-                "-d",
-                r#"{"service":"dcgan.v1.Coordinator"}"#,
-                &addr,
-                "grpc.health.v1.Health/Check",
-            ])
+            .args(["-plaintext", "-d", r#"{"service":"dcgan.v1.Coordinator"}"#, &addr, "grpc.health.v1.Health/Check"])
             .output()
             .expect("grpcurl health");
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("SERVING"),
-            "{out:?}"
-        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"), "{out:?}");
     }
     if has_python {
         let script = r#"
@@ -382,20 +231,10 @@ print("\n".join(services))
 desc = db.FindFileContainingSymbol("dcgan.v1.Coordinator")
 print("file", desc.name)
 "#;
-        let out = Command::new("python3")
-            .args(["-c", script, &addr])
-            .output()
-            .expect("python reflection");
+        let out = Command::new("python3").args(["-c", script, &addr]).output().expect("python reflection");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            text.contains("dcgan.v1.Coordinator") && text.contains("grpc.health.v1.Health"),
-            "{text}"
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("dcgan.v1.Coordinator") && text.contains("grpc.health.v1.Health"), "{text}");
         assert!(text.contains("file dcgan/v1/coordinator.proto"), "{text}");
     }
 }
@@ -406,45 +245,25 @@ print("file", desc.name)
 async fn a_worker_killed_mid_run_fails_the_run() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &["--epochs", "10000", "--heartbeat-timeout", "30"],
-    );
+    let args = with_flags(small_run(2, &run_dir), &["--epochs", "10000", "--heartbeat-timeout", "30"]);
     let coordinator = Running::start(&args, &run_dir);
     let mut c = client(&coordinator.url()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
-        let s = c
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let s = c.get_status(v1::GetStatusRequest {}).await.expect("status").into_inner();
         if s.step >= 2 && s.workers.len() == 2 {
             break s;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run did not start: {s:?}"
-        );
+        assert!(std::time::Instant::now() < deadline, "the run did not start: {s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let pids: Vec<u32> = status.workers.iter().map(|w| w.pid).collect();
-    let killed = Command::new("kill")
-        .args(["-9", &pids[1].to_string()])
-        .status()
-        .expect("kill");
+    let killed = Command::new("kill").args(["-9", &pids[1].to_string()]).status().expect("kill");
     assert!(killed.success());
     let f = coordinator.wait(Duration::from_secs(120));
     assert!(!f.status.success());
-    assert!(
-        f.stderr.contains("run failed") && f.stderr.contains("rank"),
-        "{}",
-        f.stderr
-    );
+    assert!(f.stderr.contains("run failed") && f.stderr.contains("rank"), "{}", f.stderr);
     // Rank 0 does not outlive the run.
-    let alive = Command::new("kill")
-        .args(["-0", &pids[0].to_string()])
-        .status()
-        .expect("kill -0");
+    let alive = Command::new("kill").args(["-0", &pids[0].to_string()]).status().expect("kill -0");
     assert!(!alive.success(), "rank 0 (pid {}) still runs", pids[0]);
 }

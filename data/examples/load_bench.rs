@@ -8,19 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spec: data::DatasetSpec = args.next().unwrap_or_else(|| "shapes".into()).parse()?;
     let size: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let repeats: usize = args.next().map_or(Ok(3), |s| s.parse())?;
-    println!(
-        "{spec} at {size}x{size}, {} rayon threads",
-        rayon::current_num_threads()
-    );
+    println!("{spec} at {size}x{size}, {} rayon threads", rayon::current_num_threads());
     for _ in 0..repeats {
         let t = Instant::now();
         let d = spec.load(size, None)?;
-        println!(
-            "{} samples of {}x{size}x{size} in {:.3} s",
-            d.len,
-            d.nc,
-            t.elapsed().as_secs_f64()
-        );
+        println!("{} samples of {}x{size}x{size} in {:.3} s", d.len, d.nc, t.elapsed().as_secs_f64());
     }
     Ok(())
 }

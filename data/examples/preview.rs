@@ -9,11 +9,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(args.next().unwrap_or_else(|| "preview.png".into()));
     let d = spec.load(size, Some(64))?;
     data::save_grid(&out, &d.pixels, d.len, d.nc, d.image_size, 8)?;
-    println!(
-        "{spec}: {} samples of {}x{size}x{size} -> {}",
-        d.len,
-        d.nc,
-        out.display()
-    );
+    println!("{spec}: {} samples of {}x{size}x{size} -> {}", d.len, d.nc, out.display());
     Ok(())
 }

@@ -27,15 +27,11 @@ pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
         return Ok(vec![path.to_path_buf()]);
     }
     if !path.is_dir() {
-        return Err(DataError::NotFound {
-            path: path.to_path_buf(),
-            msg: "no such file or directory".into(),
-        });
+        return Err(DataError::NotFound { path: path.to_path_buf(), msg: "no such file or directory".into() });
     }
     for dir in std::iter::once(path.to_path_buf()).chain(SUBDIRS.iter().map(|s| path.join(s))) {
-        let found: Vec<Option<PathBuf>> = (1..=TRAIN_BATCHES)
-            .map(|k| find_with_suffixes(&dir, &format!("data_batch_{k}.bin")))
-            .collect();
+        let found: Vec<Option<PathBuf>> =
+            (1..=TRAIN_BATCHES).map(|k| find_with_suffixes(&dir, &format!("data_batch_{k}.bin"))).collect();
         if found[0].is_none() {
             continue;
         }
@@ -54,10 +50,7 @@ pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     Err(DataError::NotFound {
         path: path.to_path_buf(),
-        msg: format!(
-            "no data_batch_1.bin (plain, .gz or .xz) found here or in {}",
-            SUBDIRS.join(", ")
-        ),
+        msg: format!("no data_batch_1.bin (plain, .gz or .xz) found here or in {}", SUBDIRS.join(", ")),
     })
 }
 
@@ -82,11 +75,7 @@ pub(crate) fn read_records(path: &Path, max_records: Option<usize>) -> Result<Ve
             available: partial as u64,
         });
     }
-    if let Some((k, rec)) = data
-        .chunks_exact(RECORD)
-        .enumerate()
-        .find(|(_, r)| r[0] > 9)
-    {
+    if let Some((k, rec)) = data.chunks_exact(RECORD).enumerate().find(|(_, r)| r[0] > 9) {
         return Err(DataError::Malformed {
             path: path.to_path_buf(),
             offset: (k * RECORD) as u64,
@@ -100,11 +89,7 @@ pub(crate) fn read_records(path: &Path, max_records: Option<usize>) -> Result<Ve
 }
 
 /// Loads the CIFAR-10 training set: 3 channels, resized and centre-cropped to `image_size`.
-pub(crate) fn load(
-    path: &Path,
-    image_size: usize,
-    limit: Option<usize>,
-) -> Result<Dataset, DataError> {
+pub(crate) fn load(path: &Path, image_size: usize, limit: Option<usize>) -> Result<Dataset, DataError> {
     let files = locate(path)?;
     let chunks: Vec<Vec<u8>> = match limit {
         // Read only as far as needed: a quick run should not decompress 150 MB.
@@ -122,12 +107,9 @@ pub(crate) fn load(
             chunks
         }
         // xz decompression dominates loading: one file per thread.
-        None => files
-            .par_iter()
-            .map(|f| read_records(f, None))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<Result<_, _>>()?,
+        None => {
+            files.par_iter().map(|f| read_records(f, None)).collect::<Vec<_>>().into_iter().collect::<Result<_, _>>()?
+        }
     };
     let len: usize = chunks.iter().map(|c| c.len() / RECORD).sum();
     if len == 0 && limit != Some(0) {
@@ -146,12 +128,5 @@ pub(crate) fn load(
         labels.extend(chunk.chunks_exact(RECORD).map(|r| r[0]));
         rest = tail;
     }
-    Ok(Dataset {
-        name: "cifar10".into(),
-        nc: 3,
-        image_size,
-        len,
-        pixels,
-        labels: Some(labels),
-    })
+    Ok(Dataset { name: "cifar10".into(), nc: 3, image_size, len, pixels, labels: Some(labels) })
 }

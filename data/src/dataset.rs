@@ -33,12 +33,7 @@ impl Dataset {
     /// # Panics
     /// If `i >= self.len`.
     pub fn sample(&self, i: usize) -> &[f32] {
-        assert!(
-            i < self.len,
-            "sample index {i} out of range for dataset '{}' of {} samples",
-            self.name,
-            self.len
-        );
+        assert!(i < self.len, "sample index {i} out of range for dataset '{}' of {} samples", self.name, self.len);
         let n = self.sample_len();
         &self.pixels[i * n..(i + 1) * n]
     }

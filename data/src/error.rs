@@ -49,11 +49,7 @@ pub enum DataError {
     /// The data is complete but says something impossible (bad dimensions, a label out of
     /// range, counts that disagree).
     #[error("{}: byte offset {offset}: {msg}", .path.display())]
-    Malformed {
-        path: PathBuf,
-        offset: u64,
-        msg: String,
-    },
+    Malformed { path: PathBuf, offset: u64, msg: String },
 
     /// The files a dataset needs are not where the spec points.
     #[error("{}: {msg}", .path.display())]
@@ -61,10 +57,7 @@ pub enum DataError {
 
     /// An image file of a folder dataset could not be decoded.
     #[error("{}: cannot decode image: {source}", .path.display())]
-    Decode {
-        path: PathBuf,
-        source: image::ImageError,
-    },
+    Decode { path: PathBuf, source: image::ImageError },
 
     /// A folder dataset holds no PNG or JPEG file.
     #[error("{}: no PNG or JPEG images found (searched recursively)", .path.display())]
@@ -72,10 +65,7 @@ pub enum DataError {
 
     /// An image could not be encoded.
     #[error("{}: cannot encode image: {source}", .path.display())]
-    Encode {
-        path: PathBuf,
-        source: image::ImageError,
-    },
+    Encode { path: PathBuf, source: image::ImageError },
 
     /// The caller asked for something impossible for this path (an image size of 0, a grid
     /// whose buffer does not match its shape).
@@ -89,10 +79,6 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            op,
-            source,
-        }
+        DataError::Io { path: path.into(), op, source }
     }
 }

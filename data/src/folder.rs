@@ -14,9 +14,7 @@ use crate::{DataError, Dataset};
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 fn is_image_name(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
@@ -24,9 +22,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(dir, "list directory", e))?;
         let path = entry.path();
-        let kind = entry
-            .file_type()
-            .map_err(|e| DataError::io(&path, "stat", e))?;
+        let kind = entry.file_type().map_err(|e| DataError::io(&path, "stat", e))?;
         if kind.is_dir() {
             walk(&path, out)?;
         } else if is_image_name(&path) && (kind.is_file() || path.is_file()) {
@@ -46,21 +42,13 @@ pub(crate) fn list_images(root: &Path) -> Result<Vec<PathBuf>, DataError> {
 }
 
 /// Decodes one image, converts it to RGB and writes its resized, cropped CHW pixels to `out`.
-fn decode_into(
-    path: &Path,
-    size: usize,
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) -> Result<(), DataError> {
+fn decode_into(path: &Path, size: usize, scratch: &mut Vec<f32>, out: &mut [f32]) -> Result<(), DataError> {
     let img = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path, "open", e))?
         .with_guessed_format()
         .map_err(|e| DataError::io(path, "read", e))?
         .decode()
-        .map_err(|e| DataError::Decode {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        .map_err(|e| DataError::Decode { path: path.to_path_buf(), source: e })?;
     // Like PIL's convert("RGB"): gray is replicated, alpha dropped.
     let rgb = img.to_rgb8();
     let plan = ResizeCrop::new(rgb.width() as usize, rgb.height() as usize, size);
@@ -72,11 +60,7 @@ fn decode_into(
 }
 
 /// Loads the first `limit` (default: all) images under `root` as a 3-channel dataset.
-pub(crate) fn load(
-    root: &Path,
-    image_size: usize,
-    limit: Option<usize>,
-) -> Result<Dataset, DataError> {
+pub(crate) fn load(root: &Path, image_size: usize, limit: Option<usize>) -> Result<Dataset, DataError> {
     if !root.is_dir() {
         return Err(DataError::NotFound {
             path: root.to_path_buf(),
@@ -85,9 +69,7 @@ pub(crate) fn load(
     }
     let mut files = list_images(root)?;
     if files.is_empty() {
-        return Err(DataError::NoImages {
-            path: root.to_path_buf(),
-        });
+        return Err(DataError::NoImages { path: root.to_path_buf() });
     }
     if let Some(limit) = limit {
         files.truncate(limit);
@@ -99,17 +81,8 @@ pub(crate) fn load(
     let results: Vec<Result<(), DataError>> = pixels
         .par_chunks_mut(sample)
         .zip(files.par_iter())
-        .map_init(Vec::new, |scratch, (out, path)| {
-            decode_into(path, image_size, scratch, out)
-        })
+        .map_init(Vec::new, |scratch, (out, path)| decode_into(path, image_size, scratch, out))
         .collect();
     results.into_iter().collect::<Result<(), _>>()?;
-    Ok(Dataset {
-        name: "folder".into(),
-        nc: 3,
-        image_size,
-        len: files.len(),
-        pixels,
-        labels: None,
-    })
+    Ok(Dataset { name: "folder".into(), nc: 3, image_size, len: files.len(), pixels, labels: None })
 }

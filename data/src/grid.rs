@@ -67,11 +67,7 @@ pub fn grid_image(images: &[f32], n: usize, nc: usize, size: usize, nrow: usize)
                     let v = to_byte(sample[at]);
                     [v, v, v]
                 } else {
-                    [
-                        to_byte(sample[at]),
-                        to_byte(sample[plane + at]),
-                        to_byte(sample[2 * plane + at]),
-                    ]
+                    [to_byte(sample[at]), to_byte(sample[plane + at]), to_byte(sample[2 * plane + at])]
                 };
                 img.put_pixel((x0 + x) as u32, (y0 + y) as u32, image::Rgb(px));
             }
@@ -82,48 +78,33 @@ pub fn grid_image(images: &[f32], n: usize, nc: usize, size: usize, nrow: usize)
 
 /// Writes [`grid_image`] as a PNG at `path`, atomically (temporary file in the same
 /// directory, then rename). The directory must exist.
-pub fn save_grid(
-    path: &Path,
-    images: &[f32],
-    n: usize,
-    nc: usize,
-    size: usize,
-    nrow: usize,
-) -> Result<(), DataError> {
-    check(images, n, nc, size, nrow).map_err(|msg| DataError::InvalidArgument {
-        path: path.to_path_buf(),
-        msg,
-    })?;
+pub fn save_grid(path: &Path, images: &[f32], n: usize, nc: usize, size: usize, nrow: usize) -> Result<(), DataError> {
+    check(images, n, nc, size, nrow).map_err(|msg| DataError::InvalidArgument { path: path.to_path_buf(), msg })?;
     let img = grid_image(images, n, nc, size, nrow);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".grid-")
-        .suffix(".png.tmp")
-        .tempfile_in(dir)
-        .map_err(|e| DataError::io(dir, "create a temporary file in", e))?;
+    // tempfile creates 0600 files; a sample grid is for everyone who can read the run directory.
+    #[cfg(unix)]
+    let permissions = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o644)
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".grid-").suffix(".png.tmp");
+    #[cfg(unix)]
+    builder.permissions(permissions);
+    let tmp = builder.tempfile_in(dir).map_err(|e| DataError::io(dir, "create a temporary file in", e))?;
     {
         let mut w = BufWriter::new(tmp.as_file());
         image::codecs::png::PngEncoder::new(&mut w)
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(|e| DataError::Encode {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .map_err(|e| DataError::Encode { path: path.to_path_buf(), source: e })?;
         w.flush().map_err(|e| DataError::io(path, "write", e))?;
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| DataError::io(path, "sync", e))?;
-    tmp.persist(path)
-        .map_err(|e| DataError::io(path, "rename a temporary file to", e.error))?;
+    tmp.as_file().sync_all().map_err(|e| DataError::io(path, "sync", e))?;
+    tmp.persist(path).map_err(|e| DataError::io(path, "rename a temporary file to", e.error))?;
     Ok(())
 }
 
@@ -145,9 +126,7 @@ mod tests {
     fn layout_matches_make_grid() {
         // 5 gray images of 3x3 with value = index, 2 per row -> 3 rows.
         let n = 5;
-        let images: Vec<f32> = (0..n)
-            .flat_map(|k| std::iter::repeat_n(k as f32 / 4.0 * 2.0 - 1.0, 9))
-            .collect();
+        let images: Vec<f32> = (0..n).flat_map(|k| std::iter::repeat_n(k as f32 / 4.0 * 2.0 - 1.0, 9)).collect();
         let img = grid_image(&images, n, 1, 3, 2);
         assert_eq!((img.width(), img.height()), (2 * 5 + 2, 3 * 5 + 2));
         assert_eq!(img.get_pixel(0, 0).0, [0, 0, 0]); // padding

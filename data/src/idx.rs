@@ -52,12 +52,7 @@ fn read_header(
 ) -> Result<Vec<u8>, DataError> {
     let header = src.read_up_to(len as u64)?;
     if header.len() >= 4 && be32(&header, 0) != magic {
-        return Err(DataError::BadMagic {
-            path: path.to_path_buf(),
-            expected: magic,
-            found: be32(&header, 0),
-            what,
-        });
+        return Err(DataError::BadMagic { path: path.to_path_buf(), expected: magic, found: be32(&header, 0), what });
     }
     if header.len() < len {
         return Err(DataError::Truncated {
@@ -102,11 +97,7 @@ fn read_records(
 pub(crate) fn read_images(path: &Path, limit: Option<usize>) -> Result<IdxImages, DataError> {
     let mut src = Source::open(path)?;
     let h = read_header(&mut src, path, 16, IMAGES_MAGIC, "IDX images (idx3-ubyte)")?;
-    let (count, rows, cols) = (
-        be32(&h, 4) as usize,
-        be32(&h, 8) as usize,
-        be32(&h, 12) as usize,
-    );
+    let (count, rows, cols) = (be32(&h, 4) as usize, be32(&h, 8) as usize, be32(&h, 12) as usize);
     // Bounding the sides keeps every size computed below far from overflow.
     if rows == 0 || cols == 0 || rows > 65_535 || cols > 65_535 {
         return Err(DataError::Malformed {
@@ -116,21 +107,8 @@ pub(crate) fn read_images(path: &Path, limit: Option<usize>) -> Result<IdxImages
         });
     }
     let keep = limit.map_or(count, |l| l.min(count));
-    let data = read_records(
-        &mut src,
-        path,
-        16,
-        (rows * cols) as u64,
-        keep,
-        count,
-        "image",
-    )?;
-    Ok(IdxImages {
-        count,
-        rows,
-        cols,
-        data,
-    })
+    let data = read_records(&mut src, path, 16, (rows * cols) as u64, keep, count, "image")?;
+    Ok(IdxImages { count, rows, cols, data })
 }
 
 /// Reads the header and the first `limit` (default: all) labels of an IDX labels file.
@@ -147,51 +125,37 @@ pub(crate) fn read_labels(path: &Path, limit: Option<usize>) -> Result<IdxLabels
 /// `labels-idx1`, plain or compressed.
 fn labels_for(images: &Path) -> Option<PathBuf> {
     let name = strip_compressed_suffix(images.file_name()?.to_str()?);
-    let labels = [
-        ("images-idx3", "labels-idx1"),
-        ("images.idx3", "labels.idx1"),
-    ]
-    .iter()
-    .find(|(from, _)| name.contains(from))
-    .map(|(from, to)| name.replacen(from, to, 1))?;
+    let labels = [("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1")]
+        .iter()
+        .find(|(from, _)| name.contains(from))
+        .map(|(from, to)| name.replacen(from, to, 1))?;
     find_with_suffixes(images.parent().unwrap_or(Path::new("")), &labels)
 }
 
 /// Finds the training images (and labels, if present) for a spec path: the file itself, or
 /// in `path` or one of `subdirs` a `train-images-idx3-ubyte[.gz|.xz]`, or failing that the one
 /// `*images-idx3-ubyte*` file that is not a `t10k` test file.
-pub(crate) fn locate(
-    path: &Path,
-    subdirs: &[&str],
-) -> Result<(PathBuf, Option<PathBuf>), DataError> {
+pub(crate) fn locate(path: &Path, subdirs: &[&str]) -> Result<(PathBuf, Option<PathBuf>), DataError> {
     if path.is_file() {
         return Ok((path.to_path_buf(), labels_for(path)));
     }
     if !path.is_dir() {
-        return Err(DataError::NotFound {
-            path: path.to_path_buf(),
-            msg: "no such file or directory".into(),
-        });
+        return Err(DataError::NotFound { path: path.to_path_buf(), msg: "no such file or directory".into() });
     }
     for dir in std::iter::once(path.to_path_buf()).chain(subdirs.iter().map(|s| path.join(s))) {
         if !dir.is_dir() {
             continue;
         }
-        if let Some(p) = TRAIN_IMAGES
-            .iter()
-            .find_map(|n| find_with_suffixes(&dir, n))
-        {
+        if let Some(p) = TRAIN_IMAGES.iter().find_map(|n| find_with_suffixes(&dir, n)) {
             let labels = labels_for(&p);
             return Ok((p, labels));
         }
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, "list directory", e))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, "list directory", e))?;
         let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| DataError::io(&dir, "list directory", e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_images =
-                name.contains("images-idx3-ubyte") || name.contains("images.idx3-ubyte");
+            let is_images = name.contains("images-idx3-ubyte") || name.contains("images.idx3-ubyte");
             if is_images && !name.starts_with("t10k") && entry.path().is_file() {
                 found.push(entry.path());
             }
@@ -208,19 +172,13 @@ pub(crate) fn locate(
                 let names: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
                 return Err(DataError::NotFound {
                     path: dir,
-                    msg: format!(
-                        "several IDX image files ({}); point the spec at one of them",
-                        names.join(", ")
-                    ),
+                    msg: format!("several IDX image files ({}); point the spec at one of them", names.join(", ")),
                 });
             }
         }
     }
-    let also = if subdirs.is_empty() {
-        String::new()
-    } else {
-        format!(" or in its subdirectories {}", subdirs.join(", "))
-    };
+    let also =
+        if subdirs.is_empty() { String::new() } else { format!(" or in its subdirectories {}", subdirs.join(", ")) };
     Err(DataError::NotFound {
         path: path.to_path_buf(),
         msg: format!("no train-images-idx3-ubyte (plain, .gz or .xz) found here{also}"),
@@ -269,12 +227,5 @@ pub(crate) fn load(
         image_size,
         &mut pixels,
     );
-    Ok(Dataset {
-        name: name.to_string(),
-        nc: 1,
-        image_size,
-        len,
-        pixels,
-        labels,
-    })
+    Ok(Dataset { name: name.to_string(), nc: 1, image_size, len, pixels, labels })
 }

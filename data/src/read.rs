@@ -35,10 +35,7 @@ impl Source {
         } else {
             Box::new(buf)
         };
-        Ok(Source {
-            path: path.to_path_buf(),
-            reader,
-        })
+        Ok(Source { path: path.to_path_buf(), reader })
     }
 
     /// Reads up to `max` more bytes (fewer only at the end of the data).
@@ -60,17 +57,12 @@ impl Source {
 
 /// The first of `dir/name{,.gz,.xz}` that is a file.
 pub(crate) fn find_with_suffixes(dir: &Path, name: &str) -> Option<PathBuf> {
-    COMPRESSED_SUFFIXES
-        .iter()
-        .map(|s| dir.join(format!("{name}{s}")))
-        .find(|p| p.is_file())
+    COMPRESSED_SUFFIXES.iter().map(|s| dir.join(format!("{name}{s}"))).find(|p| p.is_file())
 }
 
 /// `name` without a trailing `.gz` / `.xz`.
 pub(crate) fn strip_compressed_suffix(name: &str) -> &str {
-    name.strip_suffix(".gz")
-        .or_else(|| name.strip_suffix(".xz"))
-        .unwrap_or(name)
+    name.strip_suffix(".gz").or_else(|| name.strip_suffix(".xz")).unwrap_or(name)
 }
 
 #[cfg(test)]

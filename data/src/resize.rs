@@ -47,22 +47,14 @@ pub(crate) struct ResizeCrop {
 /// The size torchvision's `Resize(size)` gives an image of `w x h`: the shorter side becomes
 /// `size`, the longer keeps the aspect ratio, truncated.
 pub(crate) fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
-    if w <= h {
-        (size, size * h / w)
-    } else {
-        (size * w / h, size)
-    }
+    if w <= h { (size, size * h / w) } else { (size * w / h, size) }
 }
 
 /// torchvision `CenterCrop` offset: `int(round((len - size) / 2))`, Python rounding half to even.
 pub(crate) fn crop_offset(len: usize, size: usize) -> usize {
     let d = len.saturating_sub(size);
     let half = d / 2;
-    if d % 2 == 1 && half % 2 == 1 {
-        half + 1
-    } else {
-        half
-    }
+    if d % 2 == 1 && half % 2 == 1 { half + 1 } else { half }
 }
 
 fn triangle(x: f32) -> f32 {
@@ -80,12 +72,9 @@ fn axis_taps(src: usize, dst: usize, first: usize, count: usize) -> Axis {
         .map(|o| {
             let center = (o as f32 + 0.5) * ratio;
             let left = ((center - support).floor() as i64).clamp(0, src as i64 - 1) as usize;
-            let right =
-                ((center + support).ceil() as i64).clamp(left as i64 + 1, src as i64) as usize;
+            let right = ((center + support).ceil() as i64).clamp(left as i64 + 1, src as i64) as usize;
             let c = center - 0.5;
-            let mut w: Vec<f32> = (left..right)
-                .map(|i| triangle((i as f32 - c) / sratio))
-                .collect();
+            let mut w: Vec<f32> = (left..right).map(|i| triangle((i as f32 - c) / sratio)).collect();
             let sum: f32 = w.iter().sum();
             if sum > 0.0 {
                 w.iter_mut().for_each(|x| *x /= sum);
@@ -121,16 +110,7 @@ impl ResizeCrop {
         let cols = axis_taps(src_w, rw, crop_offset(rw, size), size);
         let (row_lo, row_hi) = rows.span();
         let (col_lo, col_hi) = cols.span();
-        ResizeCrop {
-            src_w,
-            size,
-            rows,
-            cols,
-            row_lo,
-            row_hi,
-            col_lo,
-            col_hi,
-        }
+        ResizeCrop { src_w, size, rows, cols, row_lo, row_hi, col_lo, col_hi }
     }
 
     /// Resizes and crops one channel. `src` holds the channel's first pixel at index 0 and the
@@ -169,10 +149,8 @@ impl ResizeCrop {
             }
         }
         // Vertical pass: each output row is a weighted sum of whole rows of `tmp`.
-        for ((out_row, &start), w) in out
-            .chunks_exact_mut(size)
-            .zip(&self.rows.starts)
-            .zip(self.rows.weights.chunks_exact(kr))
+        for ((out_row, &start), w) in
+            out.chunks_exact_mut(size).zip(&self.rows.starts).zip(self.rows.weights.chunks_exact(kr))
         {
             acc.fill(0.0);
             for (j, &wj) in w.iter().enumerate() {
@@ -201,13 +179,7 @@ fn round_byte(x: f32) -> f32 {
 }
 
 /// One row of the horizontal pass with `K` taps per output.
-fn horizontal<const K: usize>(
-    line: &[f32],
-    starts: &[usize],
-    weights: &[f32],
-    lo: usize,
-    out: &mut [f32],
-) {
+fn horizontal<const K: usize>(line: &[f32], starts: &[usize], weights: &[f32], lo: usize, out: &mut [f32]) {
     for ((t, &start), w) in out.iter_mut().zip(starts).zip(weights.chunks_exact(K)) {
         let src = &line[start - lo..start - lo + K];
         let mut acc = 0.0;
@@ -219,14 +191,7 @@ fn horizontal<const K: usize>(
 }
 
 /// [`horizontal`] for any tap count (downscaling by large factors).
-fn horizontal_any(
-    line: &[f32],
-    starts: &[usize],
-    weights: &[f32],
-    k: usize,
-    lo: usize,
-    out: &mut [f32],
-) {
+fn horizontal_any(line: &[f32], starts: &[usize], weights: &[f32], k: usize, lo: usize, out: &mut [f32]) {
     for ((t, &start), w) in out.iter_mut().zip(starts).zip(weights.chunks_exact(k)) {
         let from = start - lo;
         *t = line[from..from + k].iter().zip(w).map(|(a, b)| a * b).sum();
@@ -249,13 +214,14 @@ pub(crate) fn resize_planar_into(
 ) {
     let plan = ResizeCrop::new(w, h, size);
     let plane = size * size;
-    out.par_chunks_mut(nc * plane)
-        .zip(raw.par_chunks_exact(record_len))
-        .for_each_init(Vec::new, |scratch, (sample, rec)| {
+    out.par_chunks_mut(nc * plane).zip(raw.par_chunks_exact(record_len)).for_each_init(
+        Vec::new,
+        |scratch, (sample, rec)| {
             for (c, o) in sample.chunks_exact_mut(plane).enumerate() {
                 plan.run(&rec[skip + c * w * h..], 1, scratch, o);
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -265,9 +231,7 @@ mod tests {
     fn run_plain(rc: &ResizeCrop, src: &[u8], stride: usize) -> Vec<u8> {
         let mut out = vec![0.0; rc.size * rc.size];
         rc.run(src, stride, &mut Vec::new(), &mut out);
-        out.iter()
-            .map(|v| ((v + 1.0) / 2.0 * 255.0).round() as u8)
-            .collect()
+        out.iter().map(|v| ((v + 1.0) / 2.0 * 255.0).round() as u8).collect()
     }
 
     #[test]
@@ -311,25 +275,13 @@ mod tests {
 
     #[test]
     fn matches_image_crate_triangle_resize() {
-        for (w, h, size) in [
-            (28, 28, 64),
-            (28, 28, 16),
-            (40, 30, 24),
-            (30, 45, 32),
-            (7, 5, 3),
-            (200, 150, 64),
-            (61, 97, 20),
-            (1, 9, 4),
-        ] {
+        for (w, h, size) in
+            [(28, 28, 64), (28, 28, 16), (40, 30, 24), (30, 45, 32), (7, 5, 3), (200, 150, 64), (61, 97, 20), (1, 9, 4)]
+        {
             let src: Vec<u8> = (0..w * h).map(|i| ((i * 37 + i / 3) % 256) as u8).collect();
             let img = image::GrayImage::from_raw(w as u32, h as u32, src.clone()).unwrap();
             let (rw, rh) = resized_dims(w, h, size);
-            let big = image::imageops::resize(
-                &img,
-                rw as u32,
-                rh as u32,
-                image::imageops::FilterType::Triangle,
-            );
+            let big = image::imageops::resize(&img, rw as u32, rh as u32, image::imageops::FilterType::Triangle);
             let (ox, oy) = (crop_offset(rw, size), crop_offset(rh, size));
             let rc = ResizeCrop::new(w, h, size);
             let ours = run_plain(&rc, &src, 1);
@@ -337,11 +289,7 @@ mod tests {
                 for x in 0..size {
                     let theirs = big.get_pixel((ox + x) as u32, (oy + y) as u32).0[0];
                     let d = (i32::from(theirs) - i32::from(ours[y * size + x])).abs();
-                    assert!(
-                        d <= 1,
-                        "{w}x{h}->{size} at ({x},{y}): {theirs} vs {}",
-                        ours[y * size + x]
-                    );
+                    assert!(d <= 1, "{w}x{h}->{size} at ({x},{y}): {theirs} vs {}", ours[y * size + x]);
                 }
             }
         }

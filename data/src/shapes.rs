@@ -51,9 +51,7 @@ enum Shape {
 impl Shape {
     fn convex(vertices: &[[f32; 2]]) -> Shape {
         let n = vertices.len() as f32;
-        let (mx, my) = vertices
-            .iter()
-            .fold((0.0, 0.0), |(x, y), v| (x + v[0] / n, y + v[1] / n));
+        let (mx, my) = vertices.iter().fold((0.0, 0.0), |(x, y), v| (x + v[0] / n, y + v[1] / n));
         let edges = (0..vertices.len())
             .map(|i| {
                 let [ax, ay] = vertices[i];
@@ -76,10 +74,9 @@ impl Shape {
     fn sd(&self, x: f32, y: f32) -> f32 {
         match self {
             Shape::Disc { cx, cy, r } => ((x - cx) * (x - cx) + (y - cy) * (y - cy)).sqrt() - r,
-            Shape::Convex { edges } => edges
-                .iter()
-                .map(|[nx, ny, c]| nx * x + ny * y - c)
-                .fold(f32::NEG_INFINITY, f32::max),
+            Shape::Convex { edges } => {
+                edges.iter().map(|[nx, ny, c]| nx * x + ny * y - c).fold(f32::NEG_INFINITY, f32::max)
+            }
         }
     }
 
@@ -109,11 +106,7 @@ impl Shape {
 }
 
 fn colour(rng: &mut StdRng) -> [f32; 3] {
-    [
-        rng.random::<f32>(),
-        rng.random::<f32>(),
-        rng.random::<f32>(),
-    ]
+    [rng.random::<f32>(), rng.random::<f32>(), rng.random::<f32>()]
 }
 
 fn far_colour(rng: &mut StdRng, from: [f32; 3]) -> [f32; 3] {
@@ -132,10 +125,7 @@ fn far_colour(rng: &mut StdRng, from: [f32; 3]) -> [f32; 3] {
 /// A random direction as a unit vector, by rejection (no trigonometry).
 fn direction(rng: &mut StdRng) -> (f32, f32) {
     loop {
-        let (a, b) = (
-            rng.random_range(-1.0f32..1.0),
-            rng.random_range(-1.0f32..1.0),
-        );
+        let (a, b) = (rng.random_range(-1.0f32..1.0), rng.random_range(-1.0f32..1.0));
         let n2 = a * a + b * b;
         if n2 > 0.01 && n2 <= 1.0 {
             let n = n2.sqrt();
@@ -214,14 +204,7 @@ pub fn generate(len: usize, image_size: usize) -> Dataset {
             .enumerate()
             .for_each(|(i, (out, label))| *label = render(i, image_size, out));
     }
-    Dataset {
-        name: "shapes".into(),
-        nc: 3,
-        image_size,
-        len,
-        pixels,
-        labels: Some(labels),
-    }
+    Dataset { name: "shapes".into(), nc: 3, image_size, len, pixels, labels: Some(labels) }
 }
 
 #[cfg(test)]
@@ -230,11 +213,7 @@ mod tests {
 
     #[test]
     fn coverage_is_exact_far_from_edges() {
-        let d = Shape::Disc {
-            cx: 10.0,
-            cy: 10.0,
-            r: 5.0,
-        };
+        let d = Shape::Disc { cx: 10.0, cy: 10.0, r: 5.0 };
         assert_eq!(d.coverage(9, 9), 1.0);
         assert_eq!(d.coverage(0, 0), 0.0);
         let edge = d.coverage(13, 13);

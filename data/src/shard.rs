@@ -59,10 +59,7 @@ pub fn steps_per_epoch(n: usize, global_batch: usize) -> Result<usize, ShardErro
 /// whose sizes differ by at most one (the first `len % world` parts get the extra item).
 fn split(len: usize, world: usize, rank: usize) -> (usize, usize) {
     let (base, extra) = (len / world, len % world);
-    (
-        rank * base + rank.min(extra),
-        base + usize::from(rank < extra),
-    )
+    (rank * base + rank.min(extra), base + usize::from(rank < extra))
 }
 
 /// The sample indices rank `rank` of `world` trains on at step `step_in_epoch`.
@@ -73,31 +70,15 @@ fn split(len: usize, world: usize, rank: usize) -> (usize, usize) {
 /// # Panics
 /// If `global_batch` or `world` is 0, `rank >= world`, or `step_in_epoch` is not below
 /// [`steps_per_epoch`]: these are checked once when the run is configured.
-pub fn rank_batch(
-    order: &[u32],
-    step_in_epoch: usize,
-    global_batch: usize,
-    world: usize,
-    rank: usize,
-) -> &[u32] {
-    assert!(
-        world > 0 && rank < world,
-        "rank {rank} out of range for world {world}"
-    );
+pub fn rank_batch(order: &[u32], step_in_epoch: usize, global_batch: usize, world: usize, rank: usize) -> &[u32] {
+    assert!(world > 0 && rank < world, "rank {rank} out of range for world {world}");
     let steps = match steps_per_epoch(order.len(), global_batch) {
         Ok(s) => s,
         Err(e) => panic!("{e}"),
     };
-    assert!(
-        step_in_epoch < steps,
-        "step {step_in_epoch} out of range: the epoch has {steps} steps"
-    );
+    assert!(step_in_epoch < steps, "step {step_in_epoch} out of range: the epoch has {steps} steps");
     let start = step_in_epoch * global_batch;
-    let end = if step_in_epoch + 1 == steps {
-        order.len()
-    } else {
-        start + global_batch
-    };
+    let end = if step_in_epoch + 1 == steps { order.len() } else { start + global_batch };
     let (offset, len) = split(end - start, world, rank);
     &order[start + offset..start + offset + len]
 }
@@ -109,13 +90,7 @@ pub fn rank_batch(
 /// As [`rank_batch`], except that an epoch without steps is not an error here.
 pub fn rank_shard(order: &[u32], global_batch: usize, world: usize, rank: usize) -> Vec<u32> {
     let steps = steps_per_epoch(order.len(), global_batch).unwrap_or(0);
-    (0..steps)
-        .flat_map(|s| {
-            rank_batch(order, s, global_batch, world, rank)
-                .iter()
-                .copied()
-        })
-        .collect()
+    (0..steps).flat_map(|s| rank_batch(order, s, global_batch, world, rank).iter().copied()).collect()
 }
 
 #[cfg(test)]
@@ -139,19 +114,8 @@ mod tests {
     fn steps_per_epoch_rejects_tiny_data() {
         assert_eq!(steps_per_epoch(100, 32), Ok(3));
         assert_eq!(steps_per_epoch(64, 64), Ok(1));
-        assert_eq!(
-            steps_per_epoch(10, 64),
-            Err(ShardError::TooFewSamples {
-                n: 10,
-                global_batch: 64
-            })
-        );
-        assert!(
-            steps_per_epoch(10, 64)
-                .unwrap_err()
-                .to_string()
-                .contains("10 samples")
-        );
+        assert_eq!(steps_per_epoch(10, 64), Err(ShardError::TooFewSamples { n: 10, global_batch: 64 }));
+        assert!(steps_per_epoch(10, 64).unwrap_err().to_string().contains("10 samples"));
         assert_eq!(steps_per_epoch(10, 0), Err(ShardError::ZeroBatch));
     }
 
@@ -168,29 +132,19 @@ mod tests {
                     let mut all: Vec<u32> = Vec::new();
                     for rank in 0..world {
                         let shard = rank_shard(&order, b, world, rank);
-                        let by_steps: Vec<u32> = (0..steps)
-                            .flat_map(|s| rank_batch(&order, s, b, world, rank).to_vec())
-                            .collect();
+                        let by_steps: Vec<u32> =
+                            (0..steps).flat_map(|s| rank_batch(&order, s, b, world, rank).to_vec()).collect();
                         assert_eq!(shard, by_steps);
                         all.extend(shard);
                     }
                     all.sort_unstable();
-                    assert_eq!(
-                        all,
-                        (0..n as u32).collect::<Vec<_>>(),
-                        "n={n} b={b} world={world}"
-                    );
+                    assert_eq!(all, (0..n as u32).collect::<Vec<_>>(), "n={n} b={b} world={world}");
                     for s in 0..steps {
-                        let sizes: Vec<usize> = (0..world)
-                            .map(|r| rank_batch(&order, s, b, world, r).len())
-                            .collect();
+                        let sizes: Vec<usize> = (0..world).map(|r| rank_batch(&order, s, b, world, r).len()).collect();
                         let step_len = if s + 1 == steps { n - s * b } else { b };
                         assert_eq!(sizes.iter().sum::<usize>(), step_len);
                         let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-                        assert!(
-                            hi - lo <= 1,
-                            "n={n} b={b} world={world} step={s}: {sizes:?}"
-                        );
+                        assert!(hi - lo <= 1, "n={n} b={b} world={world} step={s}: {sizes:?}");
                         if b >= world {
                             assert!(*lo >= 1, "n={n} b={b} world={world} step={s}: {sizes:?}");
                         }

@@ -43,10 +43,9 @@ impl DatasetSpec {
     /// The path the spec points at (none for the built-in dataset).
     pub fn path(&self) -> Option<&Path> {
         match self {
-            DatasetSpec::Mnist(p)
-            | DatasetSpec::FashionMnist(p)
-            | DatasetSpec::Cifar10(p)
-            | DatasetSpec::Folder(p) => Some(p),
+            DatasetSpec::Mnist(p) | DatasetSpec::FashionMnist(p) | DatasetSpec::Cifar10(p) | DatasetSpec::Folder(p) => {
+                Some(p)
+            }
             DatasetSpec::Shapes => None,
         }
     }
@@ -61,22 +60,14 @@ impl DatasetSpec {
             });
         }
         match self {
-            DatasetSpec::Mnist(p) => {
-                crate::idx::load("mnist", p, &["mnist", "MNIST/raw"], image_size, limit)
+            DatasetSpec::Mnist(p) => crate::idx::load("mnist", p, &["mnist", "MNIST/raw"], image_size, limit),
+            DatasetSpec::FashionMnist(p) => {
+                crate::idx::load("fashion-mnist", p, &["fashion-mnist", "FashionMNIST/raw"], image_size, limit)
             }
-            DatasetSpec::FashionMnist(p) => crate::idx::load(
-                "fashion-mnist",
-                p,
-                &["fashion-mnist", "FashionMNIST/raw"],
-                image_size,
-                limit,
-            ),
             DatasetSpec::Cifar10(p) => crate::cifar::load(p, image_size, limit),
             DatasetSpec::Folder(p) => crate::folder::load(p, image_size, limit),
             DatasetSpec::Shapes => {
-                let len = limit.map_or(crate::shapes::DEFAULT_LEN, |l| {
-                    l.min(crate::shapes::DEFAULT_LEN)
-                });
+                let len = limit.map_or(crate::shapes::DEFAULT_LEN, |l| l.min(crate::shapes::DEFAULT_LEN));
                 Ok(crate::shapes::generate(len, image_size))
             }
         }
@@ -87,10 +78,7 @@ impl FromStr for DatasetSpec {
     type Err = DataError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |msg: String| DataError::InvalidSpec {
-            spec: s.to_string(),
-            msg,
-        };
+        let bad = |msg: String| DataError::InvalidSpec { spec: s.to_string(), msg };
         let (kind, path) = match s.split_once(':') {
             Some((k, p)) => (k, Some(p)),
             None => (s, None),
@@ -102,22 +90,18 @@ impl FromStr for DatasetSpec {
         };
         match kind.as_str() {
             "mnist" => with_path(DatasetSpec::Mnist),
-            "fashion-mnist" | "fashion_mnist" | "fashionmnist" => {
-                with_path(DatasetSpec::FashionMnist)
-            }
+            "fashion-mnist" | "fashion_mnist" | "fashionmnist" => with_path(DatasetSpec::FashionMnist),
             "cifar10" | "cifar-10" => with_path(DatasetSpec::Cifar10),
             "folder" => with_path(DatasetSpec::Folder),
             "shapes" | "builtin" => match path {
                 None => Ok(DatasetSpec::Shapes),
                 Some("shapes") if kind == "builtin" => Ok(DatasetSpec::Shapes),
-                Some(other) => Err(bad(format!(
-                    "unknown built-in dataset '{other}' (the built-in dataset is 'shapes')"
-                ))),
+                Some(other) => {
+                    Err(bad(format!("unknown built-in dataset '{other}' (the built-in dataset is 'shapes')")))
+                }
             },
             "" => Err(bad(format!("empty dataset kind; expected one of {KINDS}"))),
-            _ => Err(bad(format!(
-                "unknown dataset kind '{kind}'; expected one of {KINDS}"
-            ))),
+            _ => Err(bad(format!("unknown dataset kind '{kind}'; expected one of {KINDS}"))),
         }
     }
 }
@@ -138,18 +122,9 @@ mod tests {
     #[test]
     fn parses_every_kind_and_round_trips() {
         let cases = [
-            (
-                "mnist:/data/mnist",
-                DatasetSpec::Mnist("/data/mnist".into()),
-            ),
-            (
-                "fashion-mnist:rel/dir",
-                DatasetSpec::FashionMnist("rel/dir".into()),
-            ),
-            (
-                "cifar10:/d/cifar-10",
-                DatasetSpec::Cifar10("/d/cifar-10".into()),
-            ),
+            ("mnist:/data/mnist", DatasetSpec::Mnist("/data/mnist".into())),
+            ("fashion-mnist:rel/dir", DatasetSpec::FashionMnist("rel/dir".into())),
+            ("cifar10:/d/cifar-10", DatasetSpec::Cifar10("/d/cifar-10".into())),
             ("folder:/x:y", DatasetSpec::Folder("/x:y".into())),
             ("shapes", DatasetSpec::Shapes),
         ];
@@ -162,29 +137,20 @@ mod tests {
         for alias in ["builtin", "builtin:shapes", "Shapes"] {
             assert_eq!(alias.parse::<DatasetSpec>().unwrap(), DatasetSpec::Shapes);
         }
-        assert_eq!(
-            "cifar-10:/a".parse::<DatasetSpec>().unwrap().to_string(),
-            "cifar10:/a"
-        );
+        assert_eq!("cifar-10:/a".parse::<DatasetSpec>().unwrap().to_string(), "cifar10:/a");
         assert_eq!(DatasetSpec::default(), DatasetSpec::Shapes);
     }
 
     #[test]
     fn clear_errors() {
-        let e = "imagenet:/x"
-            .parse::<DatasetSpec>()
-            .unwrap_err()
-            .to_string();
+        let e = "imagenet:/x".parse::<DatasetSpec>().unwrap_err().to_string();
         assert!(e.contains("unknown dataset kind 'imagenet'"), "{e}");
         assert!(e.contains("mnist:PATH"), "{e}");
         let e = "mnist".parse::<DatasetSpec>().unwrap_err().to_string();
         assert!(e.contains("needs a path"), "{e}");
         let e = "folder:".parse::<DatasetSpec>().unwrap_err().to_string();
         assert!(e.contains("needs a path"), "{e}");
-        let e = "builtin:faces"
-            .parse::<DatasetSpec>()
-            .unwrap_err()
-            .to_string();
+        let e = "builtin:faces".parse::<DatasetSpec>().unwrap_err().to_string();
         assert!(e.contains("unknown built-in dataset 'faces'"), "{e}");
         assert!("shapes:x".parse::<DatasetSpec>().is_err());
         assert!("".parse::<DatasetSpec>().is_err());

@@ -9,13 +9,8 @@ fn unit(b: u8) -> f32 {
 /// A landscape 40x20 PNG: red, except a green band in the 5 leftmost columns, which the
 /// centre crop must remove entirely (resized to 32x16, crop starts at column 8).
 fn write_png(path: &std::path::Path) {
-    let img = image::RgbImage::from_fn(40, 20, |x, _| {
-        if x < 5 {
-            image::Rgb([0, 255, 0])
-        } else {
-            image::Rgb([255, 0, 0])
-        }
-    });
+    let img =
+        image::RgbImage::from_fn(40, 20, |x, _| if x < 5 { image::Rgb([0, 255, 0]) } else { image::Rgb([255, 0, 0]) });
     img.save(path).unwrap();
 }
 
@@ -25,17 +20,12 @@ fn png_and_jpeg_of_any_shape_become_square_rgb() {
     write_png(&dir.path().join("a.png"));
     std::fs::create_dir(dir.path().join("sub")).unwrap();
     // A portrait gray JPEG (must become 3 equal channels).
-    image::GrayImage::from_pixel(30, 50, image::Luma([128]))
-        .save(dir.path().join("sub/b.JPG"))
-        .unwrap();
+    image::GrayImage::from_pixel(30, 50, image::Luma([128])).save(dir.path().join("sub/b.JPG")).unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not an image").unwrap();
 
     let spec: DatasetSpec = format!("folder:{}", dir.path().display()).parse().unwrap();
     let d = spec.load(16, None).unwrap();
-    assert_eq!(
-        (d.name.as_str(), d.nc, d.image_size, d.len),
-        ("folder", 3, 16, 2)
-    );
+    assert_eq!((d.name.as_str(), d.nc, d.image_size, d.len), ("folder", 3, 16, 2));
     assert_eq!(d.pixels.len(), 2 * 3 * 16 * 16);
     assert_eq!(d.labels, None);
     // Sorted by path: a.png first. All of it is pure red: the green band was cropped away.
@@ -44,11 +34,7 @@ fn png_and_jpeg_of_any_shape_become_square_rgb() {
     assert!(a[256..].iter().all(|v| *v == unit(0)), "G and B");
     // The JPEG: gray 128 in every channel (JPEG may be off by a level or two).
     let b = d.sample(1);
-    assert!(
-        b.iter().all(|v| (v - unit(128)).abs() <= 3.0 / 255.0 * 2.0),
-        "{:?}",
-        &b[..4]
-    );
+    assert!(b.iter().all(|v| (v - unit(128)).abs() <= 3.0 / 255.0 * 2.0), "{:?}", &b[..4]);
 
     let one = spec.load(16, Some(1)).unwrap();
     assert_eq!(one.len, 1);
@@ -61,17 +47,11 @@ fn crop_keeps_the_centre() {
     // centre-cropped to 8x8 = the middle third: white only.
     let dir = tempfile::tempdir().unwrap();
     image::RgbImage::from_fn(20, 60, |_, y| {
-        if (20..40).contains(&y) {
-            image::Rgb([255, 255, 255])
-        } else {
-            image::Rgb([0, 0, 255])
-        }
+        if (20..40).contains(&y) { image::Rgb([255, 255, 255]) } else { image::Rgb([0, 0, 255]) }
     })
     .save(dir.path().join("p.png"))
     .unwrap();
-    let d = DatasetSpec::Folder(dir.path().into())
-        .load(8, None)
-        .unwrap();
+    let d = DatasetSpec::Folder(dir.path().into()).load(8, None).unwrap();
     // The middle rows are exactly white; the crop edges may blend a little blue in.
     let s = d.sample(0);
     for ch in 0..3 {
@@ -87,14 +67,8 @@ fn crop_keeps_the_centre() {
 fn undecodable_image_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     write_png(&dir.path().join("good.png"));
-    std::fs::write(
-        dir.path().join("broken.png"),
-        b"\x89PNG\r\n\x1a\nthis is not a png",
-    )
-    .unwrap();
-    let err = DatasetSpec::Folder(dir.path().into())
-        .load(16, None)
-        .unwrap_err();
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    let err = DatasetSpec::Folder(dir.path().into()).load(16, None).unwrap_err();
     assert!(matches!(err, DataError::Decode { .. }), "{err:?}");
     assert!(err.to_string().contains("broken.png"), "{err}");
 }
@@ -103,16 +77,9 @@ fn undecodable_image_names_the_file() {
 fn empty_folder_names_the_folder() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("readme.md"), "no images").unwrap();
-    let err = DatasetSpec::Folder(dir.path().into())
-        .load(16, None)
-        .unwrap_err();
+    let err = DatasetSpec::Folder(dir.path().into()).load(16, None).unwrap_err();
     assert!(matches!(err, DataError::NoImages { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains(&dir.path().display().to_string()),
-        "{err}"
-    );
-    let gone = DatasetSpec::Folder(dir.path().join("missing"))
-        .load(16, None)
-        .unwrap_err();
+    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    let gone = DatasetSpec::Folder(dir.path().join("missing")).load(16, None).unwrap_err();
     assert!(gone.to_string().contains("missing"), "{gone}");
 }

@@ -32,10 +32,7 @@ fn real_mnist_fashion_cifar_and_orl() {
     let root = shared();
     let mnist = load(DatasetSpec::Mnist(root.join("mnist")), 28);
     assert_eq!((mnist.len, mnist.nc), (60_000, 1));
-    assert_eq!(
-        class_counts(&mnist, 10),
-        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    );
+    assert_eq!(class_counts(&mnist, 10), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]);
     // Background is 0 -> -1; digits reach full ink.
     assert_eq!(mnist.sample(0)[0], -1.0);
     assert!(mnist.sample(0).contains(&1.0));

@@ -262,12 +262,28 @@ impl Gan {
         &mut self.d
     }
 
-    /// A fingerprint of every parameter and BatchNorm buffer, bit for bit: ranks that compare
-    /// equal hold identical networks.
+    /// A fingerprint of both networks' parameters and Adam states, bit for bit. These are the
+    /// same on every rank of a data-parallel run (every rank applies the same averaged update),
+    /// so ranks whose fingerprints differ have diverged.
     pub fn parameter_checksum(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for net in [&self.g, &self.d] {
-            net.params.iter().for_each(|v| v.to_bits().hash(&mut h));
+            for v in net.params.iter().chain(&net.adam.exp_avg).chain(&net.adam.exp_avg_sq) {
+                v.to_bits().hash(&mut h);
+            }
+            net.adam.step.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// [`Gan::parameter_checksum`] plus every BatchNorm buffer. Ranks agree on these only when
+    /// they normalise with the same statistics: one rank, or synchronised BatchNorm; with
+    /// per-rank statistics (the default, as in DDP) each rank's running averages follow its own
+    /// batches.
+    pub fn state_checksum(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.parameter_checksum().hash(&mut h);
+        for net in [&self.g, &self.d] {
             for bn in net.batch_norms() {
                 bn.running_mean.iter().chain(&bn.running_var).for_each(|v| v.to_bits().hash(&mut h));
                 bn.num_batches_tracked.hash(&mut h);

@@ -7,9 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::v1::{
-    CheckpointChunk, CheckpointData, CheckpointFileInfo, CheckpointHeader, checkpoint_chunk,
-};
+use crate::v1::{CheckpointChunk, CheckpointData, CheckpointFileInfo, CheckpointHeader, checkpoint_chunk};
 use crate::{CHUNK_BYTES, MAX_CHECKPOINT_BYTES};
 
 /// Why a chunked payload was refused.
@@ -33,28 +31,14 @@ pub enum FramingError {
     BadDigest { name: String, sha256: String },
     #[error("chunk for file index {index} but the header lists {count} files")]
     FileIndexOutOfRange { index: u32, count: usize },
-    #[error(
-        "chunk for file {name:?} at offset {offset}, expected offset {expected} (chunks out of order)"
-    )]
-    OutOfOrder {
-        name: String,
-        offset: u64,
-        expected: u64,
-    },
+    #[error("chunk for file {name:?} at offset {offset}, expected offset {expected} (chunks out of order)")]
+    OutOfOrder { name: String, offset: u64, expected: u64 },
     #[error("file {name:?} is larger than its declared {declared} bytes")]
     Overflow { name: String, declared: u64 },
     #[error("file {name:?} ended after {got} of {declared} bytes (transfer truncated)")]
-    Truncated {
-        name: String,
-        got: u64,
-        declared: u64,
-    },
+    Truncated { name: String, got: u64, declared: u64 },
     #[error("file {name:?} has sha256 {got}, the header declared {declared}")]
-    DigestMismatch {
-        name: String,
-        got: String,
-        declared: String,
-    },
+    DigestMismatch { name: String, got: String, declared: String },
     #[error("pixel payload of {0} bytes is not a whole number of f32 values")]
     RaggedPixels(usize),
 }
@@ -82,9 +66,7 @@ pub fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Builds the header for `files`; `step`, `epoch` and the flags are the caller's to fill in.
@@ -98,11 +80,7 @@ pub fn checkpoint_header(files: &[(String, Vec<u8>)]) -> CheckpointHeader {
         })
         .collect();
     let total_size = infos.iter().map(|f| f.size).sum();
-    CheckpointHeader {
-        files: infos,
-        total_size,
-        ..Default::default()
-    }
+    CheckpointHeader { files: infos, total_size, ..Default::default() }
 }
 
 /// The chunks of one checkpoint: the header first, then each file's bytes in order.
@@ -124,18 +102,8 @@ impl CheckpointChunks {
     }
 
     /// As [`CheckpointChunks::new`] with a chosen chunk size (tests use small ones).
-    pub fn with_chunk_bytes(
-        header: CheckpointHeader,
-        files: Vec<(String, Vec<u8>)>,
-        chunk_bytes: usize,
-    ) -> Self {
-        Self {
-            header: Some(header),
-            files,
-            file: 0,
-            offset: 0,
-            chunk_bytes: chunk_bytes.max(1),
-        }
+    pub fn with_chunk_bytes(header: CheckpointHeader, files: Vec<(String, Vec<u8>)>, chunk_bytes: usize) -> Self {
+        Self { header: Some(header), files, file: 0, offset: 0, chunk_bytes: chunk_bytes.max(1) }
     }
 }
 
@@ -144,9 +112,7 @@ impl Iterator for CheckpointChunks {
 
     fn next(&mut self) -> Option<CheckpointChunk> {
         if let Some(h) = self.header.take() {
-            return Some(CheckpointChunk {
-                chunk: Some(checkpoint_chunk::Chunk::Header(h)),
-            });
+            return Some(CheckpointChunk { chunk: Some(checkpoint_chunk::Chunk::Header(h)) });
         }
         // Empty files send no data chunk: the receiver knows their size from the header.
         while self.file < self.files.len() && self.offset >= self.files[self.file].1.len() {
@@ -161,9 +127,7 @@ impl Iterator for CheckpointChunks {
             data: bytes[self.offset..end].to_vec(),
         };
         self.offset = end;
-        Some(CheckpointChunk {
-            chunk: Some(checkpoint_chunk::Chunk::Data(data)),
-        })
+        Some(CheckpointChunk { chunk: Some(checkpoint_chunk::Chunk::Data(data)) })
     }
 }
 
@@ -195,11 +159,7 @@ impl CheckpointAssembler {
                 validate_header(&h)?;
                 // Reserve what was declared, up to a bound, so a lying header cannot make the
                 // receiver allocate before any byte arrived.
-                self.files = h
-                    .files
-                    .iter()
-                    .map(|f| Vec::with_capacity(f.size.min(64 << 20) as usize))
-                    .collect();
+                self.files = h.files.iter().map(|f| Vec::with_capacity(f.size.min(64 << 20) as usize)).collect();
                 self.header = Some(h);
                 Ok(())
             }
@@ -207,18 +167,11 @@ impl CheckpointAssembler {
                 let header = self.header.as_ref().ok_or(FramingError::MissingHeader)?;
                 let count = header.files.len();
                 let index = d.file_index as usize;
-                let info = header
-                    .files
-                    .get(index)
-                    .ok_or(FramingError::FileIndexOutOfRange {
-                        index: d.file_index,
-                        count,
-                    })?;
+                let info =
+                    header.files.get(index).ok_or(FramingError::FileIndexOutOfRange { index: d.file_index, count })?;
                 // Files arrive in order, so every earlier file must be complete.
-                if let Some((i, _)) = header.files[..index]
-                    .iter()
-                    .enumerate()
-                    .find(|(i, f)| self.files[*i].len() as u64 != f.size)
+                if let Some((i, _)) =
+                    header.files[..index].iter().enumerate().find(|(i, f)| self.files[*i].len() as u64 != f.size)
                 {
                     let f = &header.files[i];
                     return Err(FramingError::Truncated {
@@ -236,10 +189,7 @@ impl CheckpointAssembler {
                     });
                 }
                 if buf.len() as u64 + d.data.len() as u64 > info.size {
-                    return Err(FramingError::Overflow {
-                        name: info.name.clone(),
-                        declared: info.size,
-                    });
+                    return Err(FramingError::Overflow { name: info.name.clone(), declared: info.size });
                 }
                 buf.extend_from_slice(&d.data);
                 Ok(())
@@ -282,24 +232,13 @@ fn validate_header(h: &CheckpointHeader) -> Result<(), FramingError> {
         if h.files[..i].iter().any(|g| g.name == f.name) {
             return Err(FramingError::DuplicateFile(f.name.clone()));
         }
-        if f.sha256.len() != 64
-            || !f
-                .sha256
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(FramingError::BadDigest {
-                name: f.name.clone(),
-                sha256: f.sha256.clone(),
-            });
+        if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(FramingError::BadDigest { name: f.name.clone(), sha256: f.sha256.clone() });
         }
         sum = sum.saturating_add(f.size);
     }
     if sum != h.total_size {
-        return Err(FramingError::TotalSizeMismatch {
-            declared: h.total_size,
-            sum,
-        });
+        return Err(FramingError::TotalSizeMismatch { declared: h.total_size, sum });
     }
     if sum > MAX_CHECKPOINT_BYTES {
         return Err(FramingError::TooLarge(sum));
@@ -321,11 +260,7 @@ pub fn decode_f32_le(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), FramingErro
         return Err(FramingError::RaggedPixels(bytes.len()));
     }
     out.reserve(bytes.len() / 4);
-    out.extend(
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    );
+    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
     Ok(())
 }
 
@@ -334,11 +269,7 @@ mod tests {
     use super::*;
 
     fn files() -> Vec<(String, Vec<u8>)> {
-        vec![
-            ("a.bin".into(), (0..10u8).collect()),
-            ("empty".into(), vec![]),
-            ("b.json".into(), b"{\"x\":1}".to_vec()),
-        ]
+        vec![("a.bin".into(), (0..10u8).collect()), ("empty".into(), vec![]), ("b.json".into(), b"{\"x\":1}".to_vec())]
     }
 
     fn chunks(chunk_bytes: usize) -> Vec<CheckpointChunk> {
@@ -387,10 +318,7 @@ mod tests {
         for ch in c {
             a.push(ch).unwrap();
         }
-        assert!(matches!(
-            a.finish(),
-            Err(FramingError::DigestMismatch { .. })
-        ));
+        assert!(matches!(a.finish(), Err(FramingError::DigestMismatch { .. })));
     }
 
     #[test]
@@ -399,10 +327,7 @@ mod tests {
         c.swap(1, 2);
         let mut a = CheckpointAssembler::new();
         a.push(c.remove(0)).unwrap();
-        assert!(matches!(
-            a.push(c.remove(0)),
-            Err(FramingError::OutOfOrder { .. })
-        ));
+        assert!(matches!(a.push(c.remove(0)), Err(FramingError::OutOfOrder { .. })));
     }
 
     #[test]
@@ -411,18 +336,14 @@ mod tests {
         let mut a = CheckpointAssembler::new();
         let h = checkpoint_header(&f);
         assert!(matches!(
-            a.push(CheckpointChunk {
-                chunk: Some(checkpoint_chunk::Chunk::Header(h))
-            }),
+            a.push(CheckpointChunk { chunk: Some(checkpoint_chunk::Chunk::Header(h)) }),
             Err(FramingError::BadFileName(_))
         ));
         let mut h = checkpoint_header(&files());
         h.total_size += 1;
         let mut a = CheckpointAssembler::new();
         assert!(matches!(
-            a.push(CheckpointChunk {
-                chunk: Some(checkpoint_chunk::Chunk::Header(h))
-            }),
+            a.push(CheckpointChunk { chunk: Some(checkpoint_chunk::Chunk::Header(h)) }),
             Err(FramingError::TotalSizeMismatch { .. })
         ));
     }
@@ -435,10 +356,7 @@ mod tests {
         let mut out = Vec::new();
         decode_f32_le(&b, &mut out).unwrap();
         assert_eq!(out, v);
-        assert_eq!(
-            decode_f32_le(&b[..3], &mut out),
-            Err(FramingError::RaggedPixels(3))
-        );
+        assert_eq!(decode_f32_le(&b[..3], &mut out), Err(FramingError::RaggedPixels(3)));
     }
 
     #[test]

@@ -17,8 +17,7 @@ pub mod dcgan {
 pub use dcgan::v1;
 
 /// The encoded `FileDescriptorSet` of every `.proto` (imports included), for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/dcgan_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dcgan_descriptor.bin"));
 
 /// Largest message either side accepts. Chunked payloads stay under [`CHUNK_BYTES`], so this
 /// leaves room for the envelope while refusing anything absurd before it is buffered.
@@ -33,10 +32,6 @@ pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
 
 impl std::fmt::Display for v1::WorkerId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "rank {} (run {}, generation {})",
-            self.rank, self.run_id, self.generation
-        )
+        write!(f, "rank {} (run {}, generation {})", self.rank, self.run_id, self.generation)
     }
 }

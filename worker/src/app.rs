@@ -29,14 +29,12 @@ const HEARTBEAT_MISSES: u32 = 15;
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let local = cli.local_data()?;
     let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout)).await?;
-    let threads = cli.threads.map(|t| t as usize).unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let hostname = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let threads = cli
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let hostname =
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
     let join = v1::JoinRequest {
         hostname,
         pid: std::process::id(),
@@ -45,14 +43,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         requested_rank: cli.rank.map_or(-1, |r| r as i32),
     };
     let joined = raw.clone().join(join).await.context("join")?.into_inner();
-    let id = joined
-        .id
-        .clone()
-        .context("the coordinator's join answer has no id")?;
-    let config = joined
-        .config
-        .clone()
-        .context("the coordinator's join answer has no config")?;
+    let id = joined.id.clone().context("the coordinator's join answer has no id")?;
+    let config = joined.config.clone().context("the coordinator's join answer has no config")?;
     let (rank, world) = (id.rank as usize, joined.world_size as usize);
     check_config(&config, world)?;
     tracing::info!(rank, world, run = %id.run_id, generation = id.generation, "joined");
@@ -60,27 +52,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let stop = Arc::new(Stop::default());
 
     // From here on, whatever goes wrong is told to the coordinator before exiting.
-    let result = train(
-        &cli,
-        &client,
-        &joined,
-        config,
-        threads,
-        local,
-        Arc::clone(&stop),
-    )
-    .await;
+    let result = train(&cli, &client, &joined, config, threads, local, Arc::clone(&stop)).await;
     match result {
         Ok((final_step, checksum)) => {
-            client
-                .finish(true, String::new(), final_step, checksum)
-                .await?;
-            tracing::info!(
-                rank,
-                final_step,
-                checksum = format!("{checksum:#018x}"),
-                "finished"
-            );
+            client.finish(true, String::new(), final_step, checksum).await?;
+            tracing::info!(rank, final_step, checksum = format!("{checksum:#018x}"), "finished");
             Ok(())
         }
         Err(e) => {
@@ -98,10 +74,7 @@ fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {
         bail!("the coordinator sent an unusable configuration: {c:?}");
     }
     if (c.batch_size as usize) < world {
-        bail!(
-            "global batch {} is smaller than the world of {world}",
-            c.batch_size
-        );
+        bail!("global batch {} is smaller than the world of {world}", c.batch_size);
     }
     Ok(())
 }
@@ -117,43 +90,23 @@ async fn train(
 ) -> anyhow::Result<(u64, u64)> {
     let rank = client.id.rank as usize;
     let world = joined.world_size as usize;
-    let start_step = if joined.load_checkpoint {
-        joined.checkpoint_step
-    } else {
-        0
-    };
+    let start_step = if joined.load_checkpoint { joined.checkpoint_step } else { 0 };
 
     // Heartbeats start at once: loading a dataset or a checkpoint can take a while.
     let progress = Arc::new(AtomicU64::new(start_step));
     let heartbeat = tokio::spawn(heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&progress)));
     let _heartbeat_guard = AbortOnDrop(heartbeat);
 
-    let listener = TcpListener::bind((cli.listen_host.as_str(), 0)).with_context(|| {
-        format!(
-            "cannot bind the ring listener on {} (--listen-host)",
-            cli.listen_host
-        )
-    })?;
-    let port = listener
-        .local_addr()
-        .context("ring listener address")?
-        .port();
-    let advertise = cli
-        .advertise_host
-        .clone()
-        .unwrap_or_else(|| cli.listen_host.clone());
-    let ring_address = if advertise.contains(':') {
-        format!("[{advertise}]:{port}")
-    } else {
-        format!("{advertise}:{port}")
-    };
+    let listener = TcpListener::bind((cli.listen_host.as_str(), 0))
+        .with_context(|| format!("cannot bind the ring listener on {} (--listen-host)", cli.listen_host))?;
+    let port = listener.local_addr().context("ring listener address")?.port();
+    let advertise = cli.advertise_host.clone().unwrap_or_else(|| cli.listen_host.clone());
+    let ring_address =
+        if advertise.contains(':') { format!("[{advertise}]:{port}") } else { format!("{advertise}:{port}") };
     let ring = client.rendezvous(ring_address).await?;
     let peers = resolve(&ring.ring_addresses).await?;
     if peers.len() != world {
-        bail!(
-            "the coordinator sent {} ring addresses for a world of {world}",
-            peers.len()
-        );
+        bail!("the coordinator sent {} ring addresses for a world of {world}", peers.len());
     }
 
     let checkpoint = if joined.load_checkpoint {
@@ -188,8 +141,7 @@ async fn train(
         Some(spec) => {
             let (cfg, s) = (config.clone(), Arc::clone(&stop));
             tokio::task::spawn_blocking(move || {
-                let r = batches::load_local(&spec, &cfg)
-                    .and_then(|d| batches::from_local(Arc::new(d), plan, batch_tx));
+                let r = batches::load_local(&spec, &cfg).and_then(|d| batches::from_local(Arc::new(d), plan, batch_tx));
                 if let Err(e) = r {
                     s.set(format!("local data: {e:#}"));
                 }
@@ -203,11 +155,7 @@ async fn train(
     // One checkpoint in flight: if uploads are slower than checkpoints, rank 0 waits rather
     // than piling copies of the model up in memory.
     let (upload_tx, upload_rx) = mpsc::channel(1);
-    let uploader = tokio::spawn(upload_checkpoints(
-        client.clone(),
-        upload_rx,
-        Arc::clone(&stop),
-    ));
+    let uploader = tokio::spawn(upload_checkpoints(client.clone(), upload_rx, Arc::clone(&stop)));
 
     let config_json = serde_json::from_str(&joined.config_json).unwrap_or(serde_json::Value::Null);
     let trainer = Trainer {
@@ -228,9 +176,7 @@ async fn train(
         stop: Arc::clone(&stop),
         progress,
     };
-    let outcome = tokio::task::spawn_blocking(move || trainer.run())
-        .await
-        .context("the compute thread panicked")?;
+    let outcome = tokio::task::spawn_blocking(move || trainer.run()).await.context("the compute thread panicked")?;
     // The trainer dropped its senders: wait until every report and upload has gone out.
     let reported = reporter.await.context("the reporter panicked")?;
     let uploaded = uploader.await.context("the uploader panicked")?;
@@ -275,15 +221,9 @@ async fn heartbeats(client: Client, stop: Arc<Stop>, progress: Arc<AtomicU64>) {
             Ok(_) => misses = 0,
             Err(e) => {
                 misses += 1;
-                tracing::warn!(
-                    "heartbeat failed ({misses}/{HEARTBEAT_MISSES}): {}",
-                    e.message()
-                );
+                tracing::warn!("heartbeat failed ({misses}/{HEARTBEAT_MISSES}): {}", e.message());
                 if misses >= HEARTBEAT_MISSES {
-                    stop.set(format!(
-                        "the coordinator stopped answering: {}",
-                        e.message()
-                    ));
+                    stop.set(format!("the coordinator stopped answering: {}", e.message()));
                     return;
                 }
             }
@@ -312,11 +252,7 @@ async fn report_steps(
     Ok(())
 }
 
-async fn upload_checkpoints(
-    client: Client,
-    mut rx: mpsc::Receiver<Upload>,
-    stop: Arc<Stop>,
-) -> anyhow::Result<()> {
+async fn upload_checkpoints(client: Client, mut rx: mpsc::Receiver<Upload>, stop: Arc<Stop>) -> anyhow::Result<()> {
     while let Some(upload) = rx.recv().await {
         let step = upload.step;
         match client.upload_checkpoint(upload).await {

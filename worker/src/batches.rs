@@ -41,22 +41,14 @@ pub struct Plan {
 }
 
 /// Streams this rank's batches from the coordinator into `tx`, epoch after epoch.
-pub async fn from_coordinator(
-    client: Client,
-    plan: Plan,
-    tx: mpsc::Sender<Batch>,
-) -> anyhow::Result<()> {
+pub async fn from_coordinator(client: Client, plan: Plan, tx: mpsc::Sender<Batch>) -> anyhow::Result<()> {
     let mut step = plan.start_step;
     while step < plan.total_steps {
         let epoch = step / plan.steps_per_epoch;
         let mut stream = client.shard(epoch, step % plan.steps_per_epoch).await?;
         let mut indices = Vec::new();
         let mut pixels = Vec::new();
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .with_context(|| format!("shard of epoch {epoch}"))?
-        {
+        while let Some(chunk) = stream.message().await.with_context(|| format!("shard of epoch {epoch}"))? {
             let expected = step % plan.steps_per_epoch;
             check_chunk(&chunk, epoch, expected)?;
             decode_f32_le(&chunk.pixels, &mut pixels).context("shard pixels")?;
@@ -64,9 +56,7 @@ pub async fn from_coordinator(
             if !chunk.last_in_step {
                 continue;
             }
-            if indices.len() != chunk.step_batch as usize
-                || pixels.len() != indices.len() * plan.sample_len
-            {
+            if indices.len() != chunk.step_batch as usize || pixels.len() != indices.len() * plan.sample_len {
                 bail!(
                     "shard of epoch {epoch} step {expected}: {} samples and {} values, expected {} samples of {} values",
                     indices.len(),
@@ -75,11 +65,7 @@ pub async fn from_coordinator(
                     plan.sample_len
                 );
             }
-            let batch = Batch {
-                step,
-                indices: std::mem::take(&mut indices),
-                pixels: std::mem::take(&mut pixels),
-            };
+            let batch = Batch { step, indices: std::mem::take(&mut indices), pixels: std::mem::take(&mut pixels) };
             if tx.send(batch).await.is_err() {
                 return Ok(()); // The trainer stopped.
             }
@@ -130,11 +116,7 @@ pub fn load_local(spec: &DatasetSpec, config: &v1::RunConfig) -> anyhow::Result<
 
 /// Draws this rank's batches from a local copy, with the same order and split as the
 /// coordinator (both use `data::shard`).
-pub fn from_local(
-    dataset: Arc<Dataset>,
-    plan: Plan,
-    tx: mpsc::Sender<Batch>,
-) -> anyhow::Result<()> {
+pub fn from_local(dataset: Arc<Dataset>, plan: Plan, tx: mpsc::Sender<Batch>) -> anyhow::Result<()> {
     let mut order: Option<(u64, Vec<u32>)> = None;
     for step in plan.start_step..plan.total_steps {
         let epoch = step / plan.steps_per_epoch;
@@ -144,24 +126,12 @@ pub fn from_local(
         let Some((_, o)) = order.as_ref() else {
             continue;
         };
-        let indices = data::rank_batch(
-            o,
-            (step % plan.steps_per_epoch) as usize,
-            plan.global_batch,
-            plan.world,
-            plan.rank,
-        )
-        .to_vec();
+        let indices =
+            data::rank_batch(o, (step % plan.steps_per_epoch) as usize, plan.global_batch, plan.world, plan.rank)
+                .to_vec();
         let mut pixels = Vec::new();
         dataset.gather(&indices, &mut pixels);
-        if tx
-            .blocking_send(Batch {
-                step,
-                indices,
-                pixels,
-            })
-            .is_err()
-        {
+        if tx.blocking_send(Batch { step, indices, pixels }).is_err() {
             return Ok(());
         }
     }

@@ -53,13 +53,9 @@ impl Cli {
             None => Ok(None),
             Some(d) => {
                 let spec = d.strip_prefix("local:").ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--data {d:?}: expected local:SPEC, e.g. local:mnist:/data/mnist"
-                    )
+                    anyhow::anyhow!("--data {d:?}: expected local:SPEC, e.g. local:mnist:/data/mnist")
                 })?;
-                Ok(Some(
-                    spec.parse().map_err(|e| anyhow::anyhow!("--data: {e}"))?,
-                ))
+                Ok(Some(spec.parse().map_err(|e| anyhow::anyhow!("--data: {e}"))?))
             }
         }
     }

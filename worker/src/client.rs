@@ -36,10 +36,7 @@ pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Coordinator
                 tracing::debug!("coordinator not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => bail!(
-                "cannot reach the coordinator at {url} within {} s: {e}",
-                timeout.as_secs()
-            ),
+            Err(e) => bail!("cannot reach the coordinator at {url} within {} s: {e}", timeout.as_secs()),
         }
     }
 }
@@ -54,55 +51,23 @@ impl Client {
     }
 
     pub async fn rendezvous(&self, ring_address: String) -> anyhow::Result<v1::RendezvousResponse> {
-        let req = v1::RendezvousRequest {
-            id: Some(self.id.clone()),
-            ring_address,
-        };
-        Ok(self
-            .raw()
-            .rendezvous(req)
-            .await
-            .context("rendezvous")?
-            .into_inner())
+        let req = v1::RendezvousRequest { id: Some(self.id.clone()), ring_address };
+        Ok(self.raw().rendezvous(req).await.context("rendezvous")?.into_inner())
     }
 
-    pub async fn shard(
-        &self,
-        epoch: u64,
-        from_step_in_epoch: u64,
-    ) -> anyhow::Result<tonic::Streaming<v1::ShardChunk>> {
-        let req = v1::GetShardRequest {
-            id: Some(self.id.clone()),
-            epoch,
-            from_step_in_epoch,
-        };
-        Ok(self
-            .raw()
-            .get_shard(req)
-            .await
-            .with_context(|| format!("shard of epoch {epoch}"))?
-            .into_inner())
+    pub async fn shard(&self, epoch: u64, from_step_in_epoch: u64) -> anyhow::Result<tonic::Streaming<v1::ShardChunk>> {
+        let req = v1::GetShardRequest { id: Some(self.id.clone()), epoch, from_step_in_epoch };
+        Ok(self.raw().get_shard(req).await.with_context(|| format!("shard of epoch {epoch}"))?.into_inner())
     }
 
-    pub async fn report(
-        &self,
-        mut req: v1::ReportStepRequest,
-    ) -> anyhow::Result<v1::ReportStepResponse> {
+    pub async fn report(&self, mut req: v1::ReportStepRequest) -> anyhow::Result<v1::ReportStepResponse> {
         req.id = Some(self.id.clone());
         let step = req.step;
-        Ok(self
-            .raw()
-            .report_step(req)
-            .await
-            .with_context(|| format!("report of step {step}"))?
-            .into_inner())
+        Ok(self.raw().report_step(req).await.with_context(|| format!("report of step {step}"))?.into_inner())
     }
 
     pub async fn heartbeat(&self, step: u64) -> Result<v1::RunState, tonic::Status> {
-        let req = v1::HeartbeatRequest {
-            id: Some(self.id.clone()),
-            step,
-        };
+        let req = v1::HeartbeatRequest { id: Some(self.id.clone()), step };
         let resp = self.raw().heartbeat(req).await?.into_inner();
         Ok(v1::RunState::try_from(resp.state).unwrap_or(v1::RunState::Unspecified))
     }
@@ -114,13 +79,7 @@ impl Client {
         final_step: u64,
         parameter_checksum: u64,
     ) -> anyhow::Result<()> {
-        let req = v1::FinishRequest {
-            id: Some(self.id.clone()),
-            ok,
-            error,
-            final_step,
-            parameter_checksum,
-        };
+        let req = v1::FinishRequest { id: Some(self.id.clone()), ok, error, final_step, parameter_checksum };
         self.raw().finish(req).await.context("finish")?;
         Ok(())
     }
@@ -145,10 +104,7 @@ impl Client {
 
     /// Fetches the checkpoint of `step`, checking every file's size and sha256.
     pub async fn download_checkpoint(&self, step: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let req = v1::DownloadCheckpointRequest {
-            id: Some(self.id.clone()),
-            step,
-        };
+        let req = v1::DownloadCheckpointRequest { id: Some(self.id.clone()), step };
         let mut stream = self
             .raw()
             .download_checkpoint(req)

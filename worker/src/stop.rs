@@ -28,10 +28,7 @@ impl Stop {
         if !self.set.load(Ordering::Acquire) {
             return None;
         }
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -10,10 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kernels::{
-    CheckpointFiles, Collective, Gan, ModelConfig, OptimConfig, SingleProcess, Tensor,
-    TrainingState,
-};
+use kernels::{CheckpointFiles, Collective, Gan, ModelConfig, OptimConfig, SingleProcess, Tensor, TrainingState};
 use proto::v1;
 use tokio::sync::mpsc;
 
@@ -72,19 +69,9 @@ impl Trainer {
             Box::new(SingleProcess)
         } else {
             let listener = self.listener.try_clone().context("ring listener")?;
-            let ring = allreduce::TcpRing::connect(
-                self.rank,
-                &self.peers,
-                listener,
-                self.session,
-                self.ring_timeout,
-            )
-            .context("cannot build the all-reduce ring")?;
-            tracing::info!(
-                rank = self.rank,
-                world = self.world,
-                "all-reduce ring connected"
-            );
+            let ring = allreduce::TcpRing::connect(self.rank, &self.peers, listener, self.session, self.ring_timeout)
+                .context("cannot build the all-reduce ring")?;
+            tracing::info!(rank = self.rank, world = self.world, "all-reduce ring connected");
             Box::new(ring)
         };
         let mut gan = self.build_gan()?;
@@ -110,18 +97,13 @@ impl Trainer {
                 bail!("data for step {} arrived at step {step}", batch.step);
             }
             let n = batch.indices.len();
-            let real =
-                Tensor::new(vec![n, c.nc as usize, s, s], batch.pixels).context("real batch")?;
+            let real = Tensor::new(vec![n, c.nc as usize, s, s], batch.pixels).context("real batch")?;
             let z = kernels::rng::noise(c.seed, self.rank as u64, step, n, c.nz as usize);
             let data_seconds = t0.elapsed().as_secs_f64();
 
             // The last step of an epoch also takes the remainder, so its global batch is larger.
             let step_in_epoch = step % spe;
-            let global_n = if step_in_epoch + 1 == spe {
-                c.dataset_len - step_in_epoch * global
-            } else {
-                global
-            };
+            let global_n = if step_in_epoch + 1 == spe { c.dataset_len - step_in_epoch * global } else { global };
             let grad_weight = (n as f64 * self.world as f64 / global_n as f64) as f32;
             let stats = pool
                 .install(|| gan.train_step(&real, &z, grad_weight, collective.as_mut()))
@@ -130,8 +112,7 @@ impl Trainer {
             step += 1;
             self.progress.store(step, Ordering::Relaxed);
 
-            let checksum = (step == total
-                || (c.checksum_every > 0 && step % c.checksum_every == 0))
+            let checksum = (step == total || (c.checksum_every > 0 && step % c.checksum_every == 0))
                 .then(|| consistency_checksum(&gan, c.sync_bn));
             let report = v1::ReportStepRequest {
                 id: None,
@@ -153,27 +134,17 @@ impl Trainer {
             if self.reports.blocking_send(report).is_err() {
                 bail!(
                     "stopped at step {step}: {}",
-                    self.stop
-                        .reason()
-                        .unwrap_or_else(|| "the reporter stopped".into())
+                    self.stop.reason().unwrap_or_else(|| "the reporter stopped".into())
                 );
             }
             if step % spe == 0 {
-                tracing::info!(
-                    epoch,
-                    step,
-                    loss_d = stats.loss_d,
-                    loss_g = stats.loss_g,
-                    "epoch done"
-                );
+                tracing::info!(epoch, step, loss_d = stats.loss_d, loss_g = stats.loss_g, "epoch done");
             }
 
             let end_of_epoch = step % spe == 0;
             let is_final = step == total;
             if self.rank == 0
-                && (end_of_epoch
-                    || is_final
-                    || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0))
+                && (end_of_epoch || is_final || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0))
             {
                 let state = TrainingState {
                     step,
@@ -182,30 +153,17 @@ impl Trainer {
                     seed: c.seed,
                     config: self.config_json.clone(),
                 };
-                let files = gan
-                    .save(&state)
-                    .with_context(|| format!("checkpoint of step {step}"))?;
-                let upload = Upload {
-                    step,
-                    epoch,
-                    end_of_epoch,
-                    is_final,
-                    files: files.files,
-                };
+                let files = gan.save(&state).with_context(|| format!("checkpoint of step {step}"))?;
+                let upload = Upload { step, epoch, end_of_epoch, is_final, files: files.files };
                 if self.uploads.blocking_send(upload).is_err() {
                     bail!(
                         "stopped at step {step}: {}",
-                        self.stop
-                            .reason()
-                            .unwrap_or_else(|| "the uploader stopped".into())
+                        self.stop.reason().unwrap_or_else(|| "the uploader stopped".into())
                     );
                 }
             }
         }
-        Ok(Outcome {
-            final_step: step,
-            checksum: consistency_checksum(&gan, c.sync_bn),
-        })
+        Ok(Outcome { final_step: step, checksum: consistency_checksum(&gan, c.sync_bn) })
     }
 
     /// A fresh GAN from the run's seed (the same on every rank), or the checkpoint's.
@@ -213,28 +171,16 @@ impl Trainer {
         let model = self.model();
         match self.checkpoint.take() {
             None => {
-                let optim = OptimConfig {
-                    lr: self.config.lr,
-                    beta1: self.config.beta1,
-                    ..Default::default()
-                };
+                let optim = OptimConfig { lr: self.config.lr, beta1: self.config.beta1, ..Default::default() };
                 Gan::new(model, optim, self.config.seed).context("cannot build the networks")
             }
             Some(files) => {
                 let (gan, state) = Gan::load(&files).context("cannot load the checkpoint")?;
                 if state.step != self.start_step {
-                    bail!(
-                        "the checkpoint is of step {}, the coordinator said {}",
-                        state.step,
-                        self.start_step
-                    );
+                    bail!("the checkpoint is of step {}, the coordinator said {}", state.step, self.start_step);
                 }
                 if *gan.model_config() != model {
-                    bail!(
-                        "the checkpoint's networks {:?} are not the run's {:?}",
-                        gan.model_config(),
-                        model
-                    );
+                    bail!("the checkpoint's networks {:?} are not the run's {:?}", gan.model_config(), model);
                 }
                 tracing::info!(step = state.step, "resumed from checkpoint");
                 Ok(gan)
@@ -246,23 +192,9 @@ impl Trainer {
 /// The fingerprint the ranks compare to prove they hold the same model.
 ///
 /// With sync-BN every rank computes the same BatchNorm statistics, so everything must agree,
-/// running statistics included ([`Gan::parameter_checksum`]). Without it each rank's running
+/// running statistics included ([`Gan::state_checksum`]). Without it each rank's running
 /// statistics follow its own batches — by design, as with DDP, where rank 0's are the ones
-/// saved — so only the trainable parameters (which the all-reduce keeps identical) are compared.
+/// saved — so only the parameters and Adam states (which the all-reduce keeps identical) are compared.
 pub fn consistency_checksum(gan: &Gan, sync_bn: bool) -> u64 {
-    if sync_bn {
-        return gan.parameter_checksum();
-    }
-    // FNV-1a over the parameters' bits: stable across processes, builds and Rust versions.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in gan
-        .generator_params()
-        .iter()
-        .chain(gan.discriminator_params())
-    {
-        for b in v.to_bits().to_le_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
+    if sync_bn { gan.state_checksum() } else { gan.parameter_checksum() }
 }

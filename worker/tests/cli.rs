@@ -13,14 +13,7 @@ fn help_explains_the_flags() {
     let out = worker().arg("--help").output().expect("run worker --help");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--coordinator",
-        "--threads",
-        "--listen-host",
-        "--data",
-        "--rank",
-        "[env: DCGAN_COORDINATOR=",
-    ] {
+    for flag in ["--coordinator", "--threads", "--listen-host", "--data", "--rank", "[env: DCGAN_COORDINATOR="] {
         assert!(text.contains(flag), "help lacks {flag}:\n{text}");
     }
 }
@@ -28,37 +21,22 @@ fn help_explains_the_flags() {
 #[test]
 fn an_unreachable_coordinator_is_reported() {
     // Port 1 on loopback: nothing listens there.
-    let out = worker()
-        .args([
-            "--coordinator",
-            "http://127.0.0.1:1",
-            "--connect-timeout",
-            "1",
-        ])
-        .output()
-        .expect("run worker");
+    let out =
+        worker().args(["--coordinator", "http://127.0.0.1:1", "--connect-timeout", "1"]).output().expect("run worker");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cannot reach the coordinator at http://127.0.0.1:1"),
-        "{err}"
-    );
+    assert!(err.contains("cannot reach the coordinator at http://127.0.0.1:1"), "{err}");
 }
 
 #[test]
 fn bad_flags_are_reported() {
-    let out = worker()
-        .args(["--coordinator", "http://127.0.0.1:1", "--data", "mnist:/x"])
-        .output()
-        .expect("run worker");
+    let out =
+        worker().args(["--coordinator", "http://127.0.0.1:1", "--data", "mnist:/x"]).output().expect("run worker");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected local:SPEC"), "{err}");
 
-    let out = worker()
-        .args(["--coordinator", "not a url"])
-        .output()
-        .expect("run worker");
+    let out = worker().args(["--coordinator", "not a url"]).output().expect("run worker");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a valid URL"), "{err}");

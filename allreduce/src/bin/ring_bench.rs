@@ -58,11 +58,7 @@ fn sizes(args: &Args) -> Vec<usize> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Median seconds of copying a buffer of `bytes` into another (both touched beforehand).
@@ -87,19 +83,13 @@ fn main() -> Result<()> {
         bail!("--world, --iters and --mib must be positive");
     }
     let sizes = sizes(&args);
-    let memcpy: Vec<f64> = sizes
-        .iter()
-        .map(|&b| memcpy_seconds(b, args.iters))
-        .collect();
+    let memcpy: Vec<f64> = sizes.iter().map(|&b| memcpy_seconds(b, args.iters)).collect();
 
     let listeners = (0..args.world)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
         .context("binding loopback listeners")?;
-    let addrs = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    let addrs = listeners.iter().map(TcpListener::local_addr).collect::<Result<Vec<SocketAddr>, _>>()?;
     let options = RingOptions {
         segment_bytes: args.segment_kib * 1024,
         socket_buffer_bytes: args.sockbuf_kib.map(|k| k * 1024),
@@ -113,17 +103,9 @@ fn main() -> Result<()> {
             .into_iter()
             .enumerate()
             .map(|(rank, l)| {
-                let (addrs, sizes, barrier, options, args) =
-                    (&addrs, &sizes, &barrier, options.clone(), &args);
+                let (addrs, sizes, barrier, options, args) = (&addrs, &sizes, &barrier, options.clone(), &args);
                 s.spawn(move || -> Result<Vec<Vec<f64>>> {
-                    let mut ring = TcpRing::connect_with(
-                        rank,
-                        addrs,
-                        l,
-                        0xbe9c,
-                        Duration::from_secs(30),
-                        options,
-                    )?;
+                    let mut ring = TcpRing::connect_with(rank, addrs, l, 0xbe9c, Duration::from_secs(30), options)?;
                     let mut per_size = Vec::new();
                     for &bytes in sizes {
                         let mut buf = vec![1.0f32 / (rank + 1) as f32; bytes / 4];
@@ -145,10 +127,7 @@ fn main() -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a rank thread panicked"))?
-            })
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank thread panicked"))?)
             .collect::<Result<Vec<_>>>()
     })?;
 
@@ -159,8 +138,7 @@ fn main() -> Result<()> {
         args.iters,
         args.warmup,
         args.segment_kib,
-        args.sockbuf_kib
-            .map_or("kernel auto-tuned".to_string(), |k| format!("{k} KiB")),
+        args.sockbuf_kib.map_or("kernel auto-tuned".to_string(), |k| format!("{k} KiB")),
     );
     println!(
         "{:>12} {:>12} {:>14} {:>14} {:>16}",
@@ -168,9 +146,8 @@ fn main() -> Result<()> {
     );
     for (i, &bytes) in sizes.iter().enumerate() {
         // An all-reduce lasts until its slowest rank is done.
-        let slowest: Vec<f64> = (0..args.iters)
-            .map(|it| times.iter().map(|rank| rank[i][it]).fold(0.0, f64::max))
-            .collect();
+        let slowest: Vec<f64> =
+            (0..args.iters).map(|it| times.iter().map(|rank| rank[i][it]).fold(0.0, f64::max)).collect();
         let t = median(slowest);
         let algbw = bytes as f64 / t / 1e9;
         println!(

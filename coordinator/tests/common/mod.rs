@@ -16,16 +16,14 @@ pub fn worker_bin() -> PathBuf {
         }
         let coordinator = PathBuf::from(env!("CARGO_BIN_EXE_coordinator"));
         let worker = coordinator.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+        // Build it with the profile the coordinator was built with (its directory says which).
+        let profile = match coordinator.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()) {
+            Some("release") => "release",
+            Some("debug") | None => "test",
+            Some(other) => other,
+        };
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--profile",
-                "test",
-                "-p",
-                "worker",
-                "--bin",
-                "worker",
-            ])
+            .args(["build", "--profile", profile, "-p", "worker", "--bin", "worker"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo to build the worker binary");
@@ -147,18 +145,11 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Finished {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "coordinator did not finish within {timeout:?}; stderr:\n{}",
-                err_reader.join().unwrap_or_default()
-            );
+            panic!("coordinator did not finish within {timeout:?}; stderr:\n{}", err_reader.join().unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Finished {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    }
+    Finished { status, stdout: out_reader.join().unwrap_or_default(), stderr: err_reader.join().unwrap_or_default() }
 }
 
 /// A coordinator running in the background (killed on drop).
@@ -178,11 +169,7 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start coordinator");
-        let mut running = Self {
-            child: Some(child),
-            addr: String::new(),
-            run_dir: run_dir.to_path_buf(),
-        };
+        let mut running = Self { child: Some(child), addr: String::new(), run_dir: run_dir.to_path_buf() };
         let addr_file = run_dir.join("coordinator.addr");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -194,15 +181,11 @@ impl Running {
             }
             if let Some(c) = running.child.as_mut() {
                 if let Ok(Some(s)) = c.try_wait() {
-                    let f =
-                        wait_output(running.child.take().expect("child"), Duration::from_secs(5));
+                    let f = wait_output(running.child.take().expect("child"), Duration::from_secs(5));
                     panic!("coordinator exited early ({s}): {}", f.stderr);
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator wrote no address in 60 s"
-            );
+            assert!(Instant::now() < deadline, "coordinator wrote no address in 60 s");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -240,12 +223,7 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
         .expect("list checkpoints")
         .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix("step_")
-                .and_then(|s| s.parse().ok())
-        })
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step_").and_then(|s| s.parse().ok()))
         .collect();
     steps.sort_unstable();
     steps

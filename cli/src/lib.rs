@@ -1,0 +1,24 @@
+//! The `dcgan` research tool as a library: the DCGAN paper's experiments on any checkpoint
+//! (latent walks, vector arithmetic on z, removal of generator feature maps, visualisation of
+//! discriminator features, nearest neighbours) and the numbers that say whether a run is
+//! getting better (FID on a trained classifier's features, D's features as a representation).
+//!
+//! Each module is one command or one piece of maths that commands share; the binary in
+//! `main.rs` only parses arguments and dispatches. The library is public so that other crates
+//! (the coordinator's `--eval-every`) can compute the same FID without shelling out.
+
+pub mod ablate;
+pub mod arithmetic;
+pub mod checkpoint_ref;
+pub mod classifier;
+pub mod convert;
+pub mod evaluate;
+pub mod features;
+pub mod fid;
+pub mod generate;
+pub mod interpolate;
+pub mod latent;
+pub mod linear;
+pub mod nearest;
+pub mod render;
+pub mod visualize;
