@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-tools.sh
+bash .ci/deploy-checks.sh
 cargo test --workspace --no-fail-fast

@@ -14,13 +14,15 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint_store::CheckpointStore;
 use crate::cli::{Cli, Explicit};
 use crate::config::{DatasetFacts, RunConfig, merge_for_resume};
+use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
 use crate::metrics_log::MetricsLog;
 use crate::progress::Progress;
 use crate::run_dir::{RunDir, unix_ms, utc_stamp, write_atomic};
 use crate::run_state::{Event, Phase, Run};
 use crate::shards::ShardServer;
-use crate::{samples, server};
+use crate::{observability, samples, server};
+use worker::telemetry::MetricsListener;
 
 /// How long workers get to exit by themselves after a completed run.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -55,6 +57,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
 
     RunConfig::check_cli(&cli, 3)?;
+    if !(cli.collapse_fraction >= 0.0 && cli.collapse_fraction <= 1.0) {
+        bail!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
+    }
 
     // The dataset is read and checked before anything else starts.
     let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
@@ -93,8 +98,13 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
 
     // The port is taken before anything is written, so a busy one leaves no half-made run.
+    let token = cli.token.as_deref().map(proto::auth::Token::new).transpose().context("--token (DCGAN_TOKEN)")?;
     let listener =
         TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let metrics_listener = match cli.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr).await?),
+        None => None,
+    };
 
     dir.create()?;
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
@@ -115,6 +125,24 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     }
 
     let addr = listener.local_addr().context("listener address")?;
+    // Metrics first: a test or a scraper that finds coordinator.addr finds metrics.addr too.
+    let metrics_addr = match metrics_listener {
+        Some(l) => {
+            let a = l.addr;
+            l.serve(&[])?;
+            observability::describe(
+                &config.run_id,
+                &config.dataset,
+                config.generation,
+                config.workers,
+                config.total_steps,
+            );
+            write_atomic(&root.join("metrics.addr"), format!("{a}\n").as_bytes())?;
+            println!("metrics at http://{a}/metrics");
+            Some(a)
+        }
+        None => None,
+    };
     write_atomic(&dir.address_file(), format!("{addr}\n").as_bytes())?;
     println!("coordinator listening on {addr}, run directory {}", root.display());
 
@@ -145,7 +173,23 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         checkpoints,
         root.display().to_string(),
         events_tx.clone(),
+        HealthConfig { d_won_steps: cli.d_won_steps, collapse_fraction: cli.collapse_fraction },
     );
+    // The run's span lives until this function returns (and is exported then); its context goes
+    // to the workers with `Join`.
+    let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
+    {
+        let mut cx = tonic::metadata::MetadataMap::new();
+        worker::telemetry::inject_context(&run_span, &mut cx);
+        let _ = run.trace_context.set(cx);
+    }
+    {
+        let (d, seed) = (Arc::clone(&dataset), config.seed);
+        let distance = tokio::task::spawn_blocking(move || samples::real_diversity(&d, seed))
+            .await
+            .context("sample diversity panicked")?;
+        run.set_real_sample_distance(distance);
+    }
     tracing::info!(
         run_id = %config.run_id,
         generation = config.generation,
@@ -156,10 +200,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     );
 
     let (stop_server, server_stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(Arc::clone(&run), listener, async {
+    let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token, async {
         let _ = server_stopped.await;
     }));
-    let renderer = tokio::spawn(render_samples(events_rx, dir.samples(), config.seed));
+    let renderer = tokio::spawn(render_samples(Arc::clone(&run), events_rx, dir.samples(), config.seed));
     if Progress::wanted(cli.quiet) {
         progress.start(run.start_step, config.total_steps, config.epochs);
     }
@@ -177,6 +221,12 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             threads: config.worker_threads,
             local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
             logs: dir.logs(),
+            // Workers serve theirs on the coordinator's metrics host, each on a free port.
+            metrics_listen: metrics_addr.map(|a| SocketAddr::new(a.ip(), 0)),
+            metrics_linger: cli.metrics_linger,
+            log_format: cli.log_format,
+            otlp_endpoint: cli.otlp_endpoint.clone(),
+            token: cli.token.clone(),
         };
         match Launcher::launch(&spec, exit_tx) {
             Ok(l) => Some(l),
@@ -207,7 +257,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 }
                 None => exits_open = false,
             },
-            _ = tick.tick() => run.check_heartbeats(heartbeat_timeout),
+            _ = tick.tick() => {
+                run.check_heartbeats(heartbeat_timeout);
+                run.record_liveness(heartbeat_timeout);
+            }
             _ = tokio::signal::ctrl_c() => { run.fail("interrupted"); }
         }
     }
@@ -222,6 +275,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     if matches!(outcome, Phase::Failed(_)) {
         run.mark_unfinished_failed();
     }
+    run.record_liveness(heartbeat_timeout);
     // No more uploads can come: let the renderer finish what is queued, then stop serving.
     let _ = events_tx.send(Event::Stop);
     match renderer.await {
@@ -247,6 +301,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     }
     progress_task.abort();
     progress.finish();
+    if metrics_addr.is_some() && cli.metrics_linger > 0 {
+        tracing::info!("serving metrics for {} s more (--metrics-linger)", cli.metrics_linger);
+        tokio::time::sleep(Duration::from_secs(cli.metrics_linger)).await;
+    }
 
     match outcome {
         Phase::Completed => {
@@ -314,16 +372,23 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Draws the fake grids asked for by [`Event::RenderSamples`] until [`Event::Stop`].
-async fn render_samples(mut events: mpsc::UnboundedReceiver<Event>, dir: PathBuf, seed: u64) -> anyhow::Result<()> {
+async fn render_samples(
+    run: Arc<Run>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    dir: PathBuf,
+    seed: u64,
+) -> anyhow::Result<()> {
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Stop => break,
             Event::RenderSamples { files, epoch, step } => {
                 let d = dir.clone();
-                let path = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
-                    .await
-                    .context("sample renderer panicked")??;
-                tracing::info!(step, epoch, path = %path.display(), "samples drawn");
+                let (path, diversity) =
+                    tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
+                        .await
+                        .context("sample renderer panicked")??;
+                tracing::info!(step, epoch, path = %path.display(), diversity, "samples drawn");
+                run.observe_samples(epoch, diversity);
             }
         }
     }

@@ -121,6 +121,13 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_HEARTBEAT_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_timeout: u64,
 
+    /// A shared token that every worker must present (`authorization: Bearer ...`); calls
+    /// without it are refused with UNAUTHENTICATED. Health and reflection stay open. Launched
+    /// workers get it through their environment. Prefer DCGAN_TOKEN (a Kubernetes Secret) to the
+    /// flag, which `ps` shows.
+    #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// No progress bar and only warnings and errors on the terminal.
     #[arg(long, short, env = "DCGAN_QUIET")]
     pub quiet: bool,
@@ -128,6 +135,38 @@ pub struct Cli {
     /// Path of the worker binary [default: `worker` next to this executable].
     #[arg(long, env = "DCGAN_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
+    /// address is printed and written to RUN_DIR/metrics.addr). Off when not given; when given,
+    /// launched workers serve theirs on the same host with a free port (see their logs).
+    #[arg(long, env = "DCGAN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// With --metrics-listen: keep serving /metrics this many seconds after the run ends (launched workers do too), so a
+    /// scrape sees the final values.
+    #[arg(long, env = "DCGAN_METRICS_LINGER", default_value_t = 0)]
+    pub metrics_linger: u64,
+
+    /// Log lines as `pretty` text or `json` objects (`RUST_LOG` filters them); launched workers
+    /// use the same.
+    #[arg(long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = worker::telemetry::LogFormat::Pretty)]
+    pub log_format: worker::telemetry::LogFormat,
+
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317). Off when
+    /// neither this nor OTEL_EXPORTER_OTLP_ENDPOINT is set; launched workers
+    /// inherit the environment variable or get the flag.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// GAN health: warn that the discriminator has won after this many steps in a row with
+    /// D(x) > 0.99 and D(G(z)) < 0.01.
+    #[arg(long, env = "DCGAN_D_WON_STEPS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub d_won_steps: u64,
+
+    /// GAN health: warn of mode collapse when the fixed-noise samples' mean pairwise distance
+    /// falls below this fraction of the real samples'.
+    #[arg(long, env = "DCGAN_COLLAPSE_FRACTION", default_value_t = 0.2)]
+    pub collapse_fraction: f64,
 }
 
 /// Argument ids given on the command line or in the environment (not defaulted).

@@ -47,6 +47,13 @@ pub struct LaunchSpec {
     /// `--data local:SPEC` for workers that read the dataset themselves.
     pub local_data: Option<String>,
     pub logs: PathBuf,
+    /// `--metrics-listen` for each worker (a port-0 address), when the coordinator serves metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_linger: u64,
+    pub log_format: worker::telemetry::LogFormat,
+    pub otlp_endpoint: Option<String>,
+    /// The run token, passed in the environment (not the command line, which `ps` shows).
+    pub token: Option<String>,
 }
 
 /// The worker processes of this run.
@@ -110,6 +117,25 @@ impl Launcher {
             if let Some(d) = &spec.local_data {
                 cmd.arg("--data").arg(d);
             }
+            // The coordinator's own DCGAN_METRICS_LISTEN (a fixed port) must not reach the
+            // workers, who would all try to bind it.
+            cmd.env_remove("DCGAN_METRICS_LISTEN");
+            if let Some(m) = spec.metrics_listen {
+                cmd.arg("--metrics-listen").arg(m.to_string());
+                cmd.arg("--metrics-linger").arg(spec.metrics_linger.to_string());
+            }
+            let format = match spec.log_format {
+                worker::telemetry::LogFormat::Pretty => "pretty",
+                worker::telemetry::LogFormat::Json => "json",
+            };
+            cmd.arg("--log-format").arg(format);
+            if let Some(e) = &spec.otlp_endpoint {
+                cmd.arg("--otlp-endpoint").arg(e);
+            }
+            match &spec.token {
+                Some(t) => cmd.env("DCGAN_TOKEN", t),
+                None => cmd.env_remove("DCGAN_TOKEN"),
+            };
             cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
             let mut child = match cmd.spawn() {
                 Ok(c) => c,

@@ -5,14 +5,17 @@
 //! One job per module: [`cli`] and [`config`] decide what the run is; [`app`] runs it;
 //! [`run_state`] is the state machine behind [`server`]'s handlers; [`shards`],
 //! [`checkpoint_store`], [`metrics_log`] and [`samples`] each own one kind of output or data;
-//! [`launcher`] owns the worker processes and [`progress`] the terminal.
+//! [`launcher`] owns the worker processes and [`progress`] the terminal; [`observability`]
+//! exports the run to Prometheus and [`health`] watches the GAN for quiet failures.
 
 pub mod app;
 pub mod checkpoint_store;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod launcher;
 pub mod metrics_log;
+pub mod observability;
 pub mod progress;
 pub mod run_dir;
 pub mod run_state;

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use coordinator::cli::Cli;
 use coordinator::launcher::WORKER_MODE_FLAG;
 use coordinator::progress::Progress;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // `coordinator --worker-mode ARGS` is `worker ARGS`: the launcher's fallback when no
@@ -18,15 +17,6 @@ fn main() -> ExitCode {
     }
     let (cli, explicit) = Cli::parse_with_sources();
     let progress = Progress::default();
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if cli.quiet { "warn" } else { "info" }));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(progress.log_writer())
-        .init();
-
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -34,7 +24,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(coordinator::app::run(cli, explicit, progress.clone())) {
+    let settings = worker::telemetry::LogSettings {
+        format: cli.log_format,
+        default_filter: if cli.quiet { "warn" } else { "info" },
+        ansi: std::io::stderr().is_terminal(),
+        otlp_endpoint: cli.otlp_endpoint.as_deref(),
+        service_name: "dcgan-coordinator",
+    };
+    let telemetry = match runtime.block_on(async { worker::telemetry::init(&settings, progress.log_writer()) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(coordinator::app::run(cli, explicit, progress.clone()));
+    runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             progress.finish();

@@ -16,7 +16,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::checkpoint_store::{CheckpointStore, StoredCheckpoint};
 use crate::config::RunConfig;
+use crate::health::{Health, HealthConfig};
 use crate::metrics_log::{MetricsLog, RankReport, StepAggregator, StepRecord};
+use crate::observability::{self, RankLiveness};
 use crate::run_dir::unix_ms;
 use crate::shards::ShardServer;
 
@@ -99,6 +101,8 @@ struct Inner {
     latest: Option<StepRecord>,
     checkpoints: Vec<v1::CheckpointInfo>,
     last_stored_step: Option<u64>,
+    health: Health,
+    last_checkpoint_at: Option<Instant>,
 }
 
 /// One run, shared by the gRPC handlers and the main loop.
@@ -118,6 +122,9 @@ pub struct Run {
     phase: watch::Sender<Phase>,
     metrics: broadcast::Sender<StepRecord>,
     events: mpsc::UnboundedSender<Event>,
+    /// The trace context (`traceparent`) of the run's span, which the main loop holds open: it
+    /// goes out in `Join`'s answer and becomes the parent of the workers' spans.
+    pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
 }
 
 impl Run {
@@ -131,6 +138,7 @@ impl Run {
         checkpoints: Vec<v1::CheckpointInfo>,
         run_dir: String,
         events: mpsc::UnboundedSender<Event>,
+        health: HealthConfig,
     ) -> Arc<Self> {
         let start_step = resume_from.unwrap_or(0);
         let world = config.workers as usize;
@@ -150,6 +158,8 @@ impl Run {
                 latest: None,
                 checkpoints,
                 last_stored_step: resume_from,
+                health: Health::new(health),
+                last_checkpoint_at: None,
             }),
             config,
             resume_from,
@@ -161,6 +171,7 @@ impl Run {
             phase,
             metrics,
             events,
+            trace_context: std::sync::OnceLock::new(),
         })
     }
 
@@ -354,7 +365,17 @@ impl Run {
                 self.fail(format!("cannot write metrics: {e}"));
                 return Ok(false);
             }
-            self.lock().latest = Some(record.clone());
+            observability::record_step(&record);
+            let onsets = {
+                let mut inner = self.lock();
+                inner.latest = Some(record.clone());
+                let onsets = inner.health.observe_step(&record);
+                observability::record_health(&inner.health);
+                onsets
+            };
+            for w in onsets {
+                tracing::warn!(step = record.step, "GAN health: {w}");
+            }
             let _ = self.metrics.send(record);
         }
         Ok(!self.phase().is_over())
@@ -395,7 +416,9 @@ impl Run {
             let mut inner = self.lock();
             inner.checkpoints = all;
             inner.last_stored_step = Some(inner.last_stored_step.unwrap_or(0).max(stored.step));
+            inner.last_checkpoint_at = Some(Instant::now());
         }
+        observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         if header.end_of_epoch || header.r#final {
             let _ = self.events.send(Event::RenderSamples { step: stored.step, epoch: header.epoch, files });
@@ -484,6 +507,49 @@ impl Run {
         }
     }
 
+    /// Sets the mean pairwise distance of the real sample grid (mode collapse's yardstick).
+    pub fn set_real_sample_distance(&self, distance: f64) {
+        let mut inner = self.lock();
+        inner.health.real_distance = Some(distance);
+        observability::record_health(&inner.health);
+    }
+
+    /// Takes the mean pairwise distance of the fixed-noise grid drawn at the end of `epoch`.
+    pub fn observe_samples(&self, epoch: u64, distance: f64) {
+        let onset = {
+            let mut inner = self.lock();
+            let onset = inner.health.observe_samples(epoch, distance);
+            observability::record_health(&inner.health);
+            onset
+        };
+        if let Some(w) = onset {
+            tracing::warn!(epoch, "GAN health: {w}");
+        }
+    }
+
+    /// The health signals as `GetStatus` shows them.
+    pub fn health(&self) -> v1::GanHealth {
+        self.lock().health.to_proto()
+    }
+
+    /// Refreshes the periodic gauges: workers alive (joined, not finished or failed, heard from
+    /// within `timeout`), each rank's step and heartbeat age, the checkpoint's age.
+    pub fn record_liveness(&self, timeout: Duration) {
+        let inner = self.lock();
+        let over = self.phase().is_over();
+        let mut alive = 0;
+        let mut ranks = Vec::new();
+        for (rank, w) in inner.workers.iter().enumerate() {
+            let Some(w) = w else { continue };
+            let age = w.last_seen.elapsed();
+            if !over && !matches!(w.state, v1::WorkerState::Finished | v1::WorkerState::Failed) && age <= timeout {
+                alive += 1;
+            }
+            ranks.push(RankLiveness { rank, step: w.last_step, heartbeat_age_seconds: age.as_secs_f64() });
+        }
+        observability::record_liveness(alive, &ranks, inner.last_checkpoint_at.map(|t| t.elapsed().as_secs_f64()));
+    }
+
     /// Marks every worker that had not finished as failed (after the run failed).
     pub fn mark_unfinished_failed(&self) {
         for w in self.lock().workers.iter_mut().flatten() {
@@ -540,6 +606,7 @@ impl Run {
             workers,
             latest_metrics: inner.latest.as_ref().map(to_proto_metrics),
             checkpoints: inner.checkpoints.clone(),
+            health: Some(inner.health.to_proto()),
         }
     }
 }

@@ -38,13 +38,28 @@ pub fn write_real(dir: &Path, dataset: &Dataset, seed: u64) -> Result<PathBuf, S
     Ok(path)
 }
 
-/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise.
-pub fn write_fake(dir: &Path, files: Vec<(String, Vec<u8>)>, seed: u64, epoch: u64) -> Result<PathBuf, SampleError> {
+/// The mean pairwise distance of the real grid's samples: the yardstick of mode collapse.
+pub fn real_diversity(dataset: &Dataset, seed: u64) -> f64 {
+    let order = data::epoch_order(seed, 0, dataset.len);
+    let n = GRID_IMAGES.min(order.len());
+    let mut pixels = Vec::new();
+    dataset.gather(&order[..n], &mut pixels);
+    crate::health::mean_pairwise_distance(&pixels, n)
+}
+
+/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise; also returns the
+/// grid's mean pairwise distance (see [`crate::health`]).
+pub fn write_fake(
+    dir: &Path,
+    files: Vec<(String, Vec<u8>)>,
+    seed: u64,
+    epoch: u64,
+) -> Result<(PathBuf, f64), SampleError> {
     let (mut gan, _) = Gan::load(&CheckpointFiles { files }).map_err(SampleError::Load)?;
     let model = gan.model_config().clone();
     let z = kernels::rng::fixed_noise(seed, GRID_IMAGES, model.nz);
     let images = gan.generate(&z).map_err(SampleError::Generate)?;
     let path = dir.join(format!("fake_epoch_{epoch:03}.png"));
     data::save_grid(&path, images.data(), GRID_IMAGES, model.nc, model.image_size, GRID_ROW)?;
-    Ok(path)
+    Ok((path, crate::health::mean_pairwise_distance(images.data(), GRID_IMAGES)))
 }

@@ -75,7 +75,11 @@ impl CoordinatorService {
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
-        Ok(Response::new(self.run.join(request.get_ref())?))
+        let mut response = Response::new(self.run.join(request.get_ref())?);
+        if let Some(cx) = self.run.trace_context.get() {
+            *response.metadata_mut() = cx.clone();
+        }
+        Ok(response)
     }
 
     async fn rendezvous(
@@ -84,6 +88,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::RendezvousResponse>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
+        record_who(rank, None);
         self.run.set_ring_address(rank, &req.ring_address)?;
         let (ring_addresses, session) = self.run.ring().await?;
         Ok(Response::new(v1::RendezvousResponse { ring_addresses, session }))
@@ -94,6 +99,7 @@ impl Coordinator for CoordinatorService {
     async fn get_shard(&self, request: Request<v1::GetShardRequest>) -> Result<Response<Self::GetShardStream>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
+        record_who(rank, None);
         self.run.shards.check(req.epoch, req.from_step_in_epoch).map_err(|e| Status::out_of_range(e.to_string()))?;
         let (tx, rx) = mpsc::channel(SHARD_STEPS_IN_FLIGHT);
         let run = Arc::clone(&self.run);
@@ -124,6 +130,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::ReportStepResponse>, Status> {
         let r = request.into_inner();
         let rank = self.run.check(r.id.as_ref())?;
+        record_who(rank, Some(r.step));
         let report = RankReport {
             rank,
             step: r.step,
@@ -158,6 +165,7 @@ impl Coordinator for CoordinatorService {
         match &first.chunk {
             Some(checkpoint_chunk::Chunk::Header(h)) => {
                 let rank = self.run.check(h.id.as_ref())?;
+                record_who(rank, Some(h.step));
                 self.run.check_upload(rank, h.step)?;
             }
             _ => return Err(framing_status(FramingError::MissingHeader)),
@@ -224,6 +232,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
+        record_who(rank, None);
         let state = self.run.heartbeat(rank, req.step);
         Ok(Response::new(v1::HeartbeatResponse { state: state as i32 }))
     }
@@ -231,6 +240,7 @@ impl Coordinator for CoordinatorService {
     async fn finish(&self, request: Request<v1::FinishRequest>) -> Result<Response<v1::FinishResponse>, Status> {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
+        record_who(rank, None);
         self.run.finish(rank, &req);
         Ok(Response::new(v1::FinishResponse {}))
     }
@@ -273,6 +283,15 @@ impl Coordinator for CoordinatorService {
     }
 }
 
+/// Fills the current RPC span's `rank` (and `step`) fields.
+fn record_who(rank: usize, step: Option<u64>) {
+    let span = tracing::Span::current();
+    span.record("rank", rank);
+    if let Some(step) = step {
+        span.record("step", step);
+    }
+}
+
 /// A checkpoint directory relative to the run directory (`checkpoints/step_NNNNNNNN`).
 fn relative_path(dir: &std::path::Path) -> String {
     let mut parts: Vec<String> =
@@ -294,6 +313,7 @@ pub enum ServeError {
 pub async fn serve(
     run: Arc<Run>,
     listener: TcpListener,
+    token: Option<proto::auth::Token>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -303,11 +323,26 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let (run_id, generation) = (run.config.run_id.clone(), run.config.generation);
     let service = CoordinatorServer::new(CoordinatorService::new(run))
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let service = tonic::service::interceptor::InterceptedService::new(service, proto::auth::RequireToken(token));
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        // One span per RPC; the handlers fill in who asked (rank) and about which step.
+        .trace_fn(move |req| {
+            let span = tracing::info_span!(
+                "rpc",
+                method = %req.uri().path(),
+                run_id = %run_id,
+                generation,
+                rank = tracing::field::Empty,
+                step = tracing::field::Empty,
+            );
+            worker::telemetry::adopt_context(&span, req.headers());
+            span
+        })
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

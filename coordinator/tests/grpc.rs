@@ -168,6 +168,10 @@ async fn status_and_metrics_stream_follow_a_real_run() {
             saw_running = s.state == v1::RunState::Running as i32
                 && s.workers.len() == 2
                 && s.workers.iter().all(|w| w.last_heartbeat_unix_ms > 0 && !w.ring_address.is_empty());
+            // The GAN health signals ride along: measured against the real samples, all well.
+            let h = s.health.expect("GetStatus carries the GAN health");
+            assert!(h.real_pairwise_distance > 0.0 && h.d_won_min_steps == 100, "{h:?}");
+            assert!(!h.d_won && !h.nonfinite_loss && h.warnings.is_empty(), "{h:?}");
         }
         assert!(m.loss_d.is_finite() && m.images_per_sec > 0.0);
         steps.push(m.step);

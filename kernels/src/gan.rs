@@ -164,36 +164,55 @@ impl Gan {
         self.z_cnhw.resize(z.len(), 0.0);
         swap_leading_axes(z.data(), n, self.model.nz, 1, &mut self.z_cnhw);
 
+        // Each phase is a tracing span (free when no subscriber listens), so a trace of a step
+        // shows where its time went on every rank.
+        use tracing::info_span as phase;
+
         // D on real, label 1.
         self.d.zero_grads();
-        let logits =
-            self.d.forward(&self.real_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
+        let logits = phase!("d_forward", batch = "real")
+            .in_scope(|| self.d.forward(&self.real_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
         self.d_logits.resize(n, 0.0);
         let (loss_real, d_x) = bce_with_logits(logits, 1.0, &mut self.d_logits);
-        self.d.backward(&self.d_logits, true, false, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
+        phase!("d_backward", batch = "real")
+            .in_scope(|| self.d.backward(&self.d_logits, true, false, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
 
         // D on G(z).detach(), label 0.
-        let fake =
-            self.g.forward(&self.z_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
-        let logits = self.d.forward(fake, n, train, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
+        let fake = phase!("g_forward")
+            .in_scope(|| self.g.forward(&self.z_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
+        let logits = phase!("d_forward", batch = "fake")
+            .in_scope(|| self.d.forward(fake, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
         let (loss_fake, d_g_z1) = bce_with_logits(logits, 0.0, &mut self.d_logits);
-        self.d.backward(&self.d_logits, true, false, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
-        self.reduce_and_step_d(grad_weight, &mut coll)?;
+        phase!("d_backward", batch = "fake")
+            .in_scope(|| self.d.backward(&self.d_logits, true, false, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
+        phase!("all_reduce", net = "d").in_scope(|| reduce(&mut self.d.grads, grad_weight, &mut coll))?;
+        phase!("optimizer", net = "d").in_scope(|| self.d.adam.step(&self.optim, &mut self.d.params, &self.d.grads));
 
         // G through D, label 1.
         self.g.zero_grads();
         let fake = self.g.blocks.last().map(|b| b.output()).unwrap_or_default();
-        let logits = self.d.forward(fake, n, train, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
+        let logits = phase!("d_forward", batch = "fake_for_g")
+            .in_scope(|| self.d.forward(fake, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
+            .map_err(err)?;
         let (loss_g, d_g_z2) = bce_with_logits(logits, 1.0, &mut self.d_logits);
-        let d_fake = self
-            .d
-            .backward(&self.d_logits, false, true, sync.then_some(&mut coll as &mut dyn Collective))
+        let d_fake = phase!("d_backward", batch = "fake_for_g")
+            .in_scope(|| self.d.backward(&self.d_logits, false, true, sync.then_some(&mut coll as &mut dyn Collective)))
             .map_err(err)?
             .unwrap_or_default();
         self.fake_grad.clear();
         self.fake_grad.extend_from_slice(d_fake);
-        self.g.backward(&self.fake_grad, true, false, sync.then_some(&mut coll as &mut dyn Collective)).map_err(err)?;
-        self.reduce_and_step_g(grad_weight, &mut coll)?;
+        phase!("g_backward")
+            .in_scope(|| {
+                self.g.backward(&self.fake_grad, true, false, sync.then_some(&mut coll as &mut dyn Collective))
+            })
+            .map_err(err)?;
+        phase!("all_reduce", net = "g").in_scope(|| reduce(&mut self.g.grads, grad_weight, &mut coll))?;
+        phase!("optimizer", net = "g").in_scope(|| self.g.adam.step(&self.optim, &mut self.g.params, &self.g.grads));
 
         let total = start.elapsed().as_secs_f64();
         Ok(StepStats {
@@ -205,18 +224,6 @@ impl Gan {
             compute_seconds: total - coll.seconds,
             all_reduce_seconds: coll.seconds,
         })
-    }
-
-    fn reduce_and_step_d(&mut self, weight: f32, coll: &mut dyn Collective) -> Result<(), KernelError> {
-        reduce(&mut self.d.grads, weight, coll)?;
-        self.d.adam.step(&self.optim, &mut self.d.params, &self.d.grads);
-        Ok(())
-    }
-
-    fn reduce_and_step_g(&mut self, weight: f32, coll: &mut dyn Collective) -> Result<(), KernelError> {
-        reduce(&mut self.g.grads, weight, coll)?;
-        self.g.adam.step(&self.optim, &mut self.g.params, &self.g.grads);
-        Ok(())
     }
 
     /// Images G makes from `z` (NCHW, in [-1, 1]) with the batch's own statistics, as the

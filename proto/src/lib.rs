@@ -5,6 +5,7 @@
 //! the large payloads (checkpoints in chunks with a declared size and sha256, pixels as
 //! little-endian f32), so that neither side re-implements the other's half.
 
+pub mod auth;
 pub mod framing;
 
 /// Generated messages, the `Coordinator` client and server.

@@ -14,11 +14,13 @@ use anyhow::{Context, bail};
 use kernels::CheckpointFiles;
 use proto::v1;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::batches::{self, PREFETCH_STEPS, Plan};
 use crate::cli::Cli;
 use crate::client::{self, Client, Upload};
 use crate::stop::Stop;
+use crate::telemetry::MetricsListener;
 use crate::trainer::Trainer;
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -28,7 +30,13 @@ const HEARTBEAT_MISSES: u32 = 15;
 /// Runs the worker; `Ok` when its part of the run completed.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let local = cli.local_data()?;
-    let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout)).await?;
+    // The metrics port is taken first, so a busy one fails the start before anything joins.
+    let metrics_listener = match cli.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr).await?),
+        None => None,
+    };
+    let token = cli.token.as_deref().map(proto::auth::Token::new).transpose().context("--token (DCGAN_TOKEN)")?;
+    let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout), token).await?;
     let threads = cli
         .threads
         .map(|t| t as usize)
@@ -42,18 +50,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         threads: threads as u32,
         requested_rank: cli.rank.map_or(-1, |r| r as i32),
     };
-    let joined = raw.clone().join(join).await.context("join")?.into_inner();
+    let answer = raw.clone().join(join).await.context("join")?;
+    // The coordinator's run span, the parent of this worker's spans.
+    let parent = answer.metadata().clone().into_headers();
+    let joined = answer.into_inner();
     let id = joined.id.clone().context("the coordinator's join answer has no id")?;
     let config = joined.config.clone().context("the coordinator's join answer has no config")?;
     let (rank, world) = (id.rank as usize, joined.world_size as usize);
     check_config(&config, world)?;
     tracing::info!(rank, world, run = %id.run_id, generation = id.generation, "joined");
+    let metrics_on = metrics_listener.is_some();
+    if let Some(l) = metrics_listener {
+        let addr = l.addr;
+        l.serve(&[("rank", rank.to_string())])?;
+        crate::metrics::describe();
+        tracing::info!(rank, "metrics listening on http://{addr}/metrics");
+    }
     let client = Client::new(raw, id);
     let stop = Arc::new(Stop::default());
 
     // From here on, whatever goes wrong is told to the coordinator before exiting.
-    let result = train(&cli, &client, &joined, config, threads, local, Arc::clone(&stop)).await;
-    match result {
+    let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
+    crate::telemetry::adopt_context(&span, &parent);
+    let result = train(&cli, &client, &joined, config, threads, local, Arc::clone(&stop)).instrument(span).await;
+    let outcome = match result {
         Ok((final_step, checksum)) => {
             client.finish(true, String::new(), final_step, checksum).await?;
             tracing::info!(rank, final_step, checksum = format!("{checksum:#018x}"), "finished");
@@ -66,7 +86,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Err(e)
         }
+    };
+    if metrics_on && cli.metrics_linger > 0 {
+        tracing::info!("serving metrics for {} s more (--metrics-linger)", cli.metrics_linger);
+        tokio::time::sleep(Duration::from_secs(cli.metrics_linger)).await;
     }
+    outcome
 }
 
 fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {
@@ -94,7 +119,8 @@ async fn train(
 
     // Heartbeats start at once: loading a dataset or a checkpoint can take a while.
     let progress = Arc::new(AtomicU64::new(start_step));
-    let heartbeat = tokio::spawn(heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&progress)));
+    let heartbeat =
+        tokio::spawn(heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&progress)).in_current_span());
     let _heartbeat_guard = AbortOnDrop(heartbeat);
 
     let listener = TcpListener::bind((cli.listen_host.as_str(), 0))
@@ -132,11 +158,14 @@ async fn train(
     let data_task = match local {
         None => {
             let (c, p, s) = (client.clone(), plan, Arc::clone(&stop));
-            tokio::spawn(async move {
-                if let Err(e) = batches::from_coordinator(c, p, batch_tx).await {
-                    s.set(format!("data stream: {e:#}"));
+            tokio::spawn(
+                async move {
+                    if let Err(e) = batches::from_coordinator(c, p, batch_tx).await {
+                        s.set(format!("data stream: {e:#}"));
+                    }
                 }
-            })
+                .in_current_span(),
+            )
         }
         Some(spec) => {
             let (cfg, s) = (config.clone(), Arc::clone(&stop));
@@ -151,11 +180,12 @@ async fn train(
     let _data_guard = AbortOnDrop(data_task);
 
     let (report_tx, report_rx) = mpsc::channel(64);
-    let reporter = tokio::spawn(report_steps(client.clone(), report_rx, Arc::clone(&stop)));
+    // The background tasks' requests carry the worker's span (its trace) to the coordinator.
+    let reporter = tokio::spawn(report_steps(client.clone(), report_rx, Arc::clone(&stop)).in_current_span());
     // One checkpoint in flight: if uploads are slower than checkpoints, rank 0 waits rather
     // than piling copies of the model up in memory.
     let (upload_tx, upload_rx) = mpsc::channel(1);
-    let uploader = tokio::spawn(upload_checkpoints(client.clone(), upload_rx, Arc::clone(&stop)));
+    let uploader = tokio::spawn(upload_checkpoints(client.clone(), upload_rx, Arc::clone(&stop)).in_current_span());
 
     let config_json = serde_json::from_str(&joined.config_json).unwrap_or(serde_json::Value::Null);
     let trainer = Trainer {
@@ -176,7 +206,11 @@ async fn train(
         stop: Arc::clone(&stop),
         progress,
     };
-    let outcome = tokio::task::spawn_blocking(move || trainer.run()).await.context("the compute thread panicked")?;
+    // The compute thread's spans are children of this worker's span (run id, generation, rank).
+    let span = tracing::Span::current();
+    let outcome = tokio::task::spawn_blocking(move || span.in_scope(|| trainer.run()))
+        .await
+        .context("the compute thread panicked")?;
     // The trainer dropped its senders: wait until every report and upload has gone out.
     let reported = reporter.await.context("the reporter panicked")?;
     let uploaded = uploader.await.context("the uploader panicked")?;
@@ -255,8 +289,13 @@ async fn report_steps(
 async fn upload_checkpoints(client: Client, mut rx: mpsc::Receiver<Upload>, stop: Arc<Stop>) -> anyhow::Result<()> {
     while let Some(upload) = rx.recv().await {
         let step = upload.step;
-        match client.upload_checkpoint(upload).await {
-            Ok(path) => tracing::info!(step, path, "checkpoint uploaded"),
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("checkpoint_upload", step);
+        match client.upload_checkpoint(upload).instrument(span).await {
+            Ok(path) => {
+                crate::metrics::record_upload(started.elapsed().as_secs_f64());
+                tracing::info!(step, path, "checkpoint uploaded")
+            }
             Err(e) => {
                 stop.set(format!("{e:#}"));
                 return Err(e);

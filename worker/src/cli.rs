@@ -12,6 +12,11 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_COORDINATOR")]
     pub coordinator: String,
 
+    /// The run's shared token, sent on every call; it must match the coordinator's `--token`.
+    /// Prefer the environment variable (from a Kubernetes Secret) to the flag, which `ps` shows.
+    #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Compute threads [default: all CPU cores].
     #[arg(long, env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
@@ -44,6 +49,25 @@ pub struct Cli {
     /// Seconds to wait for the ring's neighbours to connect.
     #[arg(long, env = "DCGAN_RING_TIMEOUT", default_value_t = 120)]
     pub ring_timeout: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
+    /// address is logged). Off when not given.
+    #[arg(long, env = "DCGAN_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// With --metrics-listen: keep serving /metrics this many seconds after the run ends, so a
+    /// scrape sees the final values.
+    #[arg(long, env = "DCGAN_METRICS_LINGER", default_value_t = 0)]
+    pub metrics_linger: u64,
+
+    /// Log lines as `pretty` text or `json` objects (`RUST_LOG` filters them).
+    #[arg(long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Pretty)]
+    pub log_format: crate::telemetry::LogFormat,
+
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317). Off when
+    /// neither this nor OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Cli {

@@ -7,17 +7,23 @@ use anyhow::{Context, bail};
 use proto::framing::{CheckpointAssembler, CheckpointChunks, checkpoint_header};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{self, WorkerId};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::telemetry::TraceContext;
+
+/// The generated client over a channel whose requests carry the caller's trace context.
+pub type RawClient = CoordinatorClient<InterceptedService<Channel, TraceContext>>;
 
 /// A client of the coordinator, for a worker that has joined.
 #[derive(Clone)]
 pub struct Client {
-    inner: CoordinatorClient<Channel>,
+    inner: RawClient,
     pub id: WorkerId,
 }
 
 /// Connects to `url`, retrying until `timeout`: workers may start before the coordinator listens.
-pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+pub async fn connect(url: &str, timeout: Duration, token: Option<proto::auth::Token>) -> anyhow::Result<RawClient> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
@@ -28,7 +34,7 @@ pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Coordinator
     loop {
         match endpoint.connect().await {
             Ok(ch) => {
-                return Ok(CoordinatorClient::new(ch)
+                return Ok(CoordinatorClient::with_interceptor(ch, TraceContext::with_token(token))
                     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES));
             }
@@ -42,11 +48,11 @@ pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Coordinator
 }
 
 impl Client {
-    pub fn new(inner: CoordinatorClient<Channel>, id: WorkerId) -> Self {
+    pub fn new(inner: RawClient, id: WorkerId) -> Self {
         Self { inner, id }
     }
 
-    pub fn raw(&self) -> CoordinatorClient<Channel> {
+    pub fn raw(&self) -> RawClient {
         self.inner.clone()
     }
 

@@ -3,13 +3,16 @@
 //! and (rank 0) uploads checkpoints.
 //!
 //! [`app`] runs one worker; [`client`] speaks the protocol; [`batches`] feeds the local batches;
-//! [`trainer`] is the compute loop on its own thread; [`stop`] tells everything to stop.
+//! [`trainer`] is the compute loop on its own thread; [`stop`] tells everything to stop;
+//! [`telemetry`] (logs, the `/metrics` endpoint) and [`metrics`] (this rank's series) let it be watched.
 
 pub mod app;
 pub mod batches;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod stop;
+pub mod telemetry;
 pub mod trainer;
 
 use std::ffi::OsString;
@@ -17,7 +20,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// The whole `worker` program: parses `args` (the first one is the program name), sets up
 /// logging and the async runtime, runs, and turns the outcome into an exit code. Shared by the
@@ -25,13 +27,6 @@ use tracing_subscriber::EnvFilter;
 /// when no `worker` binary was built beside it.
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = cli::Cli::parse_from(args);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
     // Two async threads are plenty for the network side; compute has its own pool.
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
@@ -40,7 +35,23 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(cli)) {
+    let settings = telemetry::LogSettings {
+        format: cli.log_format,
+        default_filter: "info",
+        ansi: std::io::stderr().is_terminal(),
+        otlp_endpoint: cli.otlp_endpoint.as_deref(),
+        service_name: "dcgan-worker",
+    };
+    let telemetry = match runtime.block_on(async { telemetry::init(&settings, std::io::stderr) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(app::run(cli));
+    runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

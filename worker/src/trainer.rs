@@ -85,7 +85,13 @@ impl Trainer {
             if let Some(reason) = self.stop.reason() {
                 bail!("stopped at step {step}: {reason}");
             }
+            // One span per step, with one child per phase the kernels API lets us time apart:
+            // waiting for data, the compute (forward, backward, Adam; train_step is one call, so
+            // the all-reduce time inside it is a field), and rank 0's checkpoint serialisation.
+            let step_span = tracing::info_span!("step", rank = self.rank, step = step + 1, epoch = step / spe);
+            let _step_guard = step_span.enter();
             let t0 = Instant::now();
+            let data_span = tracing::info_span!("data", local_batch = tracing::field::Empty).entered();
             let batch = match self.batches.blocking_recv() {
                 Some(b) => b,
                 None => match self.stop.reason() {
@@ -100,14 +106,28 @@ impl Trainer {
             let real = Tensor::new(vec![n, c.nc as usize, s, s], batch.pixels).context("real batch")?;
             let z = kernels::rng::noise(c.seed, self.rank as u64, step, n, c.nz as usize);
             let data_seconds = t0.elapsed().as_secs_f64();
+            data_span.record("local_batch", n);
+            drop(data_span);
 
             // The last step of an epoch also takes the remainder, so its global batch is larger.
             let step_in_epoch = step % spe;
             let global_n = if step_in_epoch + 1 == spe { c.dataset_len - step_in_epoch * global } else { global };
             let grad_weight = (n as f64 * self.world as f64 / global_n as f64) as f32;
+            let compute_span = tracing::info_span!(
+                "compute",
+                phases = "d_forward,g_forward,backward,all_reduce,optimizer",
+                all_reduce_seconds = tracing::field::Empty,
+                loss_d = tracing::field::Empty,
+                loss_g = tracing::field::Empty,
+            )
+            .entered();
             let stats = pool
                 .install(|| gan.train_step(&real, &z, grad_weight, collective.as_mut()))
                 .with_context(|| format!("training step {step}"))?;
+            compute_span.record("all_reduce_seconds", stats.all_reduce_seconds);
+            compute_span.record("loss_d", stats.loss_d);
+            compute_span.record("loss_g", stats.loss_g);
+            drop(compute_span);
             let epoch = step / spe;
             step += 1;
             self.progress.store(step, Ordering::Relaxed);
@@ -131,6 +151,14 @@ impl Trainer {
                 has_checksum: checksum.is_some(),
                 parameter_checksum: checksum.unwrap_or(0),
             };
+            crate::metrics::record_step(&crate::metrics::StepTimes {
+                step,
+                local_batch: n,
+                data_seconds,
+                compute_seconds: stats.compute_seconds,
+                all_reduce_seconds: stats.all_reduce_seconds,
+                total_seconds: report.step_seconds,
+            });
             if self.reports.blocking_send(report).is_err() {
                 bail!(
                     "stopped at step {step}: {}",
@@ -153,7 +181,9 @@ impl Trainer {
                     seed: c.seed,
                     config: self.config_json.clone(),
                 };
-                let files = gan.save(&state).with_context(|| format!("checkpoint of step {step}"))?;
+                let files = tracing::info_span!("checkpoint_save")
+                    .in_scope(|| gan.save(&state))
+                    .with_context(|| format!("checkpoint of step {step}"))?;
                 let upload = Upload { step, epoch, end_of_epoch, is_final, files: files.files };
                 if self.uploads.blocking_send(upload).is_err() {
                     bail!(

@@ -1,0 +1,227 @@
+//! GAN health: the ways a GAN run fails quietly, watched by the coordinator.
+//!
+//! - **D has won**: D(x) > 0.99 and D(G(z)) < 0.01 (before D's update) for `d_won_steps` steps in
+//!   a row; G's gradients then vanish and it stops learning.
+//! - **NaN or inf** in a loss or a D output: the run is numerically dead (latched).
+//! - **Mode collapse**: the mean pairwise distance of the fixed-noise samples drawn at the end of
+//!   an epoch falls below `collapse_fraction` of that of the real samples in `samples/real.png`.
+//!   A freshly initialised G makes nearly identical images, so in the first
+//!   [`COLLAPSE_GRACE_EPOCHS`] epochs only a *drop* counts (an earlier grid was varied enough).
+//!
+//! Each turns into a warning in the log (once per onset), a gauge (see [`crate::observability`])
+//! and a field of `GetStatus` ([`proto::v1::GanHealth`]).
+
+use proto::v1;
+
+use crate::metrics_log::StepRecord;
+
+/// D(x) above this (and D(G(z)) below [`D_FAKE_LOW`]) counts as a step D has won.
+pub const D_REAL_HIGH: f32 = 0.99;
+pub const D_FAKE_LOW: f32 = 0.01;
+/// Epochs during which low sample variety counts as collapse only after it had been reached.
+pub const COLLAPSE_GRACE_EPOCHS: u64 = 3;
+
+/// The thresholds of the signals.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HealthConfig {
+    pub d_won_steps: u64,
+    pub collapse_fraction: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { d_won_steps: 100, collapse_fraction: 0.2 }
+    }
+}
+
+/// The signals' current state.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub config: HealthConfig,
+    pub d_won_streak: u64,
+    pub nonfinite_step: Option<u64>,
+    pub real_distance: Option<f64>,
+    /// (epoch, mean pairwise distance) of the latest fake grid.
+    pub fake_distance: Option<(u64, f64)>,
+    /// The highest fake/real diversity ratio seen so far.
+    pub peak_ratio: f64,
+}
+
+impl Health {
+    pub fn new(config: HealthConfig) -> Self {
+        Self { config, ..Default::default() }
+    }
+
+    pub fn d_won(&self) -> bool {
+        self.d_won_streak >= self.config.d_won_steps.max(1)
+    }
+
+    pub fn nonfinite(&self) -> bool {
+        self.nonfinite_step.is_some()
+    }
+
+    /// Fake over real mean pairwise distance, once both are known.
+    pub fn diversity_ratio(&self) -> Option<f64> {
+        match (self.real_distance, self.fake_distance) {
+            (Some(r), Some((_, f))) if r > 0.0 => Some(f / r),
+            _ => None,
+        }
+    }
+
+    pub fn mode_collapse(&self) -> bool {
+        let late = self.fake_distance.is_some_and(|(epoch, _)| epoch >= COLLAPSE_GRACE_EPOCHS);
+        let dropped = self.peak_ratio >= self.config.collapse_fraction;
+        (late || dropped) && self.diversity_ratio().is_some_and(|r| r < self.config.collapse_fraction)
+    }
+
+    /// Takes an aggregated step; returns the warnings whose condition began at this step.
+    pub fn observe_step(&mut self, r: &StepRecord) -> Vec<String> {
+        let mut onsets = Vec::new();
+        let values = [r.loss_d, r.loss_g, r.d_x, r.d_g_z1, r.d_g_z2];
+        if self.nonfinite_step.is_none() && values.iter().any(|v| !v.is_finite()) {
+            self.nonfinite_step = Some(r.step);
+            onsets.push(format!(
+                "non-finite value at step {}: loss_D {} loss_G {} D(x) {} D(G(z)) {}/{}",
+                r.step, r.loss_d, r.loss_g, r.d_x, r.d_g_z1, r.d_g_z2
+            ));
+        }
+        let was_won = self.d_won();
+        if r.d_x > D_REAL_HIGH && r.d_g_z1 < D_FAKE_LOW {
+            self.d_won_streak += 1;
+        } else {
+            self.d_won_streak = 0;
+        }
+        if self.d_won() && !was_won {
+            onsets.push(format!(
+                "the discriminator has won: D(x) > {D_REAL_HIGH} and D(G(z)) < {D_FAKE_LOW} for {} steps (up to step {}); G's gradients vanish",
+                self.d_won_streak, r.step
+            ));
+        }
+        onsets
+    }
+
+    /// Takes the mean pairwise distance of the fixed-noise grid of `epoch`; returns a warning
+    /// when mode collapse begins.
+    pub fn observe_samples(&mut self, epoch: u64, distance: f64) -> Option<String> {
+        let was = self.mode_collapse();
+        self.fake_distance = Some((epoch, distance));
+        if let Some(r) = self.diversity_ratio() {
+            self.peak_ratio = self.peak_ratio.max(r);
+        }
+        match (self.mode_collapse() && !was, self.diversity_ratio()) {
+            (true, Some(ratio)) => Some(format!(
+                "mode collapse: the fixed-noise samples of epoch {epoch} are {:.1}% as varied as the real ones (threshold {:.0}%)",
+                ratio * 100.0,
+                self.config.collapse_fraction * 100.0
+            )),
+            _ => None,
+        }
+    }
+
+    /// The signals as sentences (empty when healthy).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(step) = self.nonfinite_step {
+            w.push(format!("non-finite loss or D output since step {step}"));
+        }
+        if self.d_won() {
+            w.push(format!("the discriminator has won for the last {} steps", self.d_won_streak));
+        }
+        if self.mode_collapse() {
+            let ratio = self.diversity_ratio().unwrap_or(0.0);
+            w.push(format!("mode collapse: sample diversity {:.1}% of the real samples'", ratio * 100.0));
+        }
+        w
+    }
+
+    pub fn to_proto(&self) -> v1::GanHealth {
+        v1::GanHealth {
+            d_won: self.d_won(),
+            d_won_streak_steps: self.d_won_streak,
+            d_won_min_steps: self.config.d_won_steps,
+            nonfinite_loss: self.nonfinite(),
+            nonfinite_step: self.nonfinite_step.unwrap_or(0),
+            mode_collapse: self.mode_collapse(),
+            real_pairwise_distance: self.real_distance.unwrap_or(0.0),
+            fake_pairwise_distance: self.fake_distance.map_or(0.0, |(_, d)| d),
+            samples_epoch: self.fake_distance.map_or(0, |(e, _)| e),
+            sample_diversity_ratio: self.diversity_ratio().unwrap_or(0.0),
+            collapse_fraction: self.config.collapse_fraction,
+            warnings: self.warnings(),
+        }
+    }
+}
+
+/// Mean L2 distance over all pairs of the `n` images in `pixels` (each `pixels.len() / n` long).
+pub fn mean_pairwise_distance(pixels: &[f32], n: usize) -> f64 {
+    if n < 2 || pixels.len() < n {
+        return 0.0;
+    }
+    let len = pixels.len() / n;
+    let images: Vec<&[f32]> = pixels.chunks_exact(len).take(n).collect();
+    let mut sum = 0.0f64;
+    for i in 0..n {
+        for j in i + 1..n {
+            let d2: f64 = images[i].iter().zip(images[j]).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+            sum += d2.sqrt();
+        }
+    }
+    sum / (n * (n - 1) / 2) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(step: u64, d_x: f32, d_g_z1: f32, loss_d: f32) -> StepRecord {
+        StepRecord { step, d_x, d_g_z1, d_g_z2: d_g_z1, loss_d, loss_g: 1.0, ..Default::default() }
+    }
+
+    #[test]
+    fn d_won_needs_a_sustained_streak_and_resets() {
+        let mut h = Health::new(HealthConfig { d_won_steps: 3, collapse_fraction: 0.2 });
+        assert!(h.observe_step(&rec(1, 0.995, 0.005, 0.1)).is_empty());
+        assert!(h.observe_step(&rec(2, 0.995, 0.005, 0.1)).is_empty());
+        let w = h.observe_step(&rec(3, 0.995, 0.005, 0.1));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(h.d_won() && h.to_proto().d_won);
+        // Warned once per onset, not every step.
+        assert!(h.observe_step(&rec(4, 0.995, 0.005, 0.1)).is_empty());
+        h.observe_step(&rec(5, 0.7, 0.3, 0.1));
+        assert!(!h.d_won() && h.d_won_streak == 0);
+    }
+
+    #[test]
+    fn nonfinite_is_latched_at_its_first_step() {
+        let mut h = Health::default();
+        assert!(h.observe_step(&rec(1, 0.5, 0.5, 1.0)).is_empty());
+        assert_eq!(h.observe_step(&rec(2, 0.5, 0.5, f32::NAN)).len(), 1);
+        assert!(h.observe_step(&rec(3, 0.5, 0.5, f32::INFINITY)).is_empty());
+        h.observe_step(&rec(4, 0.5, 0.5, 1.0));
+        assert_eq!(h.nonfinite_step, Some(2));
+        assert!(h.to_proto().nonfinite_loss);
+        assert_eq!(h.warnings().len(), 1);
+    }
+
+    #[test]
+    fn mode_collapse_compares_fake_with_real_diversity() {
+        let mut h = Health::default();
+        // Three distinct images vs three identical ones.
+        let real = [0.0f32, 0.0, 1.0, 0.0, 0.0, 1.0];
+        h.real_distance = Some(mean_pairwise_distance(&real, 3));
+        let expected = (1.0 + 1.0 + 2f64.sqrt()) / 3.0;
+        assert!((h.real_distance.unwrap_or(0.0) - expected).abs() < 1e-9);
+        assert!(h.observe_samples(0, mean_pairwise_distance(&real, 3)).is_none());
+        assert!(!h.mode_collapse());
+        let collapsed = [0.5f32, 0.5, 0.5, 0.5, 0.5, 0.5];
+        assert!(h.observe_samples(1, mean_pairwise_distance(&collapsed, 3)).is_some(), "a drop counts at once");
+        assert!(h.mode_collapse() && h.to_proto().mode_collapse);
+        // A fresh G's low variety is not collapse during the grace epochs, but is after them.
+        let mut fresh = Health { real_distance: h.real_distance, ..Default::default() };
+        assert!(fresh.observe_samples(0, mean_pairwise_distance(&collapsed, 3)).is_none());
+        assert!(!fresh.mode_collapse());
+        assert!(fresh.observe_samples(COLLAPSE_GRACE_EPOCHS, mean_pairwise_distance(&collapsed, 3)).is_some());
+        assert!(h.mode_collapse() && h.to_proto().mode_collapse);
+        assert_eq!(h.to_proto().samples_epoch, 1);
+    }
+}

@@ -1,0 +1,239 @@
+//! Reading what `kubectl kustomize` renders for `deploy/k8s/overlays/*`, and what the real
+//! binaries' `--help` says, so that the tests in `tests/` can hold one against the other.
+//!
+//! The tests need `kubectl` (kustomize is built in; no cluster). Without it they skip, saying
+//! so. The binaries are built by the tests with cargo (a no-op when up to date).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value;
+
+/// The repository's root (this crate lives in `deploy/checks`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The overlays under `deploy/k8s/overlays`, sorted by name.
+pub fn overlays() -> Vec<PathBuf> {
+    let dir = repo_root().join("deploy/k8s/overlays");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Whether `kubectl` runs here; when not, prints why the caller skips.
+pub fn kubectl_available(test: &str) -> bool {
+    let ok = Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: kubectl (with kustomize built in) is not installed here");
+    }
+    ok
+}
+
+/// The objects `kubectl kustomize DIR` renders.
+pub fn render(overlay: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl").arg("kustomize").arg(overlay).output().expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        overlay.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("kustomize output is UTF-8");
+    text.split("\n---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{d}")))
+        .collect()
+}
+
+/// Builds `coordinator` and `worker` with the profile of this test executable and returns the
+/// directory that holds them.
+pub fn binaries_dir() -> PathBuf {
+    // target/<profile dir>/deps/<test executable>
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("release") => "release",
+        _ => "test",
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--profile", profile, "-p", "coordinator", "-p", "worker", "--bin", "coordinator"])
+        .args(["--bin", "worker"])
+        .current_dir(repo_root())
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p coordinator -p worker failed");
+    for bin in ["coordinator", "worker"] {
+        let p = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+        assert!(p.is_file(), "no {bin} binary at {}", p.display());
+    }
+    dir
+}
+
+/// The long flags and `DCGAN_*` variables a binary's `--help` lists.
+#[derive(Debug, Default)]
+pub struct Help {
+    pub flags: BTreeSet<String>,
+    pub envs: BTreeSet<String>,
+}
+
+impl Help {
+    pub fn of(binary: &Path) -> Self {
+        let out = Command::new(binary).arg("--help").output().expect("run --help");
+        assert!(out.status.success(), "{} --help failed", binary.display());
+        Self::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut help = Help::default();
+        for line in text.lines() {
+            let line = line.trim_start();
+            if let Some(rest) = line.strip_prefix("[env: ") {
+                // `[env: NAME=value]`, or `[env: NAME]` for a variable whose value is hidden.
+                help.envs.insert(rest.split(['=', ']']).next().unwrap_or_default().to_string());
+            }
+            // Option lines: `-q, --quiet` or `--workers <WORKERS>`.
+            let line = line.split_once(", ").filter(|(s, _)| s.starts_with('-')).map_or(line, |(_, l)| l);
+            if let Some(flag) = line.strip_prefix("--") {
+                let name: String = flag.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+                help.flags.insert(format!("--{name}"));
+            }
+        }
+        help
+    }
+}
+
+/// The object of `kind` named `name`.
+pub fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+}
+
+/// The pod template's only container of a Deployment or Job.
+pub fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .and_then(|cs| cs.iter().find(|c| c["name"].as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("no container {name} in {:?}", workload["metadata"]["name"]))
+}
+
+/// A container's `args` as strings.
+pub fn args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_sequence()
+        .map(|s| s.iter().map(|a| a.as_str().expect("args are strings").to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnvSource {
+    Literal(String),
+    /// `valueFrom.fieldRef.fieldPath`
+    Field(String),
+    /// `valueFrom.resourceFieldRef.resource`
+    Resource(String),
+}
+
+/// A container's environment: `envFrom` ConfigMaps and Secrets (looked up among `objects`;
+/// Secrets as written in the repo, with `stringData`), then `env`.
+pub fn environment(objects: &[Value], container: &Value) -> BTreeMap<String, EnvSource> {
+    let mut env = BTreeMap::new();
+    for from in container["envFrom"].as_sequence().into_iter().flatten() {
+        let (map, values) = if let Some(name) = from["configMapRef"]["name"].as_str() {
+            (find(objects, "ConfigMap", name), "data")
+        } else if let Some(name) = from["secretRef"]["name"].as_str() {
+            (find(objects, "Secret", name), "stringData")
+        } else {
+            panic!("envFrom with a source these checks do not know: {from:?}")
+        };
+        for (k, v) in map[values].as_mapping().into_iter().flatten() {
+            let k = k.as_str().expect("keys are strings").to_string();
+            env.insert(k, EnvSource::Literal(v.as_str().expect("values are strings").to_string()));
+        }
+    }
+    for e in container["env"].as_sequence().into_iter().flatten() {
+        let name = e["name"].as_str().expect("env name").to_string();
+        let source = if let Some(v) = e["value"].as_str() {
+            EnvSource::Literal(v.to_string())
+        } else if let Some(p) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            EnvSource::Field(p.to_string())
+        } else if let Some(r) = e["valueFrom"]["resourceFieldRef"]["resource"].as_str() {
+            EnvSource::Resource(r.to_string())
+        } else {
+            panic!("env {name}: a value source these checks do not know: {e:?}")
+        };
+        env.insert(name, source);
+    }
+    env
+}
+
+/// A literal variable's value.
+pub fn literal<'a>(env: &'a BTreeMap<String, EnvSource>, name: &str) -> &'a str {
+    match env.get(name) {
+        Some(EnvSource::Literal(v)) => v,
+        other => panic!("{name} should be a literal value, is {other:?}"),
+    }
+}
+
+/// The words of `text` that look like long flags (`--name`) or `DCGAN_*` variables.
+pub fn flags_and_vars(text: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut flags, mut vars) = (BTreeSet::new(), BTreeSet::new());
+    let mut rest = text;
+    while let Some(i) = rest.find("--") {
+        let name: String = rest[i + 2..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+        if name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            flags.insert(format!("--{name}"));
+        }
+        rest = &rest[i + 2..];
+    }
+    let mut rest = text;
+    while let Some(i) = rest.find("DCGAN_") {
+        let name: String =
+            rest[i..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+        vars.insert(name);
+        rest = &rest[i + 6..];
+    }
+    (flags, vars)
+}
+
+/// The port of `host:port` or `scheme://host:port`.
+pub fn port_of(addr: &str) -> u16 {
+    let host_port = addr.split_once("://").map_or(addr, |(_, r)| r).trim_end_matches('/');
+    let (_, port) = host_port.rsplit_once(':').unwrap_or_else(|| panic!("{addr} has no port"));
+    port.parse().unwrap_or_else(|_| panic!("{addr}: bad port"))
+}
+
+/// The host of `scheme://host:port`.
+pub fn host_of(url: &str) -> &str {
+    let host_port = url.split_once("://").map_or(url, |(_, r)| r);
+    host_port.rsplit_once(':').map_or(host_port, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lines_and_script_words() {
+        let h = Help::parse(
+            "  -q, --quiet\n          [env: DCGAN_QUIET=]\n      --run-dir <RUN_DIR>\n          [env: DCGAN_TOKEN]\n",
+        );
+        assert_eq!(h.flags, BTreeSet::from(["--quiet".to_string(), "--run-dir".to_string()]));
+        assert_eq!(h.envs, BTreeSet::from(["DCGAN_QUIET".to_string(), "DCGAN_TOKEN".to_string()]));
+        let (f, v) = flags_and_vars("x=\"$DCGAN_RUN_DIR\"; coordinator --resume -- ; export DCGAN_RESUME=true");
+        assert_eq!(f, BTreeSet::from(["--resume".to_string()]));
+        assert_eq!(v, BTreeSet::from(["DCGAN_RESUME".to_string(), "DCGAN_RUN_DIR".to_string()]));
+        assert_eq!(port_of("http://dcgan-coordinator:50051"), 50051);
+        assert_eq!(host_of("http://dcgan-coordinator:50051"), "dcgan-coordinator");
+        assert_eq!(port_of("0.0.0.0:9090"), 9090);
+    }
+}

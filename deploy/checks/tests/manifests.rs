@@ -1,0 +1,328 @@
+//! The rendered overlays against the real binaries: flags and variables exist, ports and names
+//! agree, and the cpu-smoke overlay's containers train to completion as local processes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy_checks::*;
+use serde_yaml::Value;
+
+const COORDINATOR: &str = "dcgan-coordinator";
+const WORKERS: &str = "dcgan-workers";
+const SERVICE: &str = "dcgan-coordinator";
+
+fn is_true(v: &str) -> bool {
+    matches!(v, "true" | "1" | "yes" | "on")
+}
+
+#[test]
+fn manifests_pass_only_flags_and_variables_the_binaries_have() {
+    if !kubectl_available("manifests_pass_only_flags_and_variables_the_binaries_have") {
+        return;
+    }
+    let bins = binaries_dir();
+    let helps: BTreeMap<&str, Help> =
+        ["coordinator", "worker"].into_iter().map(|b| (b, Help::of(&bins.join(b)))).collect();
+    for overlay in overlays() {
+        let objects = render(&overlay);
+        for (kind, name, binary) in [("Deployment", COORDINATOR, "coordinator"), ("Job", WORKERS, "worker")] {
+            let c = container(find(&objects, kind, name), binary);
+            let help = &helps[binary];
+            let where_ = format!("{} {kind}/{name}", overlay.display());
+            let args = args(c);
+            assert!(
+                args.iter().any(|a| a == binary || a.lines().any(|l| l.split_whitespace().next() == Some(binary))),
+                "{where_}: the container does not run `{binary}`: {args:?}"
+            );
+            for arg in &args {
+                let (flags, vars) = flags_and_vars(arg);
+                for f in flags {
+                    assert!(help.flags.contains(&f), "{where_}: `{binary} --help` has no flag {f}");
+                }
+                for v in vars {
+                    assert!(help.envs.contains(&v), "{where_}: `{binary} --help` has no variable {v}");
+                }
+            }
+            let env = environment(&objects, c);
+            for var in env.keys().filter(|k| k.starts_with("DCGAN_")) {
+                assert!(help.envs.contains(var), "{where_}: `{binary} --help` has no variable {var}");
+            }
+            assert!(env.keys().any(|k| k.starts_with("DCGAN_")), "{where_}: configured by no DCGAN_* variable");
+        }
+    }
+}
+
+#[test]
+fn service_ports_and_names_agree_with_the_coordinator_and_the_workers() {
+    if !kubectl_available("service_ports_and_names_agree_with_the_coordinator_and_the_workers") {
+        return;
+    }
+    for overlay in overlays() {
+        let o = overlay.display();
+        let objects = render(&overlay);
+        let service = find(&objects, "Service", SERVICE);
+        let deployment = find(&objects, "Deployment", COORDINATOR);
+        let job = find(&objects, "Job", WORKERS);
+        let coordinator = container(deployment, "coordinator");
+        let worker = container(job, "worker");
+        let (cenv, wenv) = (environment(&objects, coordinator), environment(&objects, worker));
+
+        // The Service selects the coordinator's pods.
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in service["spec"]["selector"].as_mapping().expect("a selector") {
+            assert_eq!(
+                &labels[k.as_str().unwrap()],
+                v,
+                "{o}: the Service's selector {k:?} misses the coordinator pods"
+            );
+        }
+        let container_port = |name: &str| -> u64 {
+            coordinator["ports"]
+                .as_sequence()
+                .and_then(|ps| ps.iter().find(|p| p["name"].as_str() == Some(name)))
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{o}: the coordinator container has no port named {name}"))
+        };
+        let service_port = |name: &str| -> (u64, u64) {
+            let p = service["spec"]["ports"]
+                .as_sequence()
+                .and_then(|ps| ps.iter().find(|p| p["name"].as_str() == Some(name)))
+                .unwrap_or_else(|| panic!("{o}: the Service has no port named {name}"));
+            let target = match &p["targetPort"] {
+                Value::String(n) => container_port(n),
+                Value::Number(n) => n.as_u64().unwrap(),
+                _ => p["port"].as_u64().unwrap(),
+            };
+            (p["port"].as_u64().unwrap(), target)
+        };
+
+        // gRPC: worker address -> Service port -> container port -> the coordinator's --listen.
+        let (grpc_port, grpc_target) = service_port("grpc");
+        assert_eq!(grpc_target, 50051, "{o}: the gRPC port");
+        let listen = literal(&cenv, "DCGAN_LISTEN");
+        assert_eq!(u64::from(port_of(listen)), grpc_target, "{o}: DCGAN_LISTEN={listen} is not the Service's target");
+        assert!(listen.starts_with("0.0.0.0:"), "{o}: DCGAN_LISTEN={listen} is not reachable from other pods");
+        let address = literal(&wenv, "DCGAN_COORDINATOR");
+        let host = host_of(address);
+        assert!(
+            host == SERVICE || host.starts_with(&format!("{SERVICE}.")),
+            "{o}: DCGAN_COORDINATOR={address} does not name the Service {SERVICE}"
+        );
+        assert_eq!(
+            u64::from(port_of(address)),
+            grpc_port,
+            "{o}: DCGAN_COORDINATOR={address} misses the Service's port"
+        );
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                coordinator[probe]["grpc"]["port"].as_u64(),
+                Some(grpc_target),
+                "{o}: {probe} is not gRPC on {grpc_target}"
+            );
+        }
+
+        // Metrics: the Service's port, the containers' ports and the scrape annotations agree,
+        // and each binary is told to serve them.
+        let (_, metrics_target) = service_port("metrics");
+        assert_eq!(metrics_target, 9090, "{o}: the metrics port");
+        for (workload, c, env) in [(deployment, coordinator, &cenv), (job, worker, &wenv)] {
+            let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
+            if annotations["prometheus.io/scrape"].as_str() == Some("true") {
+                let port: u64 = annotations["prometheus.io/port"].as_str().and_then(|p| p.parse().ok()).expect("port");
+                assert!(
+                    c["ports"].as_sequence().into_iter().flatten().any(|p| p["containerPort"].as_u64() == Some(port)),
+                    "{o}: the scrape port {port} is not a container port of {:?}",
+                    c["name"]
+                );
+                let metrics = literal(env, "DCGAN_METRICS_LISTEN");
+                assert_eq!(
+                    u64::from(port_of(metrics)),
+                    port,
+                    "{o}: DCGAN_METRICS_LISTEN={metrics} is not the scrape port"
+                );
+            }
+        }
+
+        // Workers: an Indexed Job with one pod per rank, each asking for its index as its rank.
+        let spec = &job["spec"];
+        assert_eq!(spec["completionMode"].as_str(), Some("Indexed"), "{o}");
+        let workers: u64 = literal(&cenv, "DCGAN_WORKERS").parse().expect("DCGAN_WORKERS is a number");
+        assert_eq!(spec["parallelism"].as_u64(), Some(workers), "{o}: parallelism != DCGAN_WORKERS");
+        assert_eq!(spec["completions"].as_u64(), Some(workers), "{o}: completions != DCGAN_WORKERS");
+        assert!(is_true(literal(&cenv, "DCGAN_EXTERNAL_WORKERS")), "{o}: the coordinator would launch its own workers");
+        assert_eq!(
+            wenv.get("DCGAN_RANK"),
+            Some(&EnvSource::Field("metadata.annotations['batch.kubernetes.io/job-completion-index']".into())),
+            "{o}: the rank hint is not the completion index"
+        );
+        assert_eq!(wenv.get("DCGAN_ADVERTISE_HOST"), Some(&EnvSource::Field("status.podIP".into())), "{o}");
+    }
+}
+
+/// A process of the dry run with its output in a file, so a failure can show it.
+struct Proc {
+    name: String,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+fn spawn(name: &str, args: &[String], env: &BTreeMap<String, String>, path: &str, logs: &Path) -> Proc {
+    let log = logs.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).expect("create log");
+    let mut cmd = Command::new(&args[0]);
+    cmd.args(&args[1..]).stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file);
+    for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("DCGAN_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env).env("PATH", path);
+    Proc { name: name.to_string(), child: cmd.spawn().unwrap_or_else(|e| panic!("start {name} ({args:?}): {e}")), log }
+}
+
+fn wait_all(procs: &mut [Proc], limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let mut failed = None;
+    loop {
+        let mut running = false;
+        for p in procs.iter_mut() {
+            match p.child.try_wait().expect("wait") {
+                Some(s) if !s.success() && failed.is_none() => {
+                    failed = Some(format!("{} exited with {s}", p.name));
+                }
+                Some(_) => {}
+                None => running = true,
+            }
+        }
+        if failed.is_some() || !running || start.elapsed() > limit {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let timed_out = procs.iter_mut().any(|p| p.child.try_wait().ok().flatten().is_none());
+    for p in procs.iter_mut() {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+    match (failed, timed_out) {
+        (None, false) => Ok(()),
+        (f, _) => {
+            let logs: String = procs
+                .iter()
+                .map(|p| format!("--- {}:\n{}\n", p.name, std::fs::read_to_string(&p.log).unwrap_or_default()))
+                .collect();
+            Err(format!("{}\n{logs}", f.unwrap_or_else(|| format!("not done after {limit:?}"))))
+        }
+    }
+}
+
+/// Runs the cpu-smoke overlay's coordinator and worker containers as processes here: their
+/// exact args and environment from the rendered YAML, with the Service's name replaced by
+/// 127.0.0.1, the listening ports by free ones, the volumes' paths by a temporary directory
+/// and the downward-API values (rank, pod IP, CPU limit) by what Kubernetes would fill in.
+#[test]
+fn cpu_smoke_overlay_trains_to_completion_as_local_processes() {
+    if !kubectl_available("cpu_smoke_overlay_trains_to_completion_as_local_processes") {
+        return;
+    }
+    if !Path::new("/bin/sh").exists() {
+        eprintln!("SKIPPED cpu_smoke_overlay_trains_to_completion_as_local_processes: no /bin/sh");
+        return;
+    }
+    let bins = binaries_dir();
+    let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
+    let deployment = find(&objects, "Deployment", COORDINATOR);
+    let job = find(&objects, "Job", WORKERS);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let volume_root = "/var/lib/dcgan";
+    let local = |v: &str| -> String {
+        if let Some(rest) = v.strip_prefix(volume_root) {
+            format!("{}{rest}", tmp.path().display())
+        } else if v.starts_with("0.0.0.0:") {
+            "127.0.0.1:0".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
+
+    // The coordinator.
+    let c = container(deployment, "coordinator");
+    let cenv: BTreeMap<String, String> = environment(&objects, c)
+        .into_iter()
+        .map(|(k, v)| match v {
+            EnvSource::Literal(v) => (k, local(&v)),
+            other => panic!("coordinator env {k}: {other:?} has no local stand-in"),
+        })
+        .collect();
+    let run_dir = Path::new(&cenv["DCGAN_RUN_DIR"]).to_path_buf();
+    for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+        std::fs::create_dir_all(local(m["mountPath"].as_str().unwrap())).unwrap();
+    }
+    let cargs: Vec<String> = args(c).iter().map(|a| local(a)).collect();
+    let mut procs = vec![spawn("coordinator", &cargs, &cenv, &path, tmp.path())];
+
+    // Its bound address (port 0 here, 50051 in the pod).
+    let addr_file = run_dir.join("coordinator.addr");
+    let start = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a.trim().to_string();
+        }
+        if let Err(e) = wait_all_if_exited(&mut procs) {
+            panic!("{e}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no {} after 2 minutes", addr_file.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // The workers: one process per completion index.
+    let w = container(job, "worker");
+    let workers = job["spec"]["parallelism"].as_u64().expect("parallelism");
+    let wargs: Vec<String> = args(w).iter().map(|a| local(a)).collect();
+    for index in 0..workers {
+        let mut env: BTreeMap<String, String> = environment(&objects, w)
+            .into_iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    EnvSource::Literal(v) if k == "DCGAN_COORDINATOR" => {
+                        assert_eq!(host_of(&v), SERVICE, "the workers' coordinator address");
+                        format!("http://{addr}")
+                    }
+                    EnvSource::Literal(v) => local(&v),
+                    EnvSource::Field(f) if f.contains("job-completion-index") => index.to_string(),
+                    EnvSource::Field(f) if f == "status.podIP" => "127.0.0.1".to_string(),
+                    EnvSource::Resource(r) if r == "limits.cpu" => "1".to_string(),
+                    other => panic!("worker env {k}: {other:?} has no local stand-in"),
+                };
+                (k, value)
+            })
+            .collect();
+        env.insert("JOB_COMPLETION_INDEX".into(), index.to_string());
+        procs.push(spawn(&format!("worker-{index}"), &wargs, &env, &path, tmp.path()));
+    }
+    wait_all(&mut procs, Duration::from_secs(300)).unwrap_or_else(|e| panic!("the cpu-smoke dry run failed: {e}"));
+
+    // The run is complete and stored.
+    assert!(run_dir.join("COMPLETE").is_file(), "the coordinator's script did not mark the run complete");
+    let steps = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl").lines().count();
+    let limit: usize = cenv["DCGAN_DATA_LIMIT"].parse().unwrap();
+    let batch: usize = cenv["DCGAN_BATCH_SIZE"].parse().unwrap();
+    let epochs: usize = cenv["DCGAN_EPOCHS"].parse().unwrap();
+    assert_eq!(steps, limit / batch * epochs, "metrics.jsonl lines");
+    let checkpoints = std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count();
+    assert!(checkpoints > 0, "no checkpoint stored");
+    assert!(run_dir.join("samples/real.png").is_file(), "no samples/real.png");
+
+    // A restarted coordinator pod finds the run complete and exits 0 without touching it.
+    let mut again = vec![spawn("coordinator-restarted", &cargs, &cenv, &path, tmp.path())];
+    wait_all(&mut again, Duration::from_secs(30)).unwrap_or_else(|e| panic!("restart after completion: {e}"));
+}
+
+/// Fails with the logs when a process of the dry run has already failed.
+fn wait_all_if_exited(procs: &mut [Proc]) -> Result<(), String> {
+    if procs.iter_mut().any(|p| p.child.try_wait().ok().flatten().is_some_and(|s| !s.success())) {
+        return wait_all(procs, Duration::ZERO);
+    }
+    Ok(())
+}

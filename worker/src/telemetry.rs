@@ -1,0 +1,273 @@
+//! What both binaries share to be watched: log output (`--log-format pretty|json`, `RUST_LOG`),
+//! span export over OTLP/gRPC (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`) with W3C
+//! trace context carried in gRPC metadata, and a Prometheus `/metrics` endpoint
+//! (`--metrics-listen ADDR`).
+//!
+//! Trace context flows both ways over the one gRPC connection: the coordinator's `Join` answer
+//! carries its run span's `traceparent`, which becomes the parent of the worker's span (so a
+//! step's trace holds every rank's spans), and every worker request carries the worker's current
+//! span, which becomes the parent of the coordinator's RPC span.
+//!
+//! The metrics are recorded with the `metrics` facade into `metrics-exporter-prometheus`'s
+//! recorder, and rendered by a small hyper route of our own rather than the exporter's built-in
+//! listener: the listener is bound here, before anything else starts, so a busy port fails the
+//! start with a clear message and a port-0 address can be reported (printed, written to
+//! `RUN_DIR/metrics.addr`) for tests and for the launched workers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tokio::net::TcpListener;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Pretty,
+    /// One JSON object per line, with the current span's fields (run id, generation, rank, step).
+    Json,
+}
+
+/// How the process's logs and spans go out.
+pub struct LogSettings<'a> {
+    pub format: LogFormat,
+    /// The filter when `RUST_LOG` is not set.
+    pub default_filter: &'a str,
+    pub ansi: bool,
+    /// OTLP/gRPC collector for spans (e.g. `http://otel-collector:4317`); none: no export.
+    pub otlp_endpoint: Option<&'a str>,
+    /// `service.name` of the exported spans.
+    pub service_name: &'static str,
+}
+
+/// The span exporter, flushed by [`Telemetry::shutdown`]. Hold it for the process's life.
+#[must_use = "call shutdown() before exiting, or queued spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued. Call inside the tokio runtime, before it is dropped.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("warning: exporting the last spans failed: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: `RUST_LOG` if set, else the default filter; lines in
+/// the chosen format to `writer`; spans to the OTLP endpoint if one is given. Call inside a tokio
+/// runtime (the gRPC exporter's channel lives there).
+pub fn init<W>(settings: &LogSettings<'_>, writer: W) -> anyhow::Result<Telemetry>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    // The log lines and the exported spans are filtered apart: `--quiet` silences the terminal,
+    // not the traces. RUST_LOG, when set, filters both.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(settings.default_filter));
+    let span_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = match settings.format {
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(settings.ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let provider = match settings.otlp_endpoint.filter(|e| !e.is_empty()) {
+        None => None,
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .with_context(|| format!("cannot build the OTLP exporter for {endpoint} (--otlp-endpoint)"))?;
+            let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name).build();
+            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+        }
+    };
+    let otel_layer = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("dcgan")).with_filter(span_filter));
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    }
+    tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()
+        .context("cannot install the log subscriber")?;
+    Ok(Telemetry { provider })
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str())) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes `span`'s trace context (`traceparent`) into gRPC metadata; a no-op without export.
+pub fn inject_context(span: &tracing::Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+/// Makes the trace context found in `headers` (if any) the parent of `span`.
+pub fn adopt_context(span: &tracing::Span, headers: &tonic::codegen::http::HeaderMap) {
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// A client interceptor that stamps the caller's current span, and the run token when there is
+/// one, on every request.
+#[derive(Clone, Debug, Default)]
+pub struct TraceContext {
+    token: Option<proto::auth::Token>,
+}
+
+impl TraceContext {
+    pub fn with_token(token: Option<proto::auth::Token>) -> Self {
+        Self { token }
+    }
+}
+
+impl tonic::service::Interceptor for TraceContext {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        inject_context(&tracing::Span::current(), req.metadata_mut());
+        if let Some(token) = &self.token {
+            token.stamp(&mut req);
+        }
+        Ok(req)
+    }
+}
+
+/// Bucket bounds (seconds) of the step-phase histograms: from a fast GPU step to a slow CPU one.
+pub const SECONDS_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The `/metrics` HTTP listener, bound but not yet serving.
+pub struct MetricsListener {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl MetricsListener {
+    /// Binds `addr` (port 0 picks a free port; [`MetricsListener::addr`] says which).
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics (--metrics-listen)"))?;
+        let addr = listener.local_addr().context("metrics listener address")?;
+        Ok(Self { listener, addr })
+    }
+
+    /// Installs the process's Prometheus recorder (with `labels` on every series) and serves
+    /// `GET /metrics` until the process exits.
+    pub fn serve(self, labels: &[(&str, String)]) -> anyhow::Result<PrometheusHandle> {
+        let mut builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), SECONDS_BUCKETS)
+            .context("histogram buckets")?;
+        for (k, v) in labels {
+            builder = builder.add_global_label(*k, v.clone());
+        }
+        let handle = builder.install_recorder().context("cannot install the metrics recorder")?;
+        tokio::spawn(serve_http(self.listener, handle.clone()));
+        // Histograms keep their samples until upkeep drains them; scrapes also do it.
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        Ok(handle)
+    }
+}
+
+async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = respond(&req, &handle);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
+                tracing::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            handle.run_upkeep();
+            (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", handle.render())
+        }
+        (&Method::GET, "/") => (StatusCode::OK, "text/plain; charset=utf-8", "metrics at /metrics\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found: try GET /metrics\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
