@@ -150,7 +150,8 @@ fn wrong_session_is_refused() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(start.elapsed() < Duration::from_secs(5));
+    // Everyone gives up around the 2 s connect timeout; generous bound for a loaded machine.
+    assert!(start.elapsed() < Duration::from_secs(15));
     let errors: Vec<RingError> = results.into_iter().map(|r| r.unwrap_err()).collect();
     // Rank 1 connects to rank 2 and sees the foreign session itself.
     assert!(
@@ -161,10 +162,15 @@ fn wrong_session_is_refused() {
     // Rank 0 connects to the odd one out: refused, or (if rank 1 has already given up and closed
     // its listener) never answered.
     assert!(matches!(errors[0], RingError::Handshake { .. } | RingError::Connect { .. }), "{}", errors[0]);
-    // Rank 2 turned rank 1 away and kept waiting for a proper left neighbour.
+    // Rank 2 turned rank 1 away and kept waiting for a proper left neighbour, saying why; or,
+    // on a loaded machine, rank 0 gave up (refused by rank 1) and closed its listener before
+    // rank 2 reached it, so rank 2's own connect failed first.
     let msg = errors[2].to_string();
-    assert!(matches!(errors[2], RingError::AcceptTimeout { .. }), "{msg}");
-    assert!(msg.contains("session"), "{msg}");
+    match errors[2] {
+        RingError::AcceptTimeout { .. } => assert!(msg.contains("session"), "{msg}"),
+        RingError::Connect { .. } => {}
+        _ => panic!("unexpected error on rank 2: {msg}"),
+    }
 }
 
 #[test]
@@ -248,7 +254,8 @@ fn peer_that_dies_mid_operation_fails_the_others_fast() {
         },
     );
     for (msg, elapsed) in results.into_iter().flatten() {
-        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: {msg}");
+        // Far below the 60 s I/O timeout: the failure travelled, nobody waited it out.
+        assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}: {msg}");
         assert!(msg.contains("closed the connection") || msg.contains("failed"), "{msg}");
     }
 }
@@ -264,8 +271,9 @@ fn stuck_peer_times_out_instead_of_hanging() {
         |rank, ring| {
             let mut ring = ring.unwrap();
             if rank == 2 {
-                // Alive (sockets open) but never joins the collective.
-                thread::sleep(Duration::from_secs(3));
+                // Alive (sockets open) but never joins the collective, for far longer than the
+                // 300 ms I/O timeout: the others must give up on their own, not when it leaves.
+                thread::sleep(Duration::from_secs(10));
                 return None;
             }
             let start = Instant::now();
@@ -276,7 +284,7 @@ fn stuck_peer_times_out_instead_of_hanging() {
     let errors: Vec<_> = results.into_iter().flatten().collect();
     assert_eq!(errors.len(), 2);
     for (err, elapsed) in &errors {
-        assert!(*elapsed < Duration::from_secs(2), "took {elapsed:?}: {err}");
+        assert!(*elapsed < Duration::from_secs(8), "took {elapsed:?}: {err}");
     }
     // Rank 0 reads from the stuck rank 2 and times out; rank 1 hears about it from rank 0.
     assert!(matches!(errors[0].0, RingError::Timeout { .. }), "{}", errors[0].0);
