@@ -157,12 +157,16 @@ impl Net {
             "network input size"
         );
         self.batch = batch;
+        // Only a transposed convolution's weight gradient reads its input again; a strided
+        // convolution keeps its unrolled input (`cols`) instead, so D's input is not copied.
         self.input.clear();
-        self.input.extend_from_slice(input);
+        if first.kind == ConvKind::Transposed {
+            self.input.extend_from_slice(input);
+        }
         for i in 0..self.blocks.len() {
             let (before, rest) = self.blocks.split_at_mut(i);
             let block = &mut rest[0];
-            let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1].out };
+            let x: &[f32] = if i == 0 { input } else { &before[i - 1].out };
             let out_len = block.shape.out_channels * batch * block.out_side * block.out_side;
             block.out.resize(out_len, 0.0);
             let w = &self.params[block.weight.clone()];
