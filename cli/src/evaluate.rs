@@ -5,7 +5,7 @@
 //! paper's test of D as a feature extractor, a linear classifier on D's max-pooled features of
 //! every layer, trained on one labelled set and scored on another.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
@@ -13,9 +13,8 @@ use data::{Dataset, DatasetSpec};
 use serde::Serialize;
 
 use crate::checkpoint_ref;
-use crate::classifier::{Classifier, ClassifierKey};
 use crate::features;
-use crate::fid::{GaussianStats, frechet_distance};
+use crate::fid_score::{ClassifierOptions, FidReference};
 use crate::latent::Latents;
 use crate::linear::{FitOptions, SoftmaxRegression, Standardiser};
 use crate::render::{self, BnStats};
@@ -112,17 +111,6 @@ pub fn run(cmd: &EvaluateCommand) -> Result<()> {
     }
 }
 
-/// Where the classifier cache lives by default.
-fn cache_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join("dcgan");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("dcgan"),
-        None => PathBuf::from(".dcgan-cache"),
-    }
-}
-
 fn load_labelled(spec: &DatasetSpec, size: usize, limit: Option<usize>) -> Result<(Dataset, Vec<u8>)> {
     let d = spec.load(size, limit).with_context(|| format!("loading dataset {spec}"))?;
     let Some(labels) = d.labels.clone() else {
@@ -132,27 +120,6 @@ fn load_labelled(spec: &DatasetSpec, size: usize, limit: Option<usize>) -> Resul
     };
     ensure!(d.len >= 2, "dataset {spec} holds {} image(s); at least 2 are needed", d.len);
     Ok((d, labels))
-}
-
-/// Loads the cached classifier for `key`, or trains and caches one.
-fn classifier_for(key: ClassifierKey, path: &Path, data: &Dataset, labels: &[u8]) -> Result<Classifier> {
-    if path.is_file() {
-        match Classifier::load(path, &key)? {
-            Some(c) => {
-                eprintln!("reusing FID classifier {}", path.display());
-                return Ok(c);
-            }
-            None => bail!(
-                "{} holds a classifier trained with other settings; pass another --classifier or delete it",
-                path.display()
-            ),
-        }
-    }
-    let n = key.train_limit.map_or(data.len, |l| l.min(data.len));
-    eprintln!("training the FID classifier on {n} images of {} (cached as {})", key.dataset, path.display());
-    let c = Classifier::train(key, &data.pixels[..n * data.sample_len()], &labels[..n])?;
-    c.save(path)?;
-    Ok(c)
 }
 
 #[derive(Serialize)]
@@ -183,19 +150,19 @@ fn fid(args: &FidArgs) -> Result<()> {
         args.count
     );
     let per = real.sample_len();
-    let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
-    let key = ClassifierKey {
-        dataset: args.dataset.to_string(),
-        image_size: size,
-        nc: real.nc,
-        classes: classes.max(2),
+    let options = ClassifierOptions {
         width: args.classifier_width,
         epochs: args.classifier_epochs,
         train_limit: args.train_limit,
-        seed: 0,
     };
-    let path = args.classifier.clone().unwrap_or_else(|| cache_dir().join(key.file_name()));
-    let mut clf = classifier_for(key, &path, &real, &labels)?;
+    let mut reference = FidReference::prepare(
+        &args.dataset.to_string(),
+        &real,
+        &labels,
+        args.count,
+        &options,
+        args.classifier.as_deref(),
+    )?;
 
     let (against, other): (String, Vec<f32>) = if let Some(m) = model.as_mut() {
         let cfg = m.config().clone();
@@ -224,11 +191,9 @@ fn fid(args: &FidArgs) -> Result<()> {
         bail!("give what to score: --checkpoint, --against SPEC or --against-noise");
     };
 
-    let d = clf.feature_len();
-    let (fr, _) = clf.features(&real.pixels[..args.count * per])?;
-    let (fo, preds) = clf.features(&other)?;
-    let value = frechet_distance(&GaussianStats::of(&fr, d), &GaussianStats::of(&fo, d));
-    let mut hist = vec![0.0; clf.key.classes];
+    let d = reference.classifier.feature_len();
+    let (value, preds) = reference.score_images(&other)?;
+    let mut hist = vec![0.0; reference.classifier.key.classes];
     preds.iter().for_each(|p| hist[*p] += 1.0 / preds.len() as f64);
     let report = FidReport {
         fid: value,
@@ -236,8 +201,8 @@ fn fid(args: &FidArgs) -> Result<()> {
         against,
         count: args.count,
         feature_dim: d,
-        classifier: path.display().to_string(),
-        classifier_train_accuracy: clf.train_accuracy,
+        classifier: reference.classifier_path.display().to_string(),
+        classifier_train_accuracy: reference.classifier.train_accuracy,
         class_histogram: hist,
     };
     println!(

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod evaluate;
 pub mod features;
 pub mod fid;
+pub mod fid_score;
 pub mod generate;
 pub mod interpolate;
 pub mod latent;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint_store::CheckpointStore;
 use crate::cli::{Cli, Explicit};
 use crate::config::{DatasetFacts, RunConfig, merge_for_resume};
+use crate::evaluation::{self, EvalRecord, EvalRequest, EvalSettings};
 use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
 use crate::metrics_log::MetricsLog;
@@ -22,6 +23,7 @@ use crate::run_dir::{RunDir, unix_ms, utc_stamp, write_atomic};
 use crate::run_state::{Event, Phase, Run};
 use crate::shards::ShardServer;
 use crate::{observability, samples, server};
+use worker::signals::EXIT_STOPPED;
 use worker::telemetry::MetricsListener;
 
 /// How long workers get to exit by themselves after a completed run.
@@ -29,8 +31,16 @@ const EXIT_GRACE: Duration = Duration::from_secs(30);
 /// How long open gRPC streams get to end after the run ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs the coordinator; `Ok` when the run completed.
-pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<()> {
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Completed,
+    /// Stopped cleanly on request (SIGTERM) with a checkpoint; `--resume` continues it.
+    Stopped,
+}
+
+/// Runs the coordinator; `Ok` when the run completed or stopped cleanly.
+pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<Ended> {
     let root = cli.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
     let dir = RunDir::new(&root);
 
@@ -97,6 +107,20 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
     };
 
+    let eval_settings = EvalSettings {
+        every_epochs: config.eval_every,
+        count: config.eval_count as usize,
+        dataset: config.dataset.clone(),
+        classifier: cli.eval_classifier.clone().unwrap_or_else(|| dir.eval().join("fid-classifier.safetensors")),
+        seed: config.seed ^ 0xF1D,
+    };
+    if eval_settings.every_epochs > 0 {
+        eval_settings.check(&dataset)?;
+    }
+
+    // From here on SIGTERM and Ctrl-C stop the run cleanly instead of killing the process.
+    let mut signals = worker::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
+
     // The port is taken before anything is written, so a busy one leaves no half-made run.
     let token = cli.token.as_deref().map(proto::auth::Token::new).transpose().context("--token (DCGAN_TOKEN)")?;
     let listener =
@@ -112,8 +136,12 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let resume_from = if previous.is_some() { Some(resume_point(&store, &config)?) } else { None };
     write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
     let metrics_log = match resume_from {
-        Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
+        Some(step) => MetricsLog::resume(&dir.metrics(), step)?.0,
         None => MetricsLog::create(&dir.metrics())?,
+    };
+    let (eval_log, past_evaluations) = match resume_from {
+        Some(step) => MetricsLog::<EvalRecord>::resume(&dir.evals(), step)?,
+        None => (MetricsLog::create(&dir.evals())?, Vec::new()),
     };
 
     let dataset = Arc::new(dataset);
@@ -203,7 +231,24 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token, async {
         let _ = server_stopped.await;
     }));
-    let renderer = tokio::spawn(render_samples(Arc::clone(&run), events_rx, dir.samples(), config.seed));
+    run.restore_evaluations(&past_evaluations);
+    let (eval_tx, eval_rx) = mpsc::unbounded_channel();
+    let evaluator = (eval_settings.every_epochs > 0).then(|| {
+        tokio::spawn(evaluation::evaluate(
+            Arc::clone(&run),
+            eval_settings.clone(),
+            Arc::clone(&dataset),
+            eval_log,
+            eval_rx,
+        ))
+    });
+    let renderer = tokio::spawn(render_samples(
+        Arc::clone(&run),
+        events_rx,
+        dir.samples(),
+        config.seed,
+        evaluator.is_some().then_some((eval_tx, eval_settings)),
+    ));
     if Progress::wanted(cli.quiet) {
         progress.start(run.start_step, config.total_steps, config.epochs);
     }
@@ -241,17 +286,23 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let mut phase = run.watch_phase();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let heartbeat_timeout = Duration::from_secs(config.heartbeat_timeout_secs);
+    let stop_timeout = Duration::from_secs(cli.stop_timeout);
     let mut exits_open = launcher.is_some();
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
     loop {
         if phase.borrow_and_update().is_over() {
             break;
+        }
+        if run.is_stopping() && stop_deadline.is_none() {
+            stop_deadline = Some(tokio::time::Instant::now() + stop_timeout);
         }
         tokio::select! {
             changed = phase.changed() => if changed.is_err() { break },
             exit = exits.recv(), if exits_open => match exit {
                 Some(exit) => {
                     let ok = exit.status.as_ref().is_ok_and(|s| s.success());
-                    if !ok && !exit.killed {
+                    let stopped = run.is_stopping() && exit_code(&exit) == Some(i32::from(EXIT_STOPPED));
+                    if !ok && !exit.killed && !stopped {
                         run.fail(describe_exit(&exit));
                     }
                 }
@@ -260,8 +311,18 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             _ = tick.tick() => {
                 run.check_heartbeats(heartbeat_timeout);
                 run.record_liveness(heartbeat_timeout);
+                if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    run.fail(format!("the workers did not stop within {} s (--stop-timeout)", stop_timeout.as_secs()));
+                }
             }
-            _ = tokio::signal::ctrl_c() => { run.fail("interrupted"); }
+            name = signals.next() => {
+                if run.is_stopping() {
+                    run.fail(format!("{name} received again: stopping at once"));
+                } else {
+                    println!("{name}: the workers finish their step and rank 0 checkpoints it ({name} again to stop at once)");
+                    run.request_stop(format!("{name} received by the coordinator"));
+                }
+            }
         }
     }
 
@@ -286,6 +347,19 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         Ok(Err(e)) => tracing::warn!("cannot draw sample grids: {e:#}"),
         Err(e) => tracing::warn!("sample renderer panicked: {e}"),
     }
+    // The renderer dropped its sender: a completed run's last evaluations finish before the
+    // exit (they are part of its results); a stopped or failed run does not wait for them.
+    if let Some(evaluator) = evaluator {
+        if matches!(outcome, Phase::Completed) {
+            match evaluator.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("FID evaluation failed: {e:#}"),
+                Err(e) => tracing::warn!("the FID evaluator panicked: {e}"),
+            }
+        } else {
+            evaluator.abort();
+        }
+    }
     // Graceful shutdown waits for open streams; a client that stopped reading must not keep
     // the coordinator alive, so the wait is bounded.
     let _ = stop_server.send(());
@@ -309,6 +383,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     match outcome {
         Phase::Completed => {
             let latest = run.latest();
+            write_atomic(&root.join("COMPLETE"), format!("{}\n", config.total_steps).as_bytes())?;
             match latest {
                 Some(r) => println!(
                     "run completed: {} steps, loss_D {:.4} loss_G {:.4} D(x) {:.3} D(G(z)) {:.3}/{:.3}; results in {}",
@@ -322,11 +397,28 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 ),
                 None => println!("run completed; results in {}", root.display()),
             }
-            Ok(())
+            Ok(Ended::Completed)
+        }
+        Phase::Stopped { step, reason } => {
+            let from = match store.latest()? {
+                Some(c) => format!("its checkpoint of step {} is in {}", c.step, c.dir.display()),
+                None => "it has no checkpoint yet".to_string(),
+            };
+            println!(
+                "run stopped after step {step} of {} ({reason}); {from}; continue it with: coordinator --resume --run-dir {}",
+                config.total_steps,
+                root.display()
+            );
+            Ok(Ended::Stopped)
         }
         Phase::Failed(reason) => bail!("run failed: {reason}"),
         other => bail!("run stopped in state {other:?}"),
     }
+}
+
+/// A launched worker's exit code, when it exited (rather than being killed by a signal).
+fn exit_code(exit: &crate::launcher::WorkerExit) -> Option<i32> {
+    exit.status.as_ref().ok().and_then(|s| s.code())
 }
 
 /// The checkpoint a resumed run starts from: the newest, checked against its digests, and not
@@ -371,17 +463,24 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     a
 }
 
-/// Draws the fake grids asked for by [`Event::RenderSamples`] until [`Event::Stop`].
+/// Draws the fake grids asked for by [`Event::RenderSamples`] until [`Event::Stop`], and hands
+/// the checkpoints due for evaluation to the evaluator.
 async fn render_samples(
     run: Arc<Run>,
     mut events: mpsc::UnboundedReceiver<Event>,
     dir: PathBuf,
     seed: u64,
+    evaluations: Option<(mpsc::UnboundedSender<EvalRequest>, EvalSettings)>,
 ) -> anyhow::Result<()> {
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Stop => break,
-            Event::RenderSamples { files, epoch, step } => {
+            Event::RenderSamples { files, epoch, step, is_final } => {
+                if let Some((tx, settings)) = &evaluations {
+                    if settings.due(epoch, is_final) {
+                        let _ = tx.send(EvalRequest { epoch, step, files: files.clone() });
+                    }
+                }
                 let d = dir.clone();
                 let (path, diversity) =
                     tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))

@@ -121,6 +121,29 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_HEARTBEAT_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_timeout: u64,
 
+    /// Compute the FID of the generator after every N epochs (and after the last): its samples
+    /// against the dataset on the features of a classifier trained on the dataset's labels, as
+    /// `dcgan evaluate fid` does. Written to RUN_DIR/evals.jsonl, the `dcgan_fid` gauge and
+    /// GetStatus. 0: never. Needs a labelled dataset.
+    #[arg(long, env = "DCGAN_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: u32,
+
+    /// Images in each set the FID compares (generated, and the dataset's first N).
+    #[arg(long, env = "DCGAN_EVAL_COUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..))]
+    pub eval_count: u32,
+
+    /// The FID classifier's file: reused when it exists and fits the dataset, else trained on the
+    /// dataset and saved there [default: RUN_DIR/eval/fid-classifier.safetensors]. Share one
+    /// with `dcgan evaluate fid --classifier` to compare the figures.
+    #[arg(long, env = "DCGAN_EVAL_CLASSIFIER")]
+    pub eval_classifier: Option<PathBuf>,
+
+    /// On SIGTERM or Ctrl-C the workers finish their step and rank 0 checkpoints it; if that
+    /// takes longer than this many seconds the run fails instead (keep it below Kubernetes'
+    /// terminationGracePeriodSeconds). The process then exits with code 143; `--resume` continues.
+    #[arg(long, env = "DCGAN_STOP_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stop_timeout: u64,
+
     /// A shared token that every worker must present (`authorization: Bearer ...`); calls
     /// without it are refused with UNAUTHENTICATED. Health and reflection stay open. Launched
     /// workers get it through their environment. Prefer DCGAN_TOKEN (a Kubernetes Secret) to the

@@ -61,8 +61,18 @@ pub struct RunConfig {
     pub workers_local_data: bool,
     pub worker_threads: u32,
     pub heartbeat_timeout_secs: u64,
+    /// FID every this many epochs (0: never); older run.json files have none.
+    #[serde(default)]
+    pub eval_every: u32,
+    /// Images per FID set.
+    #[serde(default = "default_eval_count")]
+    pub eval_count: u32,
     /// When the run was first created (UTC, `YYYYMMDD-HHMMSS`).
     pub created: String,
+}
+
+fn default_eval_count() -> u32 {
+    1000
 }
 
 /// What the dataset contributes to the configuration.
@@ -135,6 +145,8 @@ impl RunConfig {
             workers_local_data: cli.workers_local_data,
             worker_threads: cli.worker_threads.unwrap_or((cores / cli.workers).max(1)),
             heartbeat_timeout_secs: cli.heartbeat_timeout,
+            eval_every: cli.eval_every,
+            eval_count: cli.eval_count,
             created,
         })
     }
@@ -225,6 +237,8 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         workers_local_data <- previous.workers_local_data,
         worker_threads <- Some(previous.worker_threads),
         heartbeat_timeout <- previous.heartbeat_timeout_secs,
+        eval_every <- previous.eval_every,
+        eval_count <- previous.eval_count,
     );
     Ok(())
 }

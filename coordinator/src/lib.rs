@@ -6,12 +6,14 @@
 //! [`run_state`] is the state machine behind [`server`]'s handlers; [`shards`],
 //! [`checkpoint_store`], [`metrics_log`] and [`samples`] each own one kind of output or data;
 //! [`launcher`] owns the worker processes and [`progress`] the terminal; [`observability`]
-//! exports the run to Prometheus and [`health`] watches the GAN for quiet failures.
+//! exports the run to Prometheus, [`health`] watches the GAN for quiet failures and
+//! [`evaluation`] scores it with FID (`--eval-every`).
 
 pub mod app;
 pub mod checkpoint_store;
 pub mod cli;
 pub mod config;
+pub mod evaluation;
 pub mod health;
 pub mod launcher;
 pub mod metrics_log;

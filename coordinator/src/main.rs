@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(coordinator::app::run(cli, explicit, progress.clone()));
     runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(coordinator::app::Ended::Completed) => ExitCode::SUCCESS,
+        Ok(coordinator::app::Ended::Stopped) => ExitCode::from(worker::signals::EXIT_STOPPED),
         Err(e) => {
             progress.finish();
             eprintln!("error: {e:#}");

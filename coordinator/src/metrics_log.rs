@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::run_dir::{RunDirError, write_atomic};
@@ -179,37 +180,52 @@ fn aggregate(step: u64, reports: &[RankReport]) -> Result<StepRecord, AggregateE
     })
 }
 
-/// `metrics.jsonl`, appended one line per aggregated step and flushed at once, so `tail -f`
-/// and a crash both see whole lines.
-pub struct MetricsLog {
-    path: PathBuf,
-    file: File,
+/// A line of a JSON-lines log that belongs to a step (so a resumed run can drop later ones).
+pub trait Stepped: Serialize + DeserializeOwned {
+    fn step(&self) -> u64;
 }
 
-impl MetricsLog {
+impl Stepped for StepRecord {
+    fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+/// `metrics.jsonl` (one line per aggregated step) or `evals.jsonl` (one per evaluation),
+/// appended and flushed line by line, so `tail -f` and a crash both see whole lines.
+pub struct MetricsLog<T: Stepped = StepRecord> {
+    path: PathBuf,
+    file: File,
+    _records: std::marker::PhantomData<fn(&T)>,
+}
+
+impl<T: Stepped> MetricsLog<T> {
     /// Starts a fresh log (truncating any old one).
     pub fn create(path: &Path) -> Result<Self, RunDirError> {
         let file = File::create(path).map_err(|e| RunDirError::new(path, "create", e))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, _records: std::marker::PhantomData })
     }
 
     /// Continues a log from a checkpoint at `step`: lines of later steps (written after that
     /// checkpoint by a run that then stopped) are dropped, since the resumed run redoes them.
-    pub fn resume(path: &Path, step: u64) -> Result<Self, RunDirError> {
+    /// Returns the log and the records kept.
+    pub fn resume(path: &Path, step: u64) -> Result<(Self, Vec<T>), RunDirError> {
         let mut kept = String::new();
+        let mut records = Vec::new();
         match File::open(path) {
             Ok(f) => {
                 for line in BufReader::new(f).lines() {
                     let line = line.map_err(|e| RunDirError::new(path, "read", e))?;
-                    match serde_json::from_str::<StepRecord>(&line) {
-                        Ok(r) if r.step <= step => {
+                    match serde_json::from_str::<T>(&line) {
+                        Ok(r) if r.step() <= step => {
                             kept.push_str(&line);
                             kept.push('\n');
+                            records.push(r);
                         }
                         Ok(_) => {}
                         Err(_) if line.trim().is_empty() => {}
                         Err(e) => {
-                            tracing::warn!(path = %path.display(), "dropping a metrics line that does not parse: {e}")
+                            tracing::warn!(path = %path.display(), "dropping a line that does not parse: {e}")
                         }
                     }
                 }
@@ -220,12 +236,12 @@ impl MetricsLog {
         write_atomic(path, kept.as_bytes())?;
         let file =
             OpenOptions::new().append(true).open(path).map_err(|e| RunDirError::new(path, "open for appending", e))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok((Self { path: path.to_path_buf(), file, _records: std::marker::PhantomData }, records))
     }
 
-    pub fn append(&mut self, record: &StepRecord) -> Result<(), RunDirError> {
+    pub fn append(&mut self, record: &T) -> Result<(), RunDirError> {
         let mut line = serde_json::to_string(record)
-            .map_err(|e| RunDirError::new(&self.path, "encode a metrics line", std::io::Error::other(e)))?;
+            .map_err(|e| RunDirError::new(&self.path, "encode a line", std::io::Error::other(e)))?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
@@ -296,12 +312,13 @@ mod tests {
     fn log_resume_drops_steps_after_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("metrics.jsonl");
-        let mut log = MetricsLog::create(&p).unwrap();
+        let mut log: MetricsLog = MetricsLog::create(&p).unwrap();
         for step in 1..=5 {
             log.append(&StepRecord { step, ..Default::default() }).unwrap();
         }
         drop(log);
-        let mut log = MetricsLog::resume(&p, 3).unwrap();
+        let (mut log, kept): (MetricsLog, _) = MetricsLog::resume(&p, 3).unwrap();
+        assert_eq!(kept.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3]);
         log.append(&StepRecord { step: 4, loss_d: 1.5, ..Default::default() }).unwrap();
         let lines: Vec<StepRecord> =
             std::fs::read_to_string(&p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -39,6 +39,8 @@ pub const HEALTH_MODE_COLLAPSE: &str = "dcgan_health_mode_collapse";
 pub const SAMPLE_DIVERSITY_RATIO: &str = "dcgan_sample_diversity_ratio";
 pub const SAMPLE_PAIRWISE_DISTANCE: &str = "dcgan_sample_pairwise_distance";
 pub const RUN_INFO: &str = "dcgan_run_info";
+pub const FID: &str = "dcgan_fid";
+pub const FID_EPOCH: &str = "dcgan_fid_epoch";
 
 /// The step phases as `metrics.jsonl` names them (without `_seconds`).
 pub const PHASES: [&str; 3] = ["data", "compute", "all_reduce"];
@@ -47,6 +49,8 @@ pub const PHASES: [&str; 3] = ["data", "compute", "all_reduce"];
 /// already shows the run).
 pub fn describe(run_id: &str, dataset: &str, generation: u64, world: u32, total_steps: u64) {
     describe_gauge!(STEP, "Global steps completed (aggregated over every rank).");
+    describe_gauge!(FID, "FID of the latest evaluated checkpoint's samples (--eval-every); lower is better.");
+    describe_gauge!(FID_EPOCH, "Epoch (0-based) whose end the latest FID evaluated.");
     describe_gauge!(EPOCH, "Epoch of the latest aggregated step (0-based).");
     describe_gauge!(TOTAL_STEPS, "Global steps the run will train in all.");
     describe_counter!(STEPS_TOTAL, "Steps aggregated by this coordinator process.");
@@ -135,6 +139,11 @@ pub fn record_health(h: &Health) {
 }
 
 /// Records a stored checkpoint.
+pub fn record_fid(epoch: u64, fid: f64) {
+    gauge!(FID).set(fid);
+    gauge!(FID_EPOCH).set(epoch as f64);
+}
+
 pub fn record_checkpoint(step: u64, bytes: u64) {
     gauge!(CHECKPOINT_STEP).set(step as f64);
     gauge!(CHECKPOINT_SIZE).set(bytes as f64);

@@ -44,6 +44,14 @@ impl RunDir {
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
     }
+    /// One line per FID evaluation (`--eval-every`).
+    pub fn evals(&self) -> PathBuf {
+        self.root.join("evals.jsonl")
+    }
+    /// The FID classifier's default cache.
+    pub fn eval(&self) -> PathBuf {
+        self.root.join("eval")
+    }
     pub fn samples(&self) -> PathBuf {
         self.root.join("samples")
     }

@@ -27,19 +27,28 @@ use crate::shards::ShardServer;
 pub enum Phase {
     WaitingForWorkers,
     Running,
+    /// Asked to stop (SIGTERM): the workers finish their step and rank 0 checkpoints it.
+    Stopping(String),
+    /// Stopped cleanly after `step`, whose checkpoint is stored: `--resume` continues.
+    Stopped {
+        step: u64,
+        reason: String,
+    },
     Completed,
     Failed(String),
 }
 
 impl Phase {
     pub fn is_over(&self) -> bool {
-        matches!(self, Phase::Completed | Phase::Failed(_))
+        matches!(self, Phase::Completed | Phase::Failed(_) | Phase::Stopped { .. })
     }
 
     fn to_proto(&self) -> v1::RunState {
         match self {
             Phase::WaitingForWorkers => v1::RunState::WaitingForWorkers,
             Phase::Running => v1::RunState::Running,
+            Phase::Stopping(_) => v1::RunState::Stopping,
+            Phase::Stopped { .. } => v1::RunState::Stopped,
             Phase::Completed => v1::RunState::Completed,
             Phase::Failed(_) => v1::RunState::Failed,
         }
@@ -83,13 +92,15 @@ struct WorkerSlot {
     last_seen_unix_ms: u64,
     last_step: u64,
     final_checksum: Option<u64>,
+    /// It finished by stopping cleanly on request, not at the run's last step.
+    stopped: bool,
 }
 
 /// Something the main loop acts on outside the request path.
 pub enum Event {
     /// A checkpoint ending an epoch or the run was stored: draw that epoch's samples from it.
     /// The files travel with the event, so pruning old checkpoints cannot race the drawing.
-    RenderSamples { step: u64, epoch: u64, files: Vec<(String, Vec<u8>)> },
+    RenderSamples { step: u64, epoch: u64, is_final: bool, files: Vec<(String, Vec<u8>)> },
     /// Nothing more will come: the renderer finishes what is queued and stops.
     Stop,
 }
@@ -103,6 +114,8 @@ struct Inner {
     last_stored_step: Option<u64>,
     health: Health,
     last_checkpoint_at: Option<Instant>,
+    /// FID evaluations so far (`--eval-every`).
+    evaluations: Vec<v1::Evaluation>,
 }
 
 /// One run, shared by the gRPC handlers and the main loop.
@@ -160,6 +173,7 @@ impl Run {
                 last_stored_step: resume_from,
                 health: Health::new(health),
                 last_checkpoint_at: None,
+                evaluations: Vec::new(),
             }),
             config,
             resume_from,
@@ -213,10 +227,39 @@ impl Run {
         changed
     }
 
+    /// Asks the workers to stop cleanly: they agree on a step, rank 0 checkpoints it, and the
+    /// run ends [`Phase::Stopped`] there. A run no worker has started training ends at once.
+    /// Returns whether this call asked.
+    pub fn request_stop(&self, reason: impl Into<String>) -> bool {
+        let reason = reason.into();
+        let start = self.start_step;
+        let changed = self.phase.send_if_modified(|p| match p {
+            Phase::Running => {
+                *p = Phase::Stopping(reason.clone());
+                true
+            }
+            Phase::WaitingForWorkers => {
+                *p = Phase::Stopped { step: start, reason: reason.clone() };
+                true
+            }
+            _ => false,
+        });
+        if changed {
+            tracing::warn!("stopping the run ({reason}): the workers finish their step and rank 0 checkpoints it");
+        }
+        changed
+    }
+
+    /// Whether the workers are being asked to stop.
+    pub fn is_stopping(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Stopping(_))
+    }
+
     fn refuse_if_over(&self) -> Result<(), RunError> {
         match &*self.phase.borrow() {
             Phase::Failed(r) => Err(RunError::Over(format!("failed: {r}"))),
             Phase::Completed => Err(RunError::Over("completed".into())),
+            Phase::Stopped { step, reason } => Err(RunError::Over(format!("stopped after step {step} ({reason})"))),
             _ => Ok(()),
         }
     }
@@ -270,6 +313,7 @@ impl Run {
             last_seen_unix_ms: unix_ms(),
             last_step: self.start_step,
             final_checksum: None,
+            stopped: false,
         });
         tracing::info!(rank, host = %req.hostname, pid = req.pid, device = %req.device, "worker joined");
         Ok(v1::JoinResponse {
@@ -320,7 +364,10 @@ impl Run {
                 Phase::WaitingForWorkers => {}
                 Phase::Failed(r) => return Err(RunError::Over(format!("failed: {r}"))),
                 Phase::Completed => return Err(RunError::Over("completed".into())),
-                Phase::Running => {
+                Phase::Stopped { step, reason } => {
+                    return Err(RunError::Over(format!("stopped after step {step} ({reason})")));
+                }
+                Phase::Running | Phase::Stopping(_) => {
                     let inner = self.lock();
                     let addrs = inner
                         .workers
@@ -421,17 +468,27 @@ impl Run {
         observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         if header.end_of_epoch || header.r#final {
-            let _ = self.events.send(Event::RenderSamples { step: stored.step, epoch: header.epoch, files });
+            let _ = self.events.send(Event::RenderSamples {
+                step: stored.step,
+                epoch: header.epoch,
+                is_final: header.r#final,
+                files,
+            });
         }
     }
 
     /// A worker is done. When every rank is done, the run completes — if every step was
-    /// aggregated, the final checkpoint is stored and the ranks' final parameters agree.
+    /// aggregated, the final checkpoint is stored and the ranks' final parameters agree — or,
+    /// when the workers stopped on request, it stops at their step on the same conditions.
     pub fn finish(&self, rank: usize, req: &v1::FinishRequest) {
         if !req.ok {
             let host = self.lock().workers[rank].as_ref().map(|w| w.hostname.clone()).unwrap_or_default();
             self.fail(format!("rank {rank} (host {host}) failed: {}", req.error));
             return;
+        }
+        if req.stopped {
+            // A worker's own SIGTERM stops the whole run: its peers stopped with it.
+            self.request_stop(req.stop_reason.clone());
         }
         let verdict = {
             let mut inner = self.lock();
@@ -439,24 +496,36 @@ impl Run {
                 w.state = v1::WorkerState::Finished;
                 w.last_step = req.final_step;
                 w.final_checksum = Some(req.parameter_checksum);
+                w.stopped = req.stopped;
             }
             let all_done =
                 inner.workers.iter().all(|w| w.as_ref().is_some_and(|w| w.state == v1::WorkerState::Finished));
             if !all_done { None } else { Some(self.completion_verdict(&inner)) }
         };
         match verdict {
-            None => tracing::info!(rank, step = req.final_step, "worker finished"),
-            Some(Ok(())) => {
+            None => tracing::info!(rank, step = req.final_step, stopped = req.stopped, "worker finished"),
+            Some(Ok(end)) => {
                 let done = self.phase.send_if_modified(|p| {
-                    if p.is_over() {
-                        false
-                    } else {
-                        *p = Phase::Completed;
-                        true
+                    let reason = match p {
+                        Phase::Stopping(r) => r.clone(),
+                        _ => String::new(),
+                    };
+                    match (&p, end) {
+                        (p, _) if p.is_over() => false,
+                        (_, None) => {
+                            *p = Phase::Completed;
+                            true
+                        }
+                        (_, Some(step)) => {
+                            *p = Phase::Stopped { step, reason };
+                            true
+                        }
                     }
                 });
-                if done {
-                    tracing::info!(steps = self.config.total_steps, "run completed");
+                match end {
+                    _ if !done => {}
+                    None => tracing::info!(steps = self.config.total_steps, "run completed"),
+                    Some(step) => tracing::warn!(step, "run stopped cleanly; resume it with --resume"),
                 }
             }
             Some(Err(reason)) => {
@@ -465,16 +534,30 @@ impl Run {
         }
     }
 
-    fn completion_verdict(&self, inner: &Inner) -> Result<(), String> {
-        let total = self.config.total_steps;
-        if inner.aggregator.completed() != total {
+    /// Whether every rank's ending adds up: `Ok(None)` for a completed run, `Ok(Some(step))` for
+    /// one stopped cleanly after `step`.
+    fn completion_verdict(&self, inner: &Inner) -> Result<Option<u64>, String> {
+        let workers: Vec<&WorkerSlot> = inner.workers.iter().flatten().collect();
+        let stopped = workers.iter().any(|w| w.stopped);
+        let end = if stopped { workers[0].last_step } else { self.config.total_steps };
+        if stopped && workers.iter().any(|w| !w.stopped || w.last_step != end) {
+            let list: Vec<String> = workers
+                .iter()
+                .enumerate()
+                .map(|(r, w)| {
+                    format!("rank {r} {} after step {}", if w.stopped { "stopped" } else { "finished" }, w.last_step)
+                })
+                .collect();
+            return Err(format!("the ranks did not stop together: {}", list.join(", ")));
+        }
+        if inner.aggregator.completed() != end {
             return Err(format!(
-                "every rank finished but only steps up to {} of {total} were reported",
+                "every rank finished but only steps up to {} of {end} were reported",
                 inner.aggregator.completed()
             ));
         }
-        if inner.last_stored_step != Some(total) {
-            return Err(format!("every rank finished but the final checkpoint (step {total}) was not stored"));
+        if inner.last_stored_step != Some(end) {
+            return Err(format!("every rank finished but the checkpoint of step {end} was not stored"));
         }
         let sums: Vec<(usize, Option<u64>)> =
             inner.workers.iter().enumerate().map(|(r, w)| (r, w.as_ref().and_then(|w| w.final_checksum))).collect();
@@ -482,7 +565,7 @@ impl Run {
             let list: Vec<String> = sums.iter().map(|(r, c)| format!("rank {r} = {:#018x}", c.unwrap_or(0))).collect();
             return Err(format!("final parameter checksums differ: {}", list.join(", ")));
         }
-        Ok(())
+        Ok(stopped.then_some(end))
     }
 
     /// Fails the run if a joined, unfinished worker has been silent for longer than `timeout`.
@@ -525,6 +608,17 @@ impl Run {
         if let Some(w) = onset {
             tracing::warn!(epoch, "GAN health: {w}");
         }
+    }
+
+    /// Takes a finished FID evaluation (`--eval-every`).
+    pub fn observe_evaluation(&self, record: &crate::evaluation::EvalRecord) {
+        observability::record_fid(record.epoch, record.fid);
+        self.lock().evaluations.push(record.to_proto());
+    }
+
+    /// The evaluations a resumed run had already made.
+    pub fn restore_evaluations(&self, records: &[crate::evaluation::EvalRecord]) {
+        self.lock().evaluations = records.iter().map(|r| r.to_proto()).collect();
     }
 
     /// The health signals as `GetStatus` shows them.
@@ -607,6 +701,7 @@ impl Run {
             latest_metrics: inner.latest.as_ref().map(to_proto_metrics),
             checkpoints: inner.checkpoints.clone(),
             health: Some(inner.health.to_proto()),
+            evaluations: inner.evaluations.clone(),
         }
     }
 }

@@ -148,11 +148,12 @@ impl Coordinator for CoordinatorService {
             checksum: r.has_checksum.then_some(r.parameter_checksum),
         };
         let carry_on = self.run.report(report)?;
-        let reason = match self.run.phase() {
-            crate::run_state::Phase::Failed(r) => r,
-            _ => String::new(),
+        let (reason, stop_requested) = match self.run.phase() {
+            crate::run_state::Phase::Failed(r) => (r, false),
+            crate::run_state::Phase::Stopping(r) => (r, true),
+            _ => (String::new(), false),
         };
-        Ok(Response::new(v1::ReportStepResponse { continue_training: carry_on, reason }))
+        Ok(Response::new(v1::ReportStepResponse { continue_training: carry_on, reason, stop_requested }))
     }
 
     async fn upload_checkpoint(

@@ -91,7 +91,20 @@ fn metrics_endpoints_agree_with_metrics_jsonl() {
     let run_dir = tmp.path().join("run");
     let args = with_flags(
         small_run(2, &run_dir),
-        &["--data-limit", "100", "--metrics-listen", "127.0.0.1:0", "--metrics-linger", "6", "--checksum-every", "2"],
+        &[
+            "--data-limit",
+            "100",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-linger",
+            "6",
+            "--checksum-every",
+            "2",
+            "--eval-every",
+            "1",
+            "--eval-count",
+            "32",
+        ],
     );
     let running = Running::start(&args, &run_dir);
     let addr = std::fs::read_to_string(run_dir.join("metrics.addr")).expect("metrics.addr").trim().to_string();
@@ -112,7 +125,8 @@ fn metrics_endpoints_agree_with_metrics_jsonl() {
         max_alive = max_alive.max(value(&s, "dcgan_workers_alive", &[]).unwrap_or(0.0));
         let done = value(&s, "dcgan_step", &[]) == Some(8.0)
             && value(&s, "dcgan_checkpoint_step", &[]) == Some(8.0)
-            && value(&s, "dcgan_sample_diversity_ratio", &[]).is_some();
+            && value(&s, "dcgan_sample_diversity_ratio", &[]).is_some()
+            && value(&s, "dcgan_fid_epoch", &[]) == Some(1.0);
         if done {
             break (s, body);
         }
@@ -122,6 +136,10 @@ fn metrics_endpoints_agree_with_metrics_jsonl() {
     let lines = metrics(&run_dir);
     let last = lines.last().expect("a metrics line");
     assert_eq!(last["step"], 8);
+    // The FID gauge is the last line of evals.jsonl.
+    let evals = std::fs::read_to_string(run_dir.join("evals.jsonl")).expect("evals.jsonl");
+    let last_eval: serde_json::Value = serde_json::from_str(evals.lines().last().expect("an eval")).expect("json");
+    assert!(close(must(&coord, "dcgan_fid", &[]), last_eval["fid"].as_f64().expect("fid")), "{last_eval}");
     let f = |k: &str| last[k].as_f64().unwrap_or_else(|| panic!("{k} in {last}"));
     for (series, labels, key) in [
         ("dcgan_epoch", &[][..], "epoch"),

@@ -18,17 +18,30 @@ use tracing::Instrument;
 
 use crate::batches::{self, PREFETCH_STEPS, Plan};
 use crate::cli::Cli;
-use crate::client::{self, Client, Upload};
-use crate::stop::Stop;
+use crate::client::{self, Client, Ending, Upload};
+use crate::stop::{Stop, StopRequest};
 use crate::telemetry::MetricsListener;
-use crate::trainer::Trainer;
+use crate::trainer::{Outcome, Trainer};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// Heartbeats that may fail in a row before the worker gives the coordinator up.
 const HEARTBEAT_MISSES: u32 = 15;
 
-/// Runs the worker; `Ok` when its part of the run completed.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// How a worker that did its part ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Completed,
+    /// Stopped cleanly before the last step (SIGTERM); the run can be resumed.
+    Stopped,
+}
+
+/// Runs the worker; `Ok` when its part of the run completed or stopped cleanly.
+pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
+    // SIGTERM (how Kubernetes stops a pod) and Ctrl-C ask for a clean stop from the start; a
+    // second one ends the process at once.
+    let stop_request = Arc::new(StopRequest::default());
+    let signals = crate::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
+    tokio::spawn(crate::signals::watch(signals, Arc::clone(&stop_request)));
     let local = cli.local_data()?;
     // The metrics port is taken first, so a busy one fails the start before anything joins.
     let metrics_listener = match cli.metrics_listen {
@@ -72,16 +85,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // From here on, whatever goes wrong is told to the coordinator before exiting.
     let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
     crate::telemetry::adopt_context(&span, &parent);
-    let result = train(&cli, &client, &joined, config, threads, local, Arc::clone(&stop)).instrument(span).await;
+    let result = train(&cli, &client, &joined, threads, local, Arc::clone(&stop), stop_request).instrument(span).await;
     let outcome = match result {
-        Ok((final_step, checksum)) => {
-            client.finish(true, String::new(), final_step, checksum).await?;
+        Ok(Outcome { final_step, checksum, stopped: None }) => {
+            client.finish(Ending::Completed { final_step, checksum }).await?;
             tracing::info!(rank, final_step, checksum = format!("{checksum:#018x}"), "finished");
-            Ok(())
+            Ok(Ended::Completed)
+        }
+        Ok(Outcome { final_step, checksum, stopped: Some(reason) }) => {
+            tracing::info!(rank, final_step, reason, "stopped cleanly; the run can be resumed from step {final_step}");
+            client.finish(Ending::Stopped { final_step, checksum, reason }).await?;
+            Ok(Ended::Stopped)
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            if let Err(f) = client.finish(false, msg, 0, 0).await {
+            if let Err(f) = client.finish(Ending::Failed(msg)).await {
                 tracing::debug!("could not tell the coordinator: {f:#}");
             }
             Err(e)
@@ -108,19 +126,22 @@ async fn train(
     cli: &Cli,
     client: &Client,
     joined: &v1::JoinResponse,
-    config: v1::RunConfig,
     threads: usize,
     local: Option<data::DatasetSpec>,
     stop: Arc<Stop>,
-) -> anyhow::Result<(u64, u64)> {
+    stop_request: Arc<StopRequest>,
+) -> anyhow::Result<Outcome> {
+    let config = joined.config.clone().context("the coordinator's join answer has no config")?;
     let rank = client.id.rank as usize;
     let world = joined.world_size as usize;
     let start_step = if joined.load_checkpoint { joined.checkpoint_step } else { 0 };
 
     // Heartbeats start at once: loading a dataset or a checkpoint can take a while.
     let progress = Arc::new(AtomicU64::new(start_step));
-    let heartbeat =
-        tokio::spawn(heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&progress)).in_current_span());
+    let heartbeat = tokio::spawn(
+        heartbeats(client.clone(), Arc::clone(&stop), Arc::clone(&stop_request), Arc::clone(&progress))
+            .in_current_span(),
+    );
     let _heartbeat_guard = AbortOnDrop(heartbeat);
 
     let listener = TcpListener::bind((cli.listen_host.as_str(), 0))
@@ -181,7 +202,9 @@ async fn train(
 
     let (report_tx, report_rx) = mpsc::channel(64);
     // The background tasks' requests carry the worker's span (its trace) to the coordinator.
-    let reporter = tokio::spawn(report_steps(client.clone(), report_rx, Arc::clone(&stop)).in_current_span());
+    let reporter = tokio::spawn(
+        report_steps(client.clone(), report_rx, Arc::clone(&stop), Arc::clone(&stop_request)).in_current_span(),
+    );
     // One checkpoint in flight: if uploads are slower than checkpoints, rank 0 waits rather
     // than piling copies of the model up in memory.
     let (upload_tx, upload_rx) = mpsc::channel(1);
@@ -204,6 +227,7 @@ async fn train(
         reports: report_tx,
         uploads: upload_tx,
         stop: Arc::clone(&stop),
+        stop_request,
         progress,
     };
     // The compute thread's spans are children of this worker's span (run id, generation, rank).
@@ -217,7 +241,7 @@ async fn train(
     let outcome = outcome?;
     reported?;
     uploaded?;
-    Ok((outcome.final_step, outcome.checksum))
+    Ok(outcome)
 }
 
 /// Aborts a background task when the worker leaves the scope that owns it.
@@ -242,7 +266,7 @@ async fn resolve(addresses: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
-async fn heartbeats(client: Client, stop: Arc<Stop>, progress: Arc<AtomicU64>) {
+async fn heartbeats(client: Client, stop: Arc<Stop>, stop_request: Arc<StopRequest>, progress: Arc<AtomicU64>) {
     let mut misses = 0;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     loop {
@@ -251,6 +275,10 @@ async fn heartbeats(client: Client, stop: Arc<Stop>, progress: Arc<AtomicU64>) {
             Ok(v1::RunState::Failed) => {
                 stop.set("the coordinator reports that the run failed");
                 return;
+            }
+            Ok(v1::RunState::Stopping) => {
+                stop_request.set("the coordinator is stopping the run");
+                misses = 0;
             }
             Ok(_) => misses = 0,
             Err(e) => {
@@ -269,10 +297,15 @@ async fn report_steps(
     client: Client,
     mut rx: mpsc::Receiver<v1::ReportStepRequest>,
     stop: Arc<Stop>,
+    stop_request: Arc<StopRequest>,
 ) -> anyhow::Result<()> {
     while let Some(report) = rx.recv().await {
         match client.report(report).await {
-            Ok(r) if r.continue_training => {}
+            Ok(r) if r.continue_training => {
+                if r.stop_requested {
+                    stop_request.set("the coordinator is stopping the run");
+                }
+            }
             Ok(r) => {
                 stop.set(format!("the coordinator stopped the run: {}", r.reason));
                 return Ok(());

@@ -78,14 +78,18 @@ impl Client {
         Ok(v1::RunState::try_from(resp.state).unwrap_or(v1::RunState::Unspecified))
     }
 
-    pub async fn finish(
-        &self,
-        ok: bool,
-        error: String,
-        final_step: u64,
-        parameter_checksum: u64,
-    ) -> anyhow::Result<()> {
-        let req = v1::FinishRequest { id: Some(self.id.clone()), ok, error, final_step, parameter_checksum };
+    pub async fn finish(&self, ending: Ending) -> anyhow::Result<()> {
+        let mut req = v1::FinishRequest { id: Some(self.id.clone()), ..Default::default() };
+        match ending {
+            Ending::Completed { final_step, checksum } => {
+                (req.ok, req.final_step, req.parameter_checksum) = (true, final_step, checksum);
+            }
+            Ending::Stopped { final_step, checksum, reason } => {
+                (req.ok, req.final_step, req.parameter_checksum) = (true, final_step, checksum);
+                (req.stopped, req.stop_reason) = (true, reason);
+            }
+            Ending::Failed(error) => req.error = error,
+        }
         self.raw().finish(req).await.context("finish")?;
         Ok(())
     }
@@ -133,4 +137,21 @@ pub struct Upload {
     pub end_of_epoch: bool,
     pub is_final: bool,
     pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// How a worker's part of the run ended, as told to the coordinator.
+#[derive(Debug, Clone)]
+pub enum Ending {
+    /// Every step done; `checksum` is the final model's fingerprint.
+    Completed {
+        final_step: u64,
+        checksum: u64,
+    },
+    /// A clean stop after `final_step` (whose checkpoint rank 0 uploaded).
+    Stopped {
+        final_step: u64,
+        checksum: u64,
+        reason: String,
+    },
+    Failed(String),
 }

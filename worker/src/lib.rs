@@ -3,7 +3,8 @@
 //! and (rank 0) uploads checkpoints.
 //!
 //! [`app`] runs one worker; [`client`] speaks the protocol; [`batches`] feeds the local batches;
-//! [`trainer`] is the compute loop on its own thread; [`stop`] tells everything to stop;
+//! [`trainer`] is the compute loop on its own thread; [`stop`] tells everything to stop, and
+//! [`signals`] turns SIGTERM into a clean stop;
 //! [`telemetry`] (logs, the `/metrics` endpoint) and [`metrics`] (this rank's series) let it be watched.
 
 pub mod app;
@@ -11,6 +12,7 @@ pub mod batches;
 pub mod cli;
 pub mod client;
 pub mod metrics;
+pub mod signals;
 pub mod stop;
 pub mod telemetry;
 pub mod trainer;
@@ -52,7 +54,8 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let outcome = runtime.block_on(app::run(cli));
     runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(app::Ended::Completed) => ExitCode::SUCCESS,
+        Ok(app::Ended::Stopped) => ExitCode::from(signals::EXIT_STOPPED),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

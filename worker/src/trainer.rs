@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::batches::Batch;
 use crate::client::Upload;
-use crate::stop::Stop;
+use crate::stop::{Stop, StopRequest};
 
 /// Everything the compute thread needs; built by the async side.
 pub struct Trainer {
@@ -35,15 +35,19 @@ pub struct Trainer {
     pub reports: mpsc::Sender<v1::ReportStepRequest>,
     pub uploads: mpsc::Sender<Upload>,
     pub stop: Arc<Stop>,
+    /// A clean stop asked for (SIGTERM, or the coordinator stopping the run).
+    pub stop_request: Arc<StopRequest>,
     /// Global steps completed, for the heartbeats.
     pub progress: Arc<AtomicU64>,
 }
 
 /// How the loop ended when it ended well.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Outcome {
     pub final_step: u64,
     pub checksum: u64,
+    /// Why the run stopped before its last step, when a clean stop was asked for.
+    pub stopped: Option<String>,
 }
 
 impl Trainer {
@@ -171,29 +175,59 @@ impl Trainer {
 
             let end_of_epoch = step % spe == 0;
             let is_final = step == total;
-            if self.rank == 0
-                && (end_of_epoch || is_final || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0))
-            {
-                let state = TrainingState {
-                    step,
-                    epoch: step / spe,
-                    step_in_epoch: step % spe,
-                    seed: c.seed,
-                    config: self.config_json.clone(),
-                };
-                let files = tracing::info_span!("checkpoint_save")
-                    .in_scope(|| gan.save(&state))
-                    .with_context(|| format!("checkpoint of step {step}"))?;
-                let upload = Upload { step, epoch, end_of_epoch, is_final, files: files.files };
-                if self.uploads.blocking_send(upload).is_err() {
-                    bail!(
-                        "stopped at step {step}: {}",
-                        self.stop.reason().unwrap_or_else(|| "the uploader stopped".into())
-                    );
+            let scheduled = end_of_epoch || is_final || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
+            if self.rank == 0 && scheduled {
+                self.checkpoint(&gan, step, end_of_epoch, is_final)?;
+            }
+            // A clean stop must happen after the same step on every rank, or the others would
+            // wait in the next all-reduce for a peer that left: the ranks vote on it with a tiny
+            // all-reduce (one slot per rank, so all know who asked; microseconds beside a step).
+            if !is_final {
+                let asked = self.stop_request.reason();
+                let mut votes = vec![0.0f32; self.world];
+                votes[self.rank] = if asked.is_some() { 1.0 } else { 0.0 };
+                collective
+                    .all_reduce_sum(&mut votes)
+                    .map_err(|e| anyhow::anyhow!("stop vote after step {step}: {e}"))?;
+                let askers: Vec<String> =
+                    votes.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(r, _)| r.to_string()).collect();
+                if !askers.is_empty() {
+                    if self.rank == 0 && !scheduled {
+                        self.checkpoint(&gan, step, end_of_epoch, is_final)?;
+                    }
+                    let reason = match asked {
+                        Some(r) => format!("rank {}: {r}", self.rank),
+                        None => format!("rank {} asked to stop", askers.join(", rank ")),
+                    };
+                    tracing::info!(step, reason, "stopped cleanly");
+                    let checksum = consistency_checksum(&gan, c.sync_bn);
+                    return Ok(Outcome { final_step: step, checksum, stopped: Some(reason) });
                 }
             }
         }
-        Ok(Outcome { final_step: step, checksum: consistency_checksum(&gan, c.sync_bn) })
+        Ok(Outcome { final_step: step, checksum: consistency_checksum(&gan, c.sync_bn), stopped: None })
+    }
+
+    /// Rank 0: serialises the model after `step` and hands it to the uploader.
+    fn checkpoint(&self, gan: &Gan, step: u64, end_of_epoch: bool, is_final: bool) -> anyhow::Result<()> {
+        let c = &self.config;
+        let spe = c.steps_per_epoch;
+        let epoch = (step - 1) / spe;
+        let state = TrainingState {
+            step,
+            epoch: step / spe,
+            step_in_epoch: step % spe,
+            seed: c.seed,
+            config: self.config_json.clone(),
+        };
+        let files = tracing::info_span!("checkpoint_save")
+            .in_scope(|| gan.save(&state))
+            .with_context(|| format!("checkpoint of step {step}"))?;
+        let upload = Upload { step, epoch, end_of_epoch, is_final, files: files.files };
+        if self.uploads.blocking_send(upload).is_err() {
+            bail!("stopped at step {step}: {}", self.stop.reason().unwrap_or_else(|| "the uploader stopped".into()));
+        }
+        Ok(())
     }
 
     /// A fresh GAN from the run's seed (the same on every rank), or the checkpoint's.

@@ -33,7 +33,11 @@ fn manifests_pass_only_flags_and_variables_the_binaries_have() {
             let where_ = format!("{} {kind}/{name}", overlay.display());
             let args = args(c);
             assert!(
-                args.iter().any(|a| a == binary || a.lines().any(|l| l.split_whitespace().next() == Some(binary))),
+                args.iter().any(|a| a == binary
+                    || a.lines().any(|l| {
+                        let mut words = l.split_whitespace().skip_while(|w| *w == "exec");
+                        words.next() == Some(binary)
+                    })),
                 "{where_}: the container does not run `{binary}`: {args:?}"
             );
             for arg in &args {
@@ -216,107 +220,228 @@ fn wait_all(procs: &mut [Proc], limit: Duration) -> Result<(), String> {
     }
 }
 
-/// Runs the cpu-smoke overlay's coordinator and worker containers as processes here: their
-/// exact args and environment from the rendered YAML, with the Service's name replaced by
-/// 127.0.0.1, the listening ports by free ones, the volumes' paths by a temporary directory
-/// and the downward-API values (rank, pod IP, CPU limit) by what Kubernetes would fill in.
+/// The cpu-smoke overlay's coordinator and worker containers, ready to run as processes here:
+/// their exact args and environment from the rendered YAML, with the Service's name replaced by
+/// 127.0.0.1, the listening ports by free ones, the volumes' paths by a temporary directory and
+/// the downward-API values (rank, pod IP, CPU limit) by what Kubernetes would fill in.
+struct SmokePods {
+    tmp: tempfile::TempDir,
+    path: String,
+    run_dir: std::path::PathBuf,
+    cargs: Vec<String>,
+    cenv: BTreeMap<String, String>,
+    wargs: Vec<String>,
+    /// Each rank's environment, but for the coordinator's address (known once it listens).
+    wenvs: Vec<BTreeMap<String, String>>,
+}
+
+impl SmokePods {
+    /// `overrides` replace coordinator variables (a longer run for the SIGTERM test).
+    fn render(overrides: &[(&str, &str)]) -> Self {
+        let bins = binaries_dir();
+        let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
+        let deployment = find(&objects, "Deployment", COORDINATOR);
+        let job = find(&objects, "Job", WORKERS);
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let volume_root = "/var/lib/dcgan";
+        let local = |v: &str| -> String {
+            if let Some(rest) = v.strip_prefix(volume_root) {
+                format!("{}{rest}", tmp.path().display())
+            } else if v.starts_with("0.0.0.0:") {
+                "127.0.0.1:0".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
+
+        let c = container(deployment, "coordinator");
+        let mut cenv: BTreeMap<String, String> = environment(&objects, c)
+            .into_iter()
+            .map(|(k, v)| match v {
+                EnvSource::Literal(v) => (k, local(&v)),
+                other => panic!("coordinator env {k}: {other:?} has no local stand-in"),
+            })
+            .collect();
+        for (k, v) in overrides {
+            assert!(cenv.contains_key(*k), "{k} is not in the coordinator's environment");
+            cenv.insert(k.to_string(), v.to_string());
+        }
+        let run_dir = Path::new(&cenv["DCGAN_RUN_DIR"]).to_path_buf();
+        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            std::fs::create_dir_all(local(m["mountPath"].as_str().unwrap())).unwrap();
+        }
+        let cargs: Vec<String> = args(c).iter().map(|a| local(a)).collect();
+
+        let w = container(job, "worker");
+        let workers = job["spec"]["parallelism"].as_u64().expect("parallelism");
+        let wargs: Vec<String> = args(w).iter().map(|a| local(a)).collect();
+        let wenvs = (0..workers)
+            .map(|index| {
+                let mut env: BTreeMap<String, String> = environment(&objects, w)
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let value = match v {
+                            EnvSource::Literal(v) if k == "DCGAN_COORDINATOR" => {
+                                assert_eq!(host_of(&v), SERVICE, "the workers' coordinator address");
+                                v
+                            }
+                            EnvSource::Literal(v) => local(&v),
+                            EnvSource::Field(f) if f.contains("job-completion-index") => index.to_string(),
+                            EnvSource::Field(f) if f == "status.podIP" => "127.0.0.1".to_string(),
+                            EnvSource::Resource(r) if r == "limits.cpu" => "1".to_string(),
+                            other => panic!("worker env {k}: {other:?} has no local stand-in"),
+                        };
+                        (k, value)
+                    })
+                    .collect();
+                env.insert("JOB_COMPLETION_INDEX".into(), index.to_string());
+                env
+            })
+            .collect();
+        Self { tmp, path, run_dir, cargs, cenv, wargs, wenvs }
+    }
+
+    fn coordinator(&self, name: &str) -> Proc {
+        spawn(name, &self.cargs, &self.cenv, &self.path, self.tmp.path())
+    }
+
+    /// Waits for the coordinator's bound address (port 0 here, 50051 in the pod).
+    fn address(&self, procs: &mut [Proc]) -> String {
+        let addr_file = self.run_dir.join("coordinator.addr");
+        let start = Instant::now();
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if a.ends_with('\n') {
+                    return a.trim().to_string();
+                }
+            }
+            if let Err(e) = wait_all_if_exited(procs) {
+                panic!("{e}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "no {} after 2 minutes", addr_file.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One process per completion index, told the coordinator's local address.
+    fn workers(&self, addr: &str, suffix: &str) -> Vec<Proc> {
+        self.wenvs
+            .iter()
+            .enumerate()
+            .map(|(index, env)| {
+                let mut env = env.clone();
+                env.insert("DCGAN_COORDINATOR".into(), format!("http://{addr}"));
+                spawn(&format!("worker-{index}{suffix}"), &self.wargs, &env, &self.path, self.tmp.path())
+            })
+            .collect()
+    }
+
+    fn metrics_steps(&self) -> Vec<u64> {
+        std::fs::read_to_string(self.run_dir.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["step"].as_u64().expect("step"))
+            .collect()
+    }
+}
+
 #[test]
 fn cpu_smoke_overlay_trains_to_completion_as_local_processes() {
     if !kubectl_available("cpu_smoke_overlay_trains_to_completion_as_local_processes") {
         return;
     }
-    if !Path::new("/bin/sh").exists() {
-        eprintln!("SKIPPED cpu_smoke_overlay_trains_to_completion_as_local_processes: no /bin/sh");
-        return;
-    }
-    let bins = binaries_dir();
-    let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
-    let deployment = find(&objects, "Deployment", COORDINATOR);
-    let job = find(&objects, "Job", WORKERS);
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let volume_root = "/var/lib/dcgan";
-    let local = |v: &str| -> String {
-        if let Some(rest) = v.strip_prefix(volume_root) {
-            format!("{}{rest}", tmp.path().display())
-        } else if v.starts_with("0.0.0.0:") {
-            "127.0.0.1:0".to_string()
-        } else {
-            v.to_string()
-        }
-    };
-    let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
-
-    // The coordinator.
-    let c = container(deployment, "coordinator");
-    let cenv: BTreeMap<String, String> = environment(&objects, c)
-        .into_iter()
-        .map(|(k, v)| match v {
-            EnvSource::Literal(v) => (k, local(&v)),
-            other => panic!("coordinator env {k}: {other:?} has no local stand-in"),
-        })
-        .collect();
-    let run_dir = Path::new(&cenv["DCGAN_RUN_DIR"]).to_path_buf();
-    for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
-        std::fs::create_dir_all(local(m["mountPath"].as_str().unwrap())).unwrap();
-    }
-    let cargs: Vec<String> = args(c).iter().map(|a| local(a)).collect();
-    let mut procs = vec![spawn("coordinator", &cargs, &cenv, &path, tmp.path())];
-
-    // Its bound address (port 0 here, 50051 in the pod).
-    let addr_file = run_dir.join("coordinator.addr");
-    let start = Instant::now();
-    let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            break a.trim().to_string();
-        }
-        if let Err(e) = wait_all_if_exited(&mut procs) {
-            panic!("{e}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no {} after 2 minutes", addr_file.display());
-        std::thread::sleep(Duration::from_millis(100));
-    };
-
-    // The workers: one process per completion index.
-    let w = container(job, "worker");
-    let workers = job["spec"]["parallelism"].as_u64().expect("parallelism");
-    let wargs: Vec<String> = args(w).iter().map(|a| local(a)).collect();
-    for index in 0..workers {
-        let mut env: BTreeMap<String, String> = environment(&objects, w)
-            .into_iter()
-            .map(|(k, v)| {
-                let value = match v {
-                    EnvSource::Literal(v) if k == "DCGAN_COORDINATOR" => {
-                        assert_eq!(host_of(&v), SERVICE, "the workers' coordinator address");
-                        format!("http://{addr}")
-                    }
-                    EnvSource::Literal(v) => local(&v),
-                    EnvSource::Field(f) if f.contains("job-completion-index") => index.to_string(),
-                    EnvSource::Field(f) if f == "status.podIP" => "127.0.0.1".to_string(),
-                    EnvSource::Resource(r) if r == "limits.cpu" => "1".to_string(),
-                    other => panic!("worker env {k}: {other:?} has no local stand-in"),
-                };
-                (k, value)
-            })
-            .collect();
-        env.insert("JOB_COMPLETION_INDEX".into(), index.to_string());
-        procs.push(spawn(&format!("worker-{index}"), &wargs, &env, &path, tmp.path()));
-    }
+    let pods = SmokePods::render(&[]);
+    let mut procs = vec![pods.coordinator("coordinator")];
+    let addr = pods.address(&mut procs);
+    procs.extend(pods.workers(&addr, ""));
     wait_all(&mut procs, Duration::from_secs(300)).unwrap_or_else(|e| panic!("the cpu-smoke dry run failed: {e}"));
 
     // The run is complete and stored.
-    assert!(run_dir.join("COMPLETE").is_file(), "the coordinator's script did not mark the run complete");
-    let steps = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl").lines().count();
+    let (run_dir, cenv) = (&pods.run_dir, &pods.cenv);
+    assert!(run_dir.join("COMPLETE").is_file(), "the coordinator did not mark the run complete");
     let limit: usize = cenv["DCGAN_DATA_LIMIT"].parse().unwrap();
     let batch: usize = cenv["DCGAN_BATCH_SIZE"].parse().unwrap();
     let epochs: usize = cenv["DCGAN_EPOCHS"].parse().unwrap();
-    assert_eq!(steps, limit / batch * epochs, "metrics.jsonl lines");
+    assert_eq!(pods.metrics_steps().len(), limit / batch * epochs, "metrics.jsonl lines");
     let checkpoints = std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count();
     assert!(checkpoints > 0, "no checkpoint stored");
     assert!(run_dir.join("samples/real.png").is_file(), "no samples/real.png");
 
     // A restarted coordinator pod finds the run complete and exits 0 without touching it.
-    let mut again = vec![spawn("coordinator-restarted", &cargs, &cenv, &path, tmp.path())];
+    let mut again = vec![pods.coordinator("coordinator-restarted")];
     wait_all(&mut again, Duration::from_secs(30)).unwrap_or_else(|e| panic!("restart after completion: {e}"));
+}
+
+/// `kubectl delete` of a running cpu-smoke run, as its pods see it: SIGTERM to every container.
+/// Each exits 143 well within its terminationGracePeriodSeconds, the stop's checkpoint is the
+/// last step in metrics.jsonl, and the pods started again (the coordinator's script resumes)
+/// finish the run with every step exactly once.
+#[test]
+fn cpu_smoke_overlay_stops_on_sigterm_within_the_grace_period_and_resumes() {
+    if !kubectl_available("cpu_smoke_overlay_stops_on_sigterm_within_the_grace_period_and_resumes") {
+        return;
+    }
+    // More epochs than the overlay's one, so that there is a run to stop.
+    let pods = SmokePods::render(&[("DCGAN_EPOCHS", "400")]);
+    let grace = {
+        let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
+        let seconds = |kind, name| {
+            find(&objects, kind, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(30)
+        };
+        Duration::from_secs(seconds("Deployment", COORDINATOR).min(seconds("Job", WORKERS)))
+    };
+    let mut procs = vec![pods.coordinator("coordinator")];
+    let addr = pods.address(&mut procs);
+    procs.extend(pods.workers(&addr, ""));
+    let start = Instant::now();
+    while pods.metrics_steps().len() < 3 {
+        if let Err(e) = wait_all_if_exited(&mut procs) {
+            panic!("{e}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the run did not start training");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &procs {
+        let ok = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+    }
+    let signalled = Instant::now();
+    for p in procs.iter_mut() {
+        let status = loop {
+            if let Some(s) = p.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(signalled.elapsed() < grace, "{} still running after the grace period", p.name);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        assert_eq!(status.code(), Some(143), "{} after SIGTERM:\n{log}", p.name);
+    }
+    let steps = pods.metrics_steps();
+    let k = *steps.last().expect("steps");
+    assert_eq!(steps, (1..=k).collect::<Vec<_>>());
+    let latest = std::fs::read_dir(pods.run_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step_").and_then(|s| s.parse::<u64>().ok()))
+        .max();
+    assert_eq!(latest, Some(k), "the stop's checkpoint is the last reported step");
+    assert!(!pods.run_dir.join("COMPLETE").exists());
+
+    // The pods come back (the coordinator with DCGAN_MAX_STEPS raised just enough to end soon);
+    // the coordinator's script sees the checkpoints and resumes.
+    let mut pods = pods;
+    pods.cenv.insert("DCGAN_MAX_STEPS".into(), (k + 2).to_string());
+    std::fs::remove_file(pods.run_dir.join("coordinator.addr")).expect("the stopped run's address file");
+    let mut procs = vec![pods.coordinator("coordinator-restarted")];
+    let addr = pods.address(&mut procs);
+    procs.extend(pods.workers(&addr, "-restarted"));
+    wait_all(&mut procs, Duration::from_secs(300)).unwrap_or_else(|e| panic!("the resumed run failed: {e}"));
+    assert_eq!(pods.metrics_steps(), (1..=k + 2).collect::<Vec<_>>(), "every step once after the restart");
+    assert!(pods.run_dir.join("COMPLETE").is_file());
 }
 
 /// Fails with the logs when a process of the dry run has already failed.
