@@ -17,17 +17,21 @@ use crate::config::{DatasetFacts, RunConfig, merge_for_resume};
 use crate::evaluation::{self, EvalRecord, EvalRequest, EvalSettings};
 use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
+use crate::live_page::LivePage;
 use crate::metrics_log::MetricsLog;
 use crate::progress::Progress;
 use crate::run_dir::{RunDir, unix_ms, utc_stamp, write_atomic};
 use crate::run_state::{Event, Phase, Run};
 use crate::shards::ShardServer;
+use crate::tensorboard::TensorBoardWriter;
 use crate::{observability, samples, server};
 use worker::signals::EXIT_STOPPED;
 use worker::telemetry::MetricsListener;
 
 /// How long workers get to exit by themselves after a completed run.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
+/// TensorBoard files are flushed every this many seconds (and at each epoch's grid).
+const TENSORBOARD_FLUSH_TICKS: u64 = 5;
 /// How long open gRPC streams get to end after the run ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -135,9 +139,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     store.remove_partial()?;
     let resume_from = if previous.is_some() { Some(resume_point(&store, &config)?) } else { None };
     write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
-    let metrics_log = match resume_from {
-        Some(step) => MetricsLog::resume(&dir.metrics(), step)?.0,
-        None => MetricsLog::create(&dir.metrics())?,
+    let (metrics_log, past_steps) = match resume_from {
+        Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
+        None => (MetricsLog::create(&dir.metrics())?, Vec::new()),
     };
     let (eval_log, past_evaluations) = match resume_from {
         Some(step) => MetricsLog::<EvalRecord>::resume(&dir.evals(), step)?,
@@ -154,10 +158,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
 
     let addr = listener.local_addr().context("listener address")?;
     // Metrics first: a test or a scraper that finds coordinator.addr finds metrics.addr too.
+    let live_page = LivePage::new(&root);
     let metrics_addr = match metrics_listener {
         Some(l) => {
             let a = l.addr;
-            l.serve(&[])?;
+            l.serve_with(&[], Some(live_page.routes()))?;
             observability::describe(
                 &config.run_id,
                 &config.dataset,
@@ -166,7 +171,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 config.total_steps,
             );
             write_atomic(&root.join("metrics.addr"), format!("{a}\n").as_bytes())?;
-            println!("metrics at http://{a}/metrics");
+            println!("live page at http://{a}/ (metrics at http://{a}/metrics)");
             Some(a)
         }
         None => None,
@@ -231,6 +236,14 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token, async {
         let _ = server_stopped.await;
     }));
+    live_page.attach(Arc::clone(&run));
+    if let Some(tb_dir) = &cli.tensorboard {
+        let writer = TensorBoardWriter::create(tb_dir, resume_from)
+            .with_context(|| format!("--tensorboard {}", tb_dir.display()))?;
+        tracing::info!(file = %writer.path().display(), "writing TensorBoard events");
+        run.set_tensorboard(writer);
+    }
+    run.restore_history(&past_steps);
     run.restore_evaluations(&past_evaluations);
     let (eval_tx, eval_rx) = mpsc::unbounded_channel();
     let evaluator = (eval_settings.every_epochs > 0).then(|| {
@@ -248,6 +261,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         dir.samples(),
         config.seed,
         evaluator.is_some().then_some((eval_tx, eval_settings)),
+        cli.tensorboard.is_some(),
     ));
     if Progress::wanted(cli.quiet) {
         progress.start(run.start_step, config.total_steps, config.epochs);
@@ -289,6 +303,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let stop_timeout = Duration::from_secs(cli.stop_timeout);
     let mut exits_open = launcher.is_some();
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let mut ticks: u64 = 0;
     loop {
         if phase.borrow_and_update().is_over() {
             break;
@@ -309,6 +324,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 None => exits_open = false,
             },
             _ = tick.tick() => {
+                ticks += 1;
+                if ticks % TENSORBOARD_FLUSH_TICKS == 0 {
+                    run.flush_tensorboard();
+                }
                 run.check_heartbeats(heartbeat_timeout);
                 run.record_liveness(heartbeat_timeout);
                 if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -331,7 +350,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         if matches!(outcome, Phase::Failed(_)) {
             l.kill_all();
         }
-        l.wait_all(EXIT_GRACE).await;
+        // Launched workers serve their metrics for --metrics-linger more seconds before exiting.
+        l.wait_all(EXIT_GRACE + Duration::from_secs(cli.metrics_linger)).await;
     }
     if matches!(outcome, Phase::Failed(_)) {
         run.mark_unfinished_failed();
@@ -373,6 +393,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             server_abort.abort();
         }
     }
+    run.flush_tensorboard();
     progress_task.abort();
     progress.finish();
     if metrics_addr.is_some() && cli.metrics_linger > 0 {
@@ -471,6 +492,7 @@ async fn render_samples(
     dir: PathBuf,
     seed: u64,
     evaluations: Option<(mpsc::UnboundedSender<EvalRequest>, EvalSettings)>,
+    tensorboard: bool,
 ) -> anyhow::Result<()> {
     while let Some(ev) = events.recv().await {
         match ev {
@@ -488,6 +510,18 @@ async fn render_samples(
                         .context("sample renderer panicked")??;
                 tracing::info!(step, epoch, path = %path.display(), diversity, "samples drawn");
                 run.observe_samples(epoch, diversity);
+                if tensorboard {
+                    let png = tokio::fs::read(&path).await.with_context(|| format!("reading {}", path.display()))?;
+                    match image::load_from_memory(&png) {
+                        Ok(img) => run.tensorboard_grid(
+                            step,
+                            &png,
+                            (img.width(), img.height()),
+                            u32::from(img.color().channel_count()),
+                        ),
+                        Err(e) => tracing::warn!("TensorBoard: {}: {e}", path.display()),
+                    }
+                }
             }
         }
     }

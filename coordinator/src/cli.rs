@@ -121,6 +121,12 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_HEARTBEAT_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_timeout: u64,
 
+    /// Write TensorBoard event files into DIR (`tensorboard --logdir DIR`): every step's losses,
+    /// D outputs, images/s and all-reduce time, each epoch's fixed-noise grid, and the FIDs.
+    /// A resumed run drops the events after its checkpoint, so no step appears twice.
+    #[arg(long, env = "DCGAN_TENSORBOARD")]
+    pub tensorboard: Option<PathBuf>,
+
     /// Compute the FID of the generator after every N epochs (and after the last): its samples
     /// against the dataset on the features of a classifier trained on the dataset's labels, as
     /// `dcgan evaluate fid` does. Written to RUN_DIR/evals.jsonl, the `dcgan_fid` gauge and

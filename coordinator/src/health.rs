@@ -129,7 +129,7 @@ impl Health {
         }
         if self.mode_collapse() {
             let ratio = self.diversity_ratio().unwrap_or(0.0);
-            w.push(format!("mode collapse: sample diversity {:.1}% of the real samples'", ratio * 100.0));
+            w.push(format!("mode collapse: sample diversity {:.1}% of the real samples' diversity", ratio * 100.0));
         }
         w
     }

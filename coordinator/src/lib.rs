@@ -7,7 +7,7 @@
 //! [`checkpoint_store`], [`metrics_log`] and [`samples`] each own one kind of output or data;
 //! [`launcher`] owns the worker processes and [`progress`] the terminal; [`observability`]
 //! exports the run to Prometheus, [`health`] watches the GAN for quiet failures and
-//! [`evaluation`] scores it with FID (`--eval-every`).
+//! [`evaluation`] scores it with FID (`--eval-every`); [`live_page`] shows the run in a browser.
 
 pub mod app;
 pub mod checkpoint_store;
@@ -16,6 +16,7 @@ pub mod config;
 pub mod evaluation;
 pub mod health;
 pub mod launcher;
+pub mod live_page;
 pub mod metrics_log;
 pub mod observability;
 pub mod progress;
@@ -24,3 +25,4 @@ pub mod run_state;
 pub mod samples;
 pub mod server;
 pub mod shards;
+pub mod tensorboard;

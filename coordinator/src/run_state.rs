@@ -21,6 +21,7 @@ use crate::metrics_log::{MetricsLog, RankReport, StepAggregator, StepRecord};
 use crate::observability::{self, RankLiveness};
 use crate::run_dir::unix_ms;
 use crate::shards::ShardServer;
+use crate::tensorboard::TensorBoardWriter;
 
 /// Where the run stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +117,40 @@ struct Inner {
     last_checkpoint_at: Option<Instant>,
     /// FID evaluations so far (`--eval-every`).
     evaluations: Vec<v1::Evaluation>,
+    /// Every aggregated step of the run, compactly, for the live page's charts.
+    history: Vec<StepPoint>,
+    /// `--tensorboard`: the same scalars, the epochs' grids and the FIDs as event files.
+    tensorboard: Option<TensorBoardWriter>,
+}
+
+/// One aggregated step as the live page charts it (about 40 bytes: a million steps fit).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct StepPoint {
+    pub step: u64,
+    pub epoch: u32,
+    pub loss_d: f32,
+    pub loss_g: f32,
+    pub d_x: f32,
+    pub d_g_z1: f32,
+    pub d_g_z2: f32,
+    pub images_per_sec: f32,
+    pub all_reduce_seconds: f32,
+}
+
+impl From<&StepRecord> for StepPoint {
+    fn from(r: &StepRecord) -> Self {
+        Self {
+            step: r.step,
+            epoch: r.epoch as u32,
+            loss_d: r.loss_d,
+            loss_g: r.loss_g,
+            d_x: r.d_x,
+            d_g_z1: r.d_g_z1,
+            d_g_z2: r.d_g_z2,
+            images_per_sec: r.images_per_sec as f32,
+            all_reduce_seconds: r.all_reduce_seconds as f32,
+        }
+    }
 }
 
 /// One run, shared by the gRPC handlers and the main loop.
@@ -174,6 +209,8 @@ impl Run {
                 health: Health::new(health),
                 last_checkpoint_at: None,
                 evaluations: Vec::new(),
+                history: Vec::new(),
+                tensorboard: None,
             }),
             config,
             resume_from,
@@ -416,6 +453,12 @@ impl Run {
             let onsets = {
                 let mut inner = self.lock();
                 inner.latest = Some(record.clone());
+                inner.history.push(StepPoint::from(&record));
+                if let Some(tb) = inner.tensorboard.as_mut() {
+                    if let Err(e) = tb.add_scalars(record.step, unix_seconds(), &tensorboard_scalars(&record)) {
+                        tracing::warn!("TensorBoard: {e}");
+                    }
+                }
                 let onsets = inner.health.observe_step(&record);
                 observability::record_health(&inner.health);
                 onsets
@@ -613,7 +656,54 @@ impl Run {
     /// Takes a finished FID evaluation (`--eval-every`).
     pub fn observe_evaluation(&self, record: &crate::evaluation::EvalRecord) {
         observability::record_fid(record.epoch, record.fid);
-        self.lock().evaluations.push(record.to_proto());
+        let mut inner = self.lock();
+        inner.evaluations.push(record.to_proto());
+        if let Some(tb) = inner.tensorboard.as_mut() {
+            let written =
+                tb.add_scalars(record.step, unix_seconds(), &[("FID", record.fid as f32)]).and_then(|()| tb.flush());
+            if let Err(e) = written {
+                tracing::warn!("TensorBoard: {e}");
+            }
+        }
+    }
+
+    /// Starts writing TensorBoard event files (`--tensorboard`).
+    pub fn set_tensorboard(&self, writer: TensorBoardWriter) {
+        self.lock().tensorboard = Some(writer);
+    }
+
+    /// Adds an epoch's fixed-noise grid (a PNG) to the TensorBoard files and flushes them.
+    pub fn tensorboard_grid(&self, step: u64, png: &[u8], size: (u32, u32), channels: u32) {
+        let mut inner = self.lock();
+        if let Some(tb) = inner.tensorboard.as_mut() {
+            let written = tb
+                .add_image(step, unix_seconds(), "samples/fixed_noise", png, size.0, size.1, channels)
+                .and_then(|()| tb.flush());
+            if let Err(e) = written {
+                tracing::warn!("TensorBoard: {e}");
+            }
+        }
+    }
+
+    /// Writes buffered TensorBoard events to disk (called every few seconds and at the end).
+    pub fn flush_tensorboard(&self) {
+        if let Some(tb) = self.lock().tensorboard.as_mut() {
+            if let Err(e) = tb.flush() {
+                tracing::warn!("TensorBoard: {e}");
+            }
+        }
+    }
+
+    /// The steps a resumed run had already made (the kept lines of `metrics.jsonl`).
+    pub fn restore_history(&self, records: &[StepRecord]) {
+        let mut inner = self.lock();
+        inner.history = records.iter().map(StepPoint::from).collect();
+        inner.latest = records.last().cloned();
+    }
+
+    /// The aggregated steps after the first `skip`, at most `limit` of them.
+    pub fn history(&self, skip: usize, limit: usize) -> Vec<StepPoint> {
+        self.lock().history.iter().skip(skip).take(limit).copied().collect()
     }
 
     /// The evaluations a resumed run had already made.
@@ -704,6 +794,23 @@ impl Run {
             evaluations: inner.evaluations.clone(),
         }
     }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A step's TensorBoard scalars (tags as the PyTorch example's log line names them).
+fn tensorboard_scalars(r: &StepRecord) -> [(&'static str, f32); 7] {
+    [
+        ("loss_D", r.loss_d),
+        ("loss_G", r.loss_g),
+        ("D(x)", r.d_x),
+        ("D(G(z))/before_D_update", r.d_g_z1),
+        ("D(G(z))/after_D_update", r.d_g_z2),
+        ("images_per_sec", r.images_per_sec as f32),
+        ("all_reduce_seconds", r.all_reduce_seconds as f32),
+    ]
 }
 
 /// An aggregated step as the protocol carries it.

@@ -17,7 +17,14 @@ pub mod dcgan {
 
 pub use dcgan::v1;
 
-/// The encoded `FileDescriptorSet` of every `.proto` (imports included), for server reflection.
+/// TensorFlow's `Event` and `Summary` messages (the subset the coordinator writes), with
+/// TensorFlow's field numbers so that TensorBoard reads the coordinator's event files.
+pub mod tensorboard {
+    include!(concat!(env!("OUT_DIR"), "/tensorboard.rs"));
+}
+
+/// The encoded `FileDescriptorSet` of the gRPC API's `.proto` files (imports included), for server
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dcgan_descriptor.bin"));
 
 /// Largest message either side accepts. Chunked payloads stay under [`CHUNK_BYTES`], so this

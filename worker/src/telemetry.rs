@@ -209,6 +209,12 @@ impl MetricsListener {
     /// Installs the process's Prometheus recorder (with `labels` on every series) and serves
     /// `GET /metrics` until the process exits.
     pub fn serve(self, labels: &[(&str, String)]) -> anyhow::Result<PrometheusHandle> {
+        self.serve_with(labels, None)
+    }
+
+    /// As [`MetricsListener::serve`], with `routes` answering the other GET requests (the
+    /// coordinator's live page shares the port).
+    pub fn serve_with(self, labels: &[(&str, String)], routes: Option<Routes>) -> anyhow::Result<PrometheusHandle> {
         let mut builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), SECONDS_BUCKETS)
             .context("histogram buckets")?;
@@ -216,7 +222,7 @@ impl MetricsListener {
             builder = builder.add_global_label(*k, v.clone());
         }
         let handle = builder.install_recorder().context("cannot install the metrics recorder")?;
-        tokio::spawn(serve_http(self.listener, handle.clone()));
+        tokio::spawn(serve_http(self.listener, handle.clone(), routes));
         // Histograms keep their samples until upkeep drains them; scrapes also do it.
         let upkeep = handle.clone();
         tokio::spawn(async move {
@@ -230,7 +236,19 @@ impl MetricsListener {
     }
 }
 
-async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
+/// An answer of [`Routes`].
+pub struct HttpReply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+    /// Sent as `Cache-Control` when set.
+    pub cache_control: Option<&'static str>,
+}
+
+/// Extra GET routes beside `/metrics`: given the path and query, an answer or `None` (404).
+pub type Routes = std::sync::Arc<dyn Fn(&str) -> Option<HttpReply> + Send + Sync>;
+
+async fn serve_http(listener: TcpListener, handle: PrometheusHandle, routes: Option<Routes>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -240,11 +258,17 @@ async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
                 continue;
             }
         };
-        let handle = handle.clone();
+        let (handle, routes) = (handle.clone(), routes.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(&req, &handle);
-                async move { Ok::<_, Infallible>(response) }
+                let (handle, routes) = (handle.clone(), routes.clone());
+                async move {
+                    // Routes may read files: off the async threads.
+                    let response = tokio::task::spawn_blocking(move || respond(&req, &handle, routes.as_ref()))
+                        .await
+                        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n".into()));
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(e) =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
@@ -255,19 +279,39 @@ async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
     }
 }
 
-fn respond(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            handle.run_upkeep();
-            (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", handle.render())
-        }
-        (&Method::GET, "/") => (StatusCode::OK, "text/plain; charset=utf-8", "metrics at /metrics\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found: try GET /metrics\n".to_string()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    reply(HttpReply { status, content_type: "text/plain; charset=utf-8", body: Bytes::from(body), cache_control: None })
+}
+
+fn reply(r: HttpReply) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(r.body));
+    *response.status_mut() = r.status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(r.content_type) {
         response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
+    if let Some(c) = r.cache_control {
+        response.headers_mut().insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static(c));
+    }
     response
+}
+
+fn respond(req: &Request<Incoming>, handle: &PrometheusHandle, routes: Option<&Routes>) -> Response<Full<Bytes>> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            handle.run_upkeep();
+            reply(HttpReply {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: Bytes::from(handle.render()),
+                cache_control: None,
+            })
+        }
+        (&Method::GET, _) if routes.is_some() => match routes.and_then(|r| r(path)) {
+            Some(r) => reply(r),
+            None => plain(StatusCode::NOT_FOUND, format!("not found: {path}\n")),
+        },
+        (&Method::GET, "/") => plain(StatusCode::OK, "metrics at /metrics\n".into()),
+        _ => plain(StatusCode::NOT_FOUND, "not found: try GET /metrics\n".into()),
+    }
 }
