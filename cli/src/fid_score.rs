@@ -53,7 +53,7 @@ impl FidReference {
         ensure!(real.len >= count, "dataset {spec} has {} images, fewer than the {count} FID compares", real.len);
         let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
         let key = ClassifierKey {
-            dataset: spec.to_string(),
+            dataset: canonical_spec(spec),
             image_size: real.image_size,
             nc: real.nc,
             classes: classes.max(2),
@@ -94,6 +94,17 @@ impl FidReference {
     }
 }
 
+/// The dataset spec as the classifier's cache key: `kind:ABSOLUTE_PATH`, so that
+/// `mnist:data/mnist` given to the coordinator and `mnist:/work/data/mnist` given to `dcgan
+/// evaluate` name the same classifier.
+pub fn canonical_spec(spec: &str) -> String {
+    let Ok(parsed) = spec.parse::<data::DatasetSpec>() else { return spec.to_string() };
+    match parsed.path().and_then(|p| std::fs::canonicalize(p).ok()) {
+        Some(abs) => format!("{}:{}", parsed.kind(), abs.display()),
+        None => spec.to_string(),
+    }
+}
+
 /// Where the classifier cache lives by default: $XDG_CACHE_HOME/dcgan or ~/.cache/dcgan.
 pub fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
@@ -124,4 +135,21 @@ fn load_or_train(key: ClassifierKey, path: &Path, data: &Dataset, labels: &[u8])
     let c = Classifier::train(key, &data.pixels[..n * data.sample_len()], &labels[..n])?;
     c.save(path)?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dataset_spelled_two_ways_is_one_cache_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("mnist")).unwrap();
+        let absolute = format!("mnist:{}", dir.path().join("mnist").display());
+        let roundabout = format!("mnist:{}", dir.path().join("mnist/../mnist").display());
+        assert_eq!(canonical_spec(&absolute), canonical_spec(&roundabout));
+        assert_eq!(canonical_spec("shapes"), "shapes");
+        // A path that does not exist stays as given (loading it will say what is wrong).
+        assert_eq!(canonical_spec("mnist:/no/such/dir"), "mnist:/no/such/dir");
+    }
 }
