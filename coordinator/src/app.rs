@@ -137,16 +137,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     dir.create()?;
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
     store.remove_partial()?;
-    let resume_from = if previous.is_some() { Some(resume_point(&store, &config)?) } else { None };
-    write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
-    let (metrics_log, past_steps) = match resume_from {
-        Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
-        None => (MetricsLog::create(&dir.metrics())?, Vec::new()),
-    };
-    let (eval_log, past_evaluations) = match resume_from {
-        Some(step) => MetricsLog::<EvalRecord>::resume(&dir.evals(), step)?,
-        None => (MetricsLog::create(&dir.evals())?, Vec::new()),
-    };
+    let mut resume_from = if previous.is_some() { resume_point(&store, &config, false)? } else { None };
 
     let dataset = Arc::new(dataset);
     if !dir.samples().join("real.png").exists() {
@@ -179,223 +170,283 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     write_atomic(&dir.address_file(), format!("{addr}\n").as_bytes())?;
     println!("coordinator listening on {addr}, run directory {}", root.display());
 
-    let checkpoints = store
-        .list()?
-        .iter()
-        .map(|c| proto::v1::CheckpointInfo {
-            step: c.step,
-            epoch: c.step.saturating_sub(1) / config.steps_per_epoch.max(1),
-            path: format!("checkpoints/{}", CheckpointStore::dir_name(c.step)),
-            total_size: c.total_size,
-        })
-        .collect();
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let shards = ShardServer::new(
-        Arc::clone(&dataset),
-        config.seed,
-        config.batch_size as usize,
-        config.workers as usize,
-        config.total_steps,
-    );
-    let run = Run::new(
-        config.clone(),
-        resume_from,
-        shards,
-        store.clone(),
-        metrics_log,
-        checkpoints,
-        root.display().to_string(),
-        events_tx.clone(),
-        HealthConfig { d_won_steps: cli.d_won_steps, collapse_fraction: cli.collapse_fraction },
-    );
-    // The run's span lives until this function returns (and is exported then); its context goes
-    // to the workers with `Join`.
-    let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
-    {
-        let mut cx = tonic::metadata::MetadataMap::new();
-        worker::telemetry::inject_context(&run_span, &mut cx);
-        let _ = run.trace_context.set(cx);
-    }
-    {
-        let (d, seed) = (Arc::clone(&dataset), config.seed);
-        let distance = tokio::task::spawn_blocking(move || samples::real_diversity(&d, seed))
-            .await
-            .context("sample diversity panicked")?;
-        run.set_real_sample_distance(distance);
-    }
-    tracing::info!(
-        run_id = %config.run_id,
-        generation = config.generation,
-        workers = config.workers,
-        steps = config.total_steps,
-        from = run.start_step,
-        "run configured"
-    );
-
-    let (stop_server, server_stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token, async {
-        let _ = server_stopped.await;
-    }));
-    live_page.attach(Arc::clone(&run));
-    if let Some(tb_dir) = &cli.tensorboard {
-        let writer = TensorBoardWriter::create(tb_dir, resume_from)
-            .with_context(|| format!("--tensorboard {}", tb_dir.display()))?;
-        tracing::info!(file = %writer.path().display(), "writing TensorBoard events");
-        run.set_tensorboard(writer);
-    }
-    run.restore_history(&past_steps);
-    run.restore_evaluations(&past_evaluations);
-    let (eval_tx, eval_rx) = mpsc::unbounded_channel();
-    let evaluator = (eval_settings.every_epochs > 0).then(|| {
-        tokio::spawn(evaluation::evaluate(
-            Arc::clone(&run),
-            eval_settings.clone(),
-            Arc::clone(&dataset),
-            eval_log,
-            eval_rx,
-        ))
-    });
-    let renderer = tokio::spawn(render_samples(
-        Arc::clone(&run),
-        events_rx,
-        dir.samples(),
-        config.seed,
-        evaluator.is_some().then_some((eval_tx, eval_settings)),
-        cli.tensorboard.is_some(),
-    ));
-    if Progress::wanted(cli.quiet) {
-        progress.start(run.start_step, config.total_steps, config.epochs);
-    }
-    let progress_task = tokio::spawn(follow_progress(Arc::clone(&run), progress.clone(), config.epochs));
-
-    let (exit_tx, mut exits) = mpsc::unbounded_channel();
-    let launcher = if config.external_workers {
-        tracing::info!("waiting for {} external workers to join at {addr}", config.workers);
-        None
-    } else {
-        let spec = LaunchSpec {
-            worker: worker_bin.context("no worker command")?,
-            coordinator_url: format!("http://{}", connectable(addr)),
-            world: config.workers as usize,
-            threads: config.worker_threads,
-            local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
-            logs: dir.logs(),
-            // Workers serve theirs on the coordinator's metrics host, each on a free port.
-            metrics_listen: metrics_addr.map(|a| SocketAddr::new(a.ip(), 0)),
-            metrics_linger: cli.metrics_linger,
-            log_format: cli.log_format,
-            otlp_endpoint: cli.otlp_endpoint.clone(),
-            token: cli.token.clone(),
+    // One generation per pass: a worker's failure ends one, and up to --max-restarts times the
+    // next starts from the latest checkpoint with every worker launched (or joined) anew.
+    let mut config = config;
+    let mut listener = Some(listener);
+    let mut restarts = 0u32;
+    let resumed = previous.is_some();
+    let (run, outcome) = loop {
+        let listener = match listener.take() {
+            Some(l) => l,
+            // The same address again, so external workers find the new generation where they left.
+            None => TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} again"))?,
         };
-        match Launcher::launch(&spec, exit_tx) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let _ = stop_server.send(());
-                return Err(e.into());
+        store.remove_partial()?;
+        write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
+        let (metrics_log, past_steps) = match resume_from {
+            Some(step) => MetricsLog::resume(&dir.metrics(), step)?,
+            None => (MetricsLog::create(&dir.metrics())?, Vec::new()),
+        };
+        let (eval_log, past_evaluations) = match resume_from {
+            Some(step) => MetricsLog::<EvalRecord>::resume(&dir.evals(), step)?,
+            None => (MetricsLog::create(&dir.evals())?, Vec::new()),
+        };
+
+        let checkpoints = store
+            .list()?
+            .iter()
+            .map(|c| proto::v1::CheckpointInfo {
+                step: c.step,
+                epoch: c.step.saturating_sub(1) / config.steps_per_epoch.max(1),
+                path: format!("checkpoints/{}", CheckpointStore::dir_name(c.step)),
+                total_size: c.total_size,
+            })
+            .collect();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let shards = ShardServer::new(
+            Arc::clone(&dataset),
+            config.seed,
+            config.batch_size as usize,
+            config.workers as usize,
+            config.total_steps,
+        );
+        let run = Run::new(
+            config.clone(),
+            resume_from,
+            shards,
+            store.clone(),
+            metrics_log,
+            checkpoints,
+            root.display().to_string(),
+            events_tx.clone(),
+            HealthConfig { d_won_steps: cli.d_won_steps, collapse_fraction: cli.collapse_fraction },
+        );
+        // The run's span lives until this function returns (and is exported then); its context goes
+        // to the workers with `Join`.
+        let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
+        {
+            let mut cx = tonic::metadata::MetadataMap::new();
+            worker::telemetry::inject_context(&run_span, &mut cx);
+            let _ = run.trace_context.set(cx);
+        }
+        {
+            let (d, seed) = (Arc::clone(&dataset), config.seed);
+            let distance = tokio::task::spawn_blocking(move || samples::real_diversity(&d, seed))
+                .await
+                .context("sample diversity panicked")?;
+            run.set_real_sample_distance(distance);
+        }
+        tracing::info!(
+            run_id = %config.run_id,
+            generation = config.generation,
+            workers = config.workers,
+            steps = config.total_steps,
+            from = run.start_step,
+            "run configured"
+        );
+
+        let (stop_server, server_stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token.clone(), async {
+            let _ = server_stopped.await;
+        }));
+        live_page.attach(Arc::clone(&run));
+        if let Some(tb_dir) = &cli.tensorboard {
+            let tb_from = if resumed || restarts > 0 { Some(resume_from.unwrap_or(0)) } else { None };
+            let writer = TensorBoardWriter::create(tb_dir, tb_from)
+                .with_context(|| format!("--tensorboard {}", tb_dir.display()))?;
+            tracing::info!(file = %writer.path().display(), "writing TensorBoard events");
+            run.set_tensorboard(writer);
+        }
+        run.restore_history(&past_steps);
+        run.restore_evaluations(&past_evaluations);
+        let (eval_tx, eval_rx) = mpsc::unbounded_channel();
+        let evaluator = (eval_settings.every_epochs > 0).then(|| {
+            tokio::spawn(evaluation::evaluate(
+                Arc::clone(&run),
+                eval_settings.clone(),
+                Arc::clone(&dataset),
+                eval_log,
+                eval_rx,
+            ))
+        });
+        let renderer = tokio::spawn(render_samples(
+            Arc::clone(&run),
+            events_rx,
+            dir.samples(),
+            config.seed,
+            evaluator.is_some().then_some((eval_tx, eval_settings.clone())),
+            cli.tensorboard.is_some(),
+        ));
+        // A checkpoint that ended an epoch can be stored while its generation is being torn
+        // down, too late for its grid (and FID) to be drawn: the next generation draws it first.
+        if let Some(step) = resume_from.filter(|s| s % config.steps_per_epoch.max(1) == 0) {
+            let epoch = (step - 1) / config.steps_per_epoch.max(1);
+            if !dir.samples().join(format!("fake_epoch_{epoch:03}.png")).exists() {
+                let files = store.read(step)?;
+                let _ = events_tx.send(Event::RenderSamples { step, epoch, is_final: false, files });
             }
         }
-    };
+        if Progress::wanted(cli.quiet) {
+            progress.start(run.start_step, config.total_steps, config.epochs);
+        }
+        let progress_task = tokio::spawn(follow_progress(Arc::clone(&run), progress.clone(), config.epochs));
 
-    // Watch the run until it ends, whatever ends it.
-    let mut phase = run.watch_phase();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let heartbeat_timeout = Duration::from_secs(config.heartbeat_timeout_secs);
-    let stop_timeout = Duration::from_secs(cli.stop_timeout);
-    let mut exits_open = launcher.is_some();
-    let mut stop_deadline: Option<tokio::time::Instant> = None;
-    let mut ticks: u64 = 0;
-    loop {
-        if phase.borrow_and_update().is_over() {
-            break;
-        }
-        if run.is_stopping() && stop_deadline.is_none() {
-            stop_deadline = Some(tokio::time::Instant::now() + stop_timeout);
-        }
-        tokio::select! {
-            changed = phase.changed() => if changed.is_err() { break },
-            exit = exits.recv(), if exits_open => match exit {
-                Some(exit) => {
-                    let ok = exit.status.as_ref().is_ok_and(|s| s.success());
-                    let stopped = run.is_stopping() && exit_code(&exit) == Some(i32::from(EXIT_STOPPED));
-                    if !ok && !exit.killed && !stopped {
-                        run.fail(describe_exit(&exit));
+        let (exit_tx, mut exits) = mpsc::unbounded_channel();
+        let launcher = if config.external_workers {
+            tracing::info!("waiting for {} external workers to join at {addr}", config.workers);
+            None
+        } else {
+            let spec = LaunchSpec {
+                worker: worker_bin.clone().context("no worker command")?,
+                generation: config.generation,
+                coordinator_url: format!("http://{}", connectable(addr)),
+                world: config.workers as usize,
+                threads: config.worker_threads,
+                local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
+                logs: dir.logs(),
+                // Workers serve theirs on the coordinator's metrics host, each on a free port.
+                metrics_listen: metrics_addr.map(|a| SocketAddr::new(a.ip(), 0)),
+                metrics_linger: cli.metrics_linger,
+                log_format: cli.log_format,
+                otlp_endpoint: cli.otlp_endpoint.clone(),
+                token: cli.token.clone(),
+            };
+            match Launcher::launch(&spec, exit_tx) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = stop_server.send(());
+                    return Err(e.into());
+                }
+            }
+        };
+
+        // Watch the run until it ends, whatever ends it.
+        let mut phase = run.watch_phase();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let heartbeat_timeout = Duration::from_secs(config.heartbeat_timeout_secs);
+        let stop_timeout = Duration::from_secs(cli.stop_timeout);
+        let mut exits_open = launcher.is_some();
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let mut ticks: u64 = 0;
+        loop {
+            if phase.borrow_and_update().is_over() {
+                break;
+            }
+            if run.is_stopping() && stop_deadline.is_none() {
+                stop_deadline = Some(tokio::time::Instant::now() + stop_timeout);
+            }
+            tokio::select! {
+                changed = phase.changed() => if changed.is_err() { break },
+                exit = exits.recv(), if exits_open => match exit {
+                    Some(exit) => {
+                        let ok = exit.status.as_ref().is_ok_and(|s| s.success());
+                        let stopped = run.is_stopping() && exit_code(&exit) == Some(i32::from(EXIT_STOPPED));
+                        if !ok && !exit.killed && !stopped {
+                            run.worker_failed(describe_exit(&exit));
+                        }
+                    }
+                    None => exits_open = false,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    if ticks % TENSORBOARD_FLUSH_TICKS == 0 {
+                        run.flush_tensorboard();
+                    }
+                    run.check_heartbeats(heartbeat_timeout);
+                    run.record_liveness(heartbeat_timeout);
+                    if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        run.fail(format!("the workers did not stop within {} s (--stop-timeout)", stop_timeout.as_secs()));
                     }
                 }
-                None => exits_open = false,
-            },
-            _ = tick.tick() => {
-                ticks += 1;
-                if ticks % TENSORBOARD_FLUSH_TICKS == 0 {
-                    run.flush_tensorboard();
-                }
-                run.check_heartbeats(heartbeat_timeout);
-                run.record_liveness(heartbeat_timeout);
-                if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    run.fail(format!("the workers did not stop within {} s (--stop-timeout)", stop_timeout.as_secs()));
-                }
-            }
-            name = signals.next() => {
-                if run.is_stopping() {
-                    run.fail(format!("{name} received again: stopping at once"));
-                } else {
-                    println!("{name}: the workers finish their step and rank 0 checkpoints it ({name} again to stop at once)");
-                    run.request_stop(format!("{name} received by the coordinator"));
+                name = signals.next() => {
+                    if run.is_stopping() {
+                        run.fail(format!("{name} received again: stopping at once"));
+                    } else {
+                        println!("{name}: the workers finish their step and rank 0 checkpoints it ({name} again to stop at once)");
+                        run.request_stop(format!("{name} received by the coordinator"));
+                    }
                 }
             }
         }
-    }
 
-    let outcome = run.phase();
-    if let Some(l) = launcher {
-        if matches!(outcome, Phase::Failed(_)) {
-            l.kill_all();
-        }
-        // Launched workers serve their metrics for --metrics-linger more seconds before exiting.
-        l.wait_all(EXIT_GRACE + Duration::from_secs(cli.metrics_linger)).await;
-    }
-    if matches!(outcome, Phase::Failed(_)) {
-        run.mark_unfinished_failed();
-    }
-    run.record_liveness(heartbeat_timeout);
-    // No more uploads can come: let the renderer finish what is queued, then stop serving.
-    let _ = events_tx.send(Event::Stop);
-    match renderer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if matches!(outcome, Phase::Completed) => {
-            return Err(e.context("cannot draw sample grids"));
-        }
-        Ok(Err(e)) => tracing::warn!("cannot draw sample grids: {e:#}"),
-        Err(e) => tracing::warn!("sample renderer panicked: {e}"),
-    }
-    // The renderer dropped its sender: a completed run's last evaluations finish before the
-    // exit (they are part of its results); a stopped or failed run does not wait for them.
-    if let Some(evaluator) = evaluator {
-        if matches!(outcome, Phase::Completed) {
-            match evaluator.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("FID evaluation failed: {e:#}"),
-                Err(e) => tracing::warn!("the FID evaluator panicked: {e}"),
+        let outcome = run.phase();
+        if let Some(l) = launcher {
+            if matches!(outcome, Phase::Failed(_)) {
+                l.kill_all();
             }
-        } else {
-            evaluator.abort();
+            // Launched workers serve their metrics for --metrics-linger more seconds before exiting.
+            l.wait_all(EXIT_GRACE + Duration::from_secs(cli.metrics_linger)).await;
         }
-    }
-    // Graceful shutdown waits for open streams; a client that stopped reading must not keep
-    // the coordinator alive, so the wait is bounded.
-    let _ = stop_server.send(());
-    let server_abort = server.abort_handle();
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!("{e}"),
-        Ok(Err(e)) => tracing::warn!("server task panicked: {e}"),
-        Err(_) => {
-            tracing::warn!("clients still connected {} s after the run ended: closing", SHUTDOWN_GRACE.as_secs());
-            server_abort.abort();
+        if matches!(outcome, Phase::Failed(_)) {
+            run.mark_unfinished_failed();
         }
-    }
-    run.flush_tensorboard();
-    progress_task.abort();
-    progress.finish();
+        run.record_liveness(heartbeat_timeout);
+        // No more uploads can come: let the renderer finish what is queued, then stop serving.
+        let _ = events_tx.send(Event::Stop);
+        match renderer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if matches!(outcome, Phase::Completed) => {
+                return Err(e.context("cannot draw sample grids"));
+            }
+            Ok(Err(e)) => tracing::warn!("cannot draw sample grids: {e:#}"),
+            Err(e) => tracing::warn!("sample renderer panicked: {e}"),
+        }
+        // The renderer dropped its sender: a completed run's last evaluations finish before the
+        // exit (they are part of its results); a stopped or failed run does not wait for them.
+        if let Some(evaluator) = evaluator {
+            if matches!(outcome, Phase::Completed) {
+                match evaluator.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("FID evaluation failed: {e:#}"),
+                    Err(e) => tracing::warn!("the FID evaluator panicked: {e}"),
+                }
+            } else {
+                evaluator.abort();
+            }
+        }
+        // Graceful shutdown waits for open streams; a client that stopped reading must not keep
+        // the coordinator alive, so the wait is bounded.
+        let _ = stop_server.send(());
+        let server_abort = server.abort_handle();
+        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("{e}"),
+            Ok(Err(e)) => tracing::warn!("server task panicked: {e}"),
+            Err(_) => {
+                tracing::warn!("clients still connected {} s after the run ended: closing", SHUTDOWN_GRACE.as_secs());
+                server_abort.abort();
+            }
+        }
+        run.flush_tensorboard();
+        progress_task.abort();
+        progress.finish();
+
+        if let Phase::Failed(reason) = &outcome {
+            if run.failure_is_restartable() && restarts < cli.max_restarts {
+                restarts += 1;
+                let from = resume_point(&store, &config, true)?;
+                println!(
+                    "{reason}; restart {restarts} of {} (--max-restarts): generation {} from {}",
+                    cli.max_restarts,
+                    config.generation + 1,
+                    from.map_or("the start".to_string(), |s| format!("the checkpoint of step {s}"))
+                );
+                tracing::warn!(
+                    restarts,
+                    generation = config.generation + 1,
+                    from = from.unwrap_or(0),
+                    "restarting: {reason}"
+                );
+                config.generation += 1;
+                resume_from = from;
+                observability::record_restart(config.generation);
+                continue;
+            }
+        }
+        break (run, outcome);
+    };
+
     if metrics_addr.is_some() && cli.metrics_linger > 0 {
         tracing::info!("serving metrics for {} s more (--metrics-linger)", cli.metrics_linger);
         tokio::time::sleep(Duration::from_secs(cli.metrics_linger)).await;
@@ -442,37 +493,61 @@ fn exit_code(exit: &crate::launcher::WorkerExit) -> Option<i32> {
     exit.status.as_ref().ok().and_then(|s| s.code())
 }
 
-/// The checkpoint a resumed run starts from: the newest, checked against its digests, and not
-/// already at the end.
-fn resume_point(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<u64> {
-    let latest = store
-        .latest()?
-        .with_context(|| format!("--resume: no checkpoint in {} to resume from", store.dir().display()))?;
-    let files = store.read(latest.step)?;
-    // Loading the checkpoint fully checks it (names, shapes, the state document) before any
-    // worker is started on it.
-    let (gan, state) = kernels::Gan::load(&kernels::CheckpointFiles { files })
-        .with_context(|| format!("--resume: cannot load {}", latest.dir.display()))?;
+/// The checkpoint a resumed run starts from: the newest one that passes its digests and loads,
+/// and is not already at the end. A damaged one (truncated, bytes flipped) is set aside as
+/// `checkpoints/damaged-step_NNNNNNNN` with a warning and the one before is tried. `Ok(None)`
+/// when `allow_none` and no checkpoint is usable (a restart before the first checkpoint starts
+/// over from step 0).
+fn resume_point(store: &CheckpointStore, config: &RunConfig, allow_none: bool) -> anyhow::Result<Option<u64>> {
+    let mut candidates = store.list()?;
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.step));
+    for latest in candidates {
+        match check_checkpoint(store, config, latest.step) {
+            Ok(()) => {
+                if latest.step >= config.total_steps {
+                    bail!(
+                        "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
+                        latest.step,
+                        config.total_steps
+                    );
+                }
+                tracing::info!(step = latest.step, dir = %latest.dir.display(), "resuming from checkpoint");
+                return Ok(Some(latest.step));
+            }
+            Err(e) => {
+                let aside = store.dir().join(format!("damaged-{}", CheckpointStore::dir_name(latest.step)));
+                tracing::warn!(
+                    "checkpoint {} is unusable ({e:#}): set aside as {}",
+                    latest.dir.display(),
+                    aside.display()
+                );
+                eprintln!(
+                    "warning: checkpoint {} is unusable ({e:#}); falling back to an earlier one",
+                    latest.dir.display()
+                );
+                std::fs::rename(&latest.dir, &aside)
+                    .with_context(|| format!("cannot set {} aside", latest.dir.display()))?;
+            }
+        }
+    }
+    if allow_none {
+        return Ok(None);
+    }
+    bail!("--resume: no usable checkpoint in {} to resume from", store.dir().display())
+}
+
+/// Checks a stored checkpoint fully (digests, names, shapes, the state document) before any
+/// worker is started on it.
+fn check_checkpoint(store: &CheckpointStore, config: &RunConfig, step: u64) -> anyhow::Result<()> {
+    let files = store.read(step)?;
+    let (gan, state) = kernels::Gan::load(&kernels::CheckpointFiles { files })?;
     if *gan.model_config() != config.model() {
-        bail!(
-            "--resume: {} holds networks {:?}, the run's are {:?}",
-            latest.dir.display(),
-            gan.model_config(),
-            config.model()
-        );
+        bail!("it holds networks {:?}, the run's are {:?}", gan.model_config(), config.model());
     }
-    if state.step != latest.step {
-        bail!("{}: state.json says step {}, the directory name says {}", latest.dir.display(), state.step, latest.step);
+    if state.step != step {
+        bail!("state.json says step {}, the directory name says {step}", state.step);
     }
-    if latest.step >= config.total_steps {
-        bail!(
-            "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
-            latest.step,
-            config.total_steps
-        );
-    }
-    tracing::info!(step = latest.step, dir = %latest.dir.display(), "resuming from checkpoint");
-    Ok(latest.step)
+    Ok(())
 }
 
 /// An address a local worker can connect to (a wildcard listen address is not one).

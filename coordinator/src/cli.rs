@@ -144,6 +144,12 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_EVAL_CLASSIFIER")]
     pub eval_classifier: Option<PathBuf>,
 
+    /// A worker that dies, goes silent or fails ends the run's generation; this many times the
+    /// coordinator starts the next from the latest checkpoint (launching the workers again, or
+    /// waiting for external ones to rejoin). 0: the first failure fails the run.
+    #[arg(long, env = "DCGAN_MAX_RESTARTS", default_value_t = 3)]
+    pub max_restarts: u32,
+
     /// On SIGTERM or Ctrl-C the workers finish their step and rank 0 checkpoints it; if that
     /// takes longer than this many seconds the run fails instead (keep it below Kubernetes'
     /// terminationGracePeriodSeconds). The process then exits with code 143; `--resume` continues.

@@ -4,7 +4,7 @@
 //! where the progress bar lives); when a worker fails, the tail of its log goes into the run's
 //! error message so the cause is on screen without digging.
 
-use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -41,6 +41,8 @@ pub struct WorkerExit {
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
     pub worker: WorkerCommand,
+    /// The generation the workers join (it heads their section of the log).
+    pub generation: u64,
     pub coordinator_url: String,
     pub world: usize,
     pub threads: u32,
@@ -104,7 +106,17 @@ impl Launcher {
         let mut launcher = Self { kill, tasks: Vec::new() };
         for rank in 0..spec.world {
             let log = spec.logs.join(format!("worker-{rank}.log"));
-            let out = File::create(&log).map_err(|e| LaunchError::Io { path: log.clone(), op: "create", source: e })?;
+            // Appended: a restarted generation's workers log after the failed one's.
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|e| LaunchError::Io { path: log.clone(), op: "open", source: e })?;
+            writeln!(out, "--- generation {}, rank {rank} ---", spec.generation).map_err(|e| LaunchError::Io {
+                path: log.clone(),
+                op: "write",
+                source: e,
+            })?;
             let err = out.try_clone().map_err(|e| LaunchError::Io { path: log.clone(), op: "open", source: e })?;
             let mut cmd = Command::new(&spec.worker.program);
             cmd.args(&spec.worker.prefix_args)

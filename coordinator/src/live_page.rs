@@ -12,7 +12,7 @@
 //! | `/checkpoints/step_NNNNNNNN/FILE` | a stored checkpoint's file, to download |
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use hyper::StatusCode;
 use hyper::body::Bytes;
@@ -35,16 +35,21 @@ const CHECKPOINT_FILES: [&str; 5] =
 /// before the run is configured, so scrapers find it early).
 pub struct LivePage {
     root: PathBuf,
-    run: OnceLock<Arc<Run>>,
+    /// The current generation's run (a restart attaches the next).
+    run: RwLock<Option<Arc<Run>>>,
 }
 
 impl LivePage {
     pub fn new(root: &Path) -> Arc<Self> {
-        Arc::new(Self { root: root.to_path_buf(), run: OnceLock::new() })
+        Arc::new(Self { root: root.to_path_buf(), run: RwLock::new(None) })
     }
 
     pub fn attach(&self, run: Arc<Run>) {
-        let _ = self.run.set(run);
+        *self.run.write().unwrap_or_else(|p| p.into_inner()) = Some(run);
+    }
+
+    fn run(&self) -> Option<Arc<Run>> {
+        self.run.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The routes for [`worker::telemetry::MetricsListener::serve_with`].
@@ -59,8 +64,8 @@ impl LivePage {
             "/" | "/index.html" => Some(text(INDEX_HTML, "text/html; charset=utf-8")),
             "/assets/app.js" => Some(text(APP_JS, "text/javascript; charset=utf-8")),
             "/assets/style.css" => Some(text(STYLE_CSS, "text/css; charset=utf-8")),
-            "/api/status" => Some(match self.run.get() {
-                Some(run) => json_reply(&self.status_json(run)),
+            "/api/status" => Some(match self.run() {
+                Some(run) => json_reply(&self.status_json(&run)),
                 None => json_reply(&json!({ "state": "STARTING" })),
             }),
             "/api/steps" => {
@@ -69,7 +74,7 @@ impl LivePage {
                     .find_map(|kv| kv.strip_prefix("since="))
                     .and_then(|v| v.parse::<usize>().ok())
                     .unwrap_or(0);
-                let steps = self.run.get().map(|r| r.history(since, STEPS_PER_CALL)).unwrap_or_default();
+                let steps = self.run().map(|r| r.history(since, STEPS_PER_CALL)).unwrap_or_default();
                 Some(json_reply(&json!({ "since": since, "steps": steps })))
             }
             _ => {

@@ -68,7 +68,7 @@ pub fn describe(run_id: &str, dataset: &str, generation: u64, world: u32, total_
         WORKERS_ALIVE,
         "Joined ranks that are neither finished nor failed and sent a message within the heartbeat timeout."
     );
-    describe_counter!(RESTARTS, "Workers restarted by this coordinator (restarts are not implemented yet: always 0).");
+    describe_counter!(RESTARTS, "Generations restarted by this coordinator after a worker's failure (--max-restarts).");
     describe_gauge!(GENERATION, "The run's generation (a resume starts the next one).");
     describe_gauge!(RANK_STEP, "Latest step each rank reported or heartbeated.");
     describe_gauge!(RANK_HEARTBEAT_AGE, metrics::Unit::Seconds, "Seconds since each rank's last message.");
@@ -139,6 +139,12 @@ pub fn record_health(h: &Health) {
 }
 
 /// Records a stored checkpoint.
+/// A new generation after a worker's failure.
+pub fn record_restart(generation: u64) {
+    counter!(RESTARTS).increment(1);
+    gauge!(GENERATION).set(generation as f64);
+}
+
 pub fn record_fid(epoch: u64, fid: f64) {
     gauge!(FID).set(fid);
     gauge!(FID_EPOCH).set(epoch as f64);

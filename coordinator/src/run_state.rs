@@ -173,6 +173,8 @@ pub struct Run {
     /// The trace context (`traceparent`) of the run's span, which the main loop holds open: it
     /// goes out in `Join`'s answer and becomes the parent of the workers' spans.
     pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
+    /// Set when a worker's failure ended the run (see [`Run::worker_failed`]).
+    restartable: std::sync::atomic::AtomicBool,
 }
 
 impl Run {
@@ -223,6 +225,7 @@ impl Run {
             metrics,
             events,
             trace_context: std::sync::OnceLock::new(),
+            restartable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -262,6 +265,21 @@ impl Run {
             tracing::error!("run failed: {reason}");
         }
         changed
+    }
+
+    /// Ends the run because a worker died, went silent or failed: a failure a new generation
+    /// from the latest checkpoint can get past (`--max-restarts`), unlike a checksum mismatch.
+    pub fn worker_failed(&self, reason: impl Into<String>) -> bool {
+        let ended = self.fail(reason);
+        if ended {
+            self.restartable.store(true, std::sync::atomic::Ordering::Release);
+        }
+        ended
+    }
+
+    /// Whether the failure that ended the run was a worker's (see [`Run::worker_failed`]).
+    pub fn failure_is_restartable(&self) -> bool {
+        self.restartable.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Asks the workers to stop cleanly: they agree on a step, rank 0 checkpoints it, and the
@@ -526,7 +544,7 @@ impl Run {
     pub fn finish(&self, rank: usize, req: &v1::FinishRequest) {
         if !req.ok {
             let host = self.lock().workers[rank].as_ref().map(|w| w.hostname.clone()).unwrap_or_default();
-            self.fail(format!("rank {rank} (host {host}) failed: {}", req.error));
+            self.worker_failed(format!("rank {rank} (host {host}) failed: {}", req.error));
             return;
         }
         if req.stopped {
@@ -625,7 +643,7 @@ impl Run {
             })
         };
         if let Some((rank, host, pid, quiet)) = silent {
-            self.fail(format!(
+            self.worker_failed(format!(
                 "rank {rank} (host {host}, pid {pid}) has been silent for {:.0} s (limit {} s)",
                 quiet.as_secs_f64(),
                 timeout.as_secs()

@@ -70,13 +70,15 @@ fn a_failing_worker_fails_the_run_and_resume_needs_a_checkpoint() {
     let a = with_flags(small_run(2, &run_dir), &["--worker-bin", "/bin/false"]);
     let f = run_coordinator(&a, TIMEOUT);
     assert_fails_with(&f, &["run failed", "exited with status 1", "worker-"]);
+    // Each generation failed the same way, until --max-restarts (3) was spent.
+    assert!(f.stdout.contains("restart 3 of 3") && !f.stdout.contains("restart 4"), "{}", f.stdout);
 
     // The run directory now holds a run: starting another there is refused...
     let f = run(&run_dir, &[]);
     assert_fails_with(&f, &["already holds a run", "--resume"]);
     // ...and it has no checkpoint to resume from.
     let f = run(&run_dir, &["--resume"]);
-    assert_fails_with(&f, &["no checkpoint"]);
+    assert_fails_with(&f, &["no usable checkpoint"]);
 }
 
 #[test]

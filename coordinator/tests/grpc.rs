@@ -243,13 +243,15 @@ print("file", desc.name)
     }
 }
 
-/// A worker that dies mid-run (SIGKILL: no goodbye) fails the run; the coordinator stops the
-/// other workers and exits non-zero with a message naming a rank.
+/// With `--max-restarts 0`, a worker that dies mid-run (SIGKILL: no goodbye) fails the run; the
+/// coordinator stops the other workers and exits non-zero with a message naming a rank.
+/// (With restarts, `tests/faults.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_run_fails_the_run() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(small_run(2, &run_dir), &["--epochs", "10000", "--heartbeat-timeout", "30"]);
+    let args =
+        with_flags(small_run(2, &run_dir), &["--epochs", "10000", "--heartbeat-timeout", "30", "--max-restarts", "0"]);
     let coordinator = Running::start(&args, &run_dir);
     let mut c = client(&coordinator.url()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
