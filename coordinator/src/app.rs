@@ -126,7 +126,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let mut signals = worker::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
 
     // The port is taken before anything is written, so a busy one leaves no half-made run.
-    let token = cli.token.as_deref().map(proto::auth::Token::new).transpose().context("--token (DCGAN_TOKEN)")?;
+    let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
+    let auth = proto::auth::RequireToken { token: token.clone(), open_reads: cli.open_status };
     let listener =
         TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let metrics_listener = match cli.metrics_listen {
@@ -247,7 +248,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         );
 
         let (stop_server, server_stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::serve(Arc::clone(&run), listener, token.clone(), async {
+        let server = tokio::spawn(server::serve(Arc::clone(&run), listener, auth.clone(), async {
             let _ = server_stopped.await;
         }));
         live_page.attach(Arc::clone(&run));
@@ -310,7 +311,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 metrics_linger: cli.metrics_linger,
                 log_format: cli.log_format,
                 otlp_endpoint: cli.otlp_endpoint.clone(),
-                token: cli.token.clone(),
+                token: token.as_ref().map(|t| t.expose_secret().to_string()),
             };
             match Launcher::launch(&spec, exit_tx) {
                 Ok(l) => Some(l),

@@ -163,6 +163,16 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// Read the shared token from this file (a mounted Kubernetes Secret): it then appears in no
+    /// environment and no command line. Instead of --token.
+    #[arg(long, env = "DCGAN_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
+    /// With a token: let GetStatus and WatchMetrics through without it (operators' reads);
+    /// every call that changes the run still needs it.
+    #[arg(long, env = "DCGAN_OPEN_STATUS")]
+    pub open_status: bool,
+
     /// No progress bar and only warnings and errors on the terminal.
     #[arg(long, short, env = "DCGAN_QUIET")]
     pub quiet: bool,

@@ -314,7 +314,7 @@ pub enum ServeError {
 pub async fn serve(
     run: Arc<Run>,
     listener: TcpListener,
-    token: Option<proto::auth::Token>,
+    auth: proto::auth::RequireToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -328,7 +328,7 @@ pub async fn serve(
     let service = CoordinatorServer::new(CoordinatorService::new(run))
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
-    let service = tonic::service::interceptor::InterceptedService::new(service, proto::auth::RequireToken(token));
+    let service = tonic::service::interceptor::InterceptedService::new(service, auth);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         // One span per RPC; the handlers fill in who asked (rank) and about which step.
@@ -344,6 +344,12 @@ pub async fn serve(
             worker::telemetry::adopt_context(&span, req.headers());
             span
         })
+        // The interceptor's exception for read-only calls needs the path (see `RpcPath`).
+        .layer(tower::util::MapRequestLayer::new(|mut req: tonic::codegen::http::Request<tonic::body::Body>| {
+            let path = proto::auth::RpcPath(req.uri().path().to_string());
+            req.extensions_mut().insert(path);
+            req
+        }))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

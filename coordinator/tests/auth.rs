@@ -63,3 +63,56 @@ async fn calls_without_the_token_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("token"), "{err}");
 }
+
+/// `--token-file`: the secret comes from a file (a mounted Secret), reaches the launched workers,
+/// and is written nowhere: not in run.json, not in the logs.
+#[test]
+fn a_token_file_works_and_the_secret_is_written_nowhere() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let file = tmp.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).expect("write the token file");
+    let args = with_flags(small_run(2, &run_dir), &["--token-file", &file.display().to_string(), "--max-steps", "2"]);
+    let f = run_coordinator(&args, Duration::from_secs(120));
+    f.assert_success();
+    assert!(!f.stdout.contains(TOKEN) && !f.stderr.contains(TOKEN));
+    for entry in ["run.json", "logs/worker-0.log", "logs/worker-1.log", "metrics.jsonl"] {
+        let text = std::fs::read_to_string(run_dir.join(entry)).expect(entry);
+        assert!(!text.contains(TOKEN), "the token is in {entry}");
+    }
+    // A missing or empty file is named before anything starts.
+    let empty = tmp.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    for (path, says) in [(tmp.path().join("nope"), "cannot read it"), (empty, "empty")] {
+        let args = with_flags(small_run(1, &tmp.path().join("other")), &["--token-file", &path.display().to_string()]);
+        let f = run_coordinator(&args, Duration::from_secs(60));
+        assert!(!f.status.success());
+        assert!(f.stderr.contains("--token-file") && f.stderr.contains(says), "{}", f.stderr);
+        assert!(!tmp.path().join("other").exists(), "nothing was written");
+    }
+}
+
+/// `--open-status`: operators read the status without the token; joining still needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_status_lets_reads_through_and_nothing_else() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(
+        small_run(2, &run_dir),
+        &["--token", TOKEN, "--open-status", "--external-workers", "--data-limit", "100"],
+    );
+    let coordinator = Running::start(&args, &run_dir);
+    let mut client = CoordinatorClient::connect(coordinator.url()).await.expect("connect");
+    let status = client.get_status(proto::v1::GetStatusRequest::default()).await.expect("status is open");
+    assert_eq!(status.into_inner().world_size, 2);
+    client.watch_metrics(proto::v1::WatchMetricsRequest::default()).await.expect("the metrics stream is open");
+    let join = proto::v1::JoinRequest {
+        hostname: "intruder".into(),
+        pid: 1,
+        device: "cpu".into(),
+        threads: 1,
+        requested_rank: -1,
+    };
+    let refused = client.join(join).await.expect_err("joining needs the token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}

@@ -2,7 +2,8 @@
 //! without it, so only the run's own workers can join, report or upload checkpoints.
 //!
 //! The token travels as `authorization: Bearer <token>` metadata. Health and reflection stay
-//! open (probes and grpcurl need them); every `dcgan.v1.Coordinator` call is checked.
+//! open (probes and grpcurl need them); every `dcgan.v1.Coordinator` call is checked, except the
+//! two read-only ones (`GetStatus`, `WatchMetrics`) when the operator opens them.
 
 use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -18,6 +19,30 @@ pub enum TokenError {
     Empty,
     #[error("the token must be printable ASCII with no spaces")]
     NotPrintable,
+}
+
+/// Why the token given on the command line cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSourceError {
+    #[error("--token (DCGAN_TOKEN): {0}")]
+    Inline(TokenError),
+    #[error("--token-file {}: cannot read it: {source}", .path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("--token-file {}: {source}", .path.display())]
+    Bad { path: std::path::PathBuf, source: TokenError },
+}
+
+/// The token from `--token` or `--token-file` (a file holding the secret, e.g. a mounted
+/// Kubernetes Secret, so that it is in no environment and no command line), if either is given.
+pub fn token_from(inline: Option<&str>, file: Option<&std::path::Path>) -> Result<Option<Token>, TokenSourceError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenSourceError::Read { path: path.to_path_buf(), source })?;
+        return Token::new(&text)
+            .map(Some)
+            .map_err(|source| TokenSourceError::Bad { path: path.to_path_buf(), source });
+    }
+    inline.map(Token::new).transpose().map_err(TokenSourceError::Inline)
 }
 
 /// A run token, checked once so that every later use is infallible.
@@ -45,6 +70,11 @@ impl Token {
         Ok(Self { bearer })
     }
 
+    /// The secret itself, for handing to a child process's environment (never for logs).
+    pub fn expose_secret(&self) -> &str {
+        self.bearer.to_str().unwrap_or_default().trim_start_matches("Bearer ")
+    }
+
     /// Stamps the token on an outgoing request.
     pub fn stamp<T>(&self, req: &mut Request<T>) {
         req.metadata_mut().insert(HEADER, self.bearer.clone());
@@ -57,15 +87,28 @@ impl Token {
     }
 }
 
-/// The coordinator's interceptor: with a token configured, refuses calls that lack it.
+/// The coordinator's interceptor: with a token configured, refuses calls that lack it, except
+/// the read-only status calls when `open_reads` (operators' dashboards and grpcurl).
 #[derive(Clone, Debug, Default)]
-pub struct RequireToken(pub Option<Token>);
+pub struct RequireToken {
+    pub token: Option<Token>,
+    pub open_reads: bool,
+}
+
+/// The calls that only read the run's state.
+const READ_ONLY: [&str; 2] = ["/dcgan.v1.Coordinator/GetStatus", "/dcgan.v1.Coordinator/WatchMetrics"];
+
+/// The request's path (`/package.Service/Method`), put in the request's extensions by a layer
+/// of the server: an interceptor sees the metadata but not the URI.
+#[derive(Clone, Debug)]
+pub struct RpcPath(pub String);
 
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        match &self.0 {
-            Some(token) if !token.admits(&req) => Err(Status::unauthenticated(
-                "missing or wrong run token: start the worker with the coordinator's --token (DCGAN_TOKEN)",
+        let read_only = || req.extensions().get::<RpcPath>().is_some_and(|p| READ_ONLY.contains(&p.0.as_str()));
+        match &self.token {
+            Some(token) if !token.admits(&req) && !(self.open_reads && read_only()) => Err(Status::unauthenticated(
+                "missing or wrong run token: start the worker with the coordinator's --token or --token-file",
             )),
             _ => Ok(req),
         }
@@ -80,7 +123,7 @@ mod tests {
     #[test]
     fn only_the_right_token_is_admitted() {
         let token = Token::new("s3cret").unwrap();
-        let mut check = RequireToken(Some(token.clone()));
+        let mut check = RequireToken { token: Some(token.clone()), open_reads: false };
         let mut ok = Request::new(());
         token.stamp(&mut ok);
         assert!(check.call(ok).is_ok());
@@ -88,7 +131,20 @@ mod tests {
         let mut wrong = Request::new(());
         Token::new("s3cres").unwrap().stamp(&mut wrong);
         assert_eq!(check.call(wrong).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert!(RequireToken(None).call(Request::new(())).is_ok(), "no token configured: open");
+        assert!(RequireToken::default().call(Request::new(())).is_ok(), "no token configured: open");
+        assert_eq!(token.expose_secret(), "s3cret");
+
+        // Open reads: the status calls pass without the token, nothing else does.
+        let mut open = RequireToken { token: Some(token), open_reads: true };
+        let call = |path: &str| {
+            let mut r = Request::new(());
+            r.extensions_mut().insert(RpcPath(path.into()));
+            r
+        };
+        assert!(open.call(call("/dcgan.v1.Coordinator/GetStatus")).is_ok());
+        assert!(open.call(call("/dcgan.v1.Coordinator/WatchMetrics")).is_ok());
+        assert!(open.call(call("/dcgan.v1.Coordinator/Join")).is_err());
+        assert!(open.call(Request::new(())).is_err(), "no path: no exception");
     }
 
     #[test]

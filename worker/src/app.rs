@@ -48,7 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         Some(addr) => Some(MetricsListener::bind(addr).await?),
         None => None,
     };
-    let token = cli.token.as_deref().map(proto::auth::Token::new).transpose().context("--token (DCGAN_TOKEN)")?;
+    let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
     let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout), token).await?;
     let threads = cli
         .threads

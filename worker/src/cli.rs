@@ -17,6 +17,10 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// Read the shared token from this file (a mounted Kubernetes Secret). Instead of --token.
+    #[arg(long, env = "DCGAN_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
+
     /// Compute threads [default: all CPU cores].
     #[arg(long, env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
