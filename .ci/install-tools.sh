@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 
 if ! command -v chromium >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 chromium --version 2>/dev/null
 if [ ! -d .ci/node/node_modules/playwright-core ]; then

@@ -2,7 +2,7 @@
 //! anything starts, serve, launch, watch, and stop cleanly whichever way the run ends.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,6 +128,18 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     // The port is taken before anything is written, so a busy one leaves no half-made run.
     let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
     let auth = proto::auth::RequireToken { token: token.clone(), open_reads: cli.open_status };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, flag: &str| {
+                std::fs::read(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
+            };
+            let (cert_pem, key_pem) = (read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            check_pem(&cert_pem, "CERTIFICATE", "--tls-cert", cert)?;
+            check_pem(&key_pem, "PRIVATE KEY", "--tls-key", key)?;
+            Some(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+        }
+        _ => None,
+    };
     let listener =
         TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let metrics_listener = match cli.metrics_listen {
@@ -248,7 +260,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         );
 
         let (stop_server, server_stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::serve(Arc::clone(&run), listener, auth.clone(), async {
+        let server = tokio::spawn(server::serve(Arc::clone(&run), listener, auth.clone(), tls.clone(), async {
             let _ = server_stopped.await;
         }));
         live_page.attach(Arc::clone(&run));
@@ -301,7 +313,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             let spec = LaunchSpec {
                 worker: worker_bin.clone().context("no worker command")?,
                 generation: config.generation,
-                coordinator_url: format!("http://{}", connectable(addr)),
+                coordinator_url: format!("{}://{}", if tls.is_some() { "https" } else { "http" }, connectable(addr)),
+                tls_ca: cli.tls_cert.clone().filter(|_| tls.is_some()),
+                tls_domain: cli.tls_domain.clone(),
                 world: config.workers as usize,
                 threads: config.worker_threads,
                 local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
@@ -487,6 +501,16 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         Phase::Failed(reason) => bail!("run failed: {reason}"),
         other => bail!("run stopped in state {other:?}"),
     }
+}
+
+/// Refuses, before anything starts, a file that is not the PEM it should be (rustls would only
+/// say so at the first connection).
+fn check_pem(pem: &[u8], kind: &str, flag: &str, path: &Path) -> anyhow::Result<()> {
+    let text = String::from_utf8_lossy(pem);
+    if !text.lines().any(|l| l.starts_with("-----BEGIN ") && l.contains(kind)) {
+        bail!("{flag} {}: no PEM \"{kind}\" block in it", path.display());
+    }
+    Ok(())
 }
 
 /// A launched worker's exit code, when it exited (rather than being killed by a signal).

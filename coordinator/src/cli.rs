@@ -168,6 +168,20 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
 
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Launched workers
+    /// trust it (as a CA or the self-signed certificate itself) and check it for --tls-domain.
+    #[arg(long, env = "DCGAN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DCGAN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// With TLS: the name launched workers check the certificate for (they connect to the
+    /// loopback address).
+    #[arg(long, env = "DCGAN_TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
+
     /// With a token: let GetStatus and WatchMetrics through without it (operators' reads);
     /// every call that changes the run still needs it.
     #[arg(long, env = "DCGAN_OPEN_STATUS")]

@@ -44,6 +44,9 @@ pub struct LaunchSpec {
     /// The generation the workers join (it heads their section of the log).
     pub generation: u64,
     pub coordinator_url: String,
+    /// With TLS: the certificate the workers trust, and the name they check it for.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_domain: String,
     pub world: usize,
     pub threads: u32,
     /// `--data local:SPEC` for workers that read the dataset themselves.
@@ -126,6 +129,9 @@ impl Launcher {
                 .arg(rank.to_string())
                 .arg("--threads")
                 .arg(spec.threads.to_string());
+            if let Some(ca) = &spec.tls_ca {
+                cmd.arg("--tls-ca").arg(ca).arg("--tls-domain").arg(&spec.tls_domain);
+            }
             if let Some(d) = &spec.local_data {
                 cmd.arg("--data").arg(d);
             }

@@ -315,6 +315,7 @@ pub async fn serve(
     run: Arc<Run>,
     listener: TcpListener,
     auth: proto::auth::RequireToken,
+    tls: Option<tonic::transport::Identity>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -329,7 +330,11 @@ pub async fn serve(
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
     let service = tonic::service::interceptor::InterceptedService::new(service, auth);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    builder
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         // One span per RPC; the handlers fill in who asked (rank) and about which step.
         .trace_fn(move |req| {

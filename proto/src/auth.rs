@@ -107,7 +107,7 @@ impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let read_only = || req.extensions().get::<RpcPath>().is_some_and(|p| READ_ONLY.contains(&p.0.as_str()));
         match &self.token {
-            Some(token) if !token.admits(&req) && !(self.open_reads && read_only()) => Err(Status::unauthenticated(
+            Some(token) if !(token.admits(&req) || (self.open_reads && read_only())) => Err(Status::unauthenticated(
                 "missing or wrong run token: start the worker with the coordinator's --token or --token-file",
             )),
             _ => Ok(req),

@@ -49,7 +49,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         None => None,
     };
     let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
-    let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout), token).await?;
+    let tls = client::Tls {
+        ca_pem: match &cli.tls_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("--tls-ca {}: cannot read it", p.display()))?),
+            None => None,
+        },
+        domain: cli.tls_domain.clone(),
+    };
+    let raw = client::connect(&cli.coordinator, Duration::from_secs(cli.connect_timeout), token, &tls).await?;
     let threads = cli
         .threads
         .map(|t| t as usize)

@@ -17,6 +17,16 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// With an https:// coordinator: the CA certificate (or the coordinator's self-signed one) to
+    /// trust, PEM.
+    #[arg(long, env = "DCGAN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// With an https:// coordinator: the name its certificate must be valid for, when it is not
+    /// the address's host (e.g. the certificate says `coordinator.example`, the address is an IP).
+    #[arg(long, env = "DCGAN_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
     /// Read the shared token from this file (a mounted Kubernetes Secret). Instead of --token.
     #[arg(long, env = "DCGAN_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<std::path::PathBuf>,

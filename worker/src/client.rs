@@ -22,14 +22,42 @@ pub struct Client {
     pub id: WorkerId,
 }
 
+/// How to check the coordinator's certificate on an `https://` address.
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    /// PEM of the CA (or the self-signed certificate) to trust.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The name the certificate must be valid for, when not the URL's host.
+    pub domain: Option<String>,
+}
+
 /// Connects to `url`, retrying until `timeout`: workers may start before the coordinator listens.
-pub async fn connect(url: &str, timeout: Duration, token: Option<proto::auth::Token>) -> anyhow::Result<RawClient> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+pub async fn connect(
+    url: &str,
+    timeout: Duration,
+    token: Option<proto::auth::Token>,
+    tls: &Tls,
+) -> anyhow::Result<RawClient> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let ca = tls
+            .ca_pem
+            .as_ref()
+            .with_context(|| format!("--coordinator {url} is https: give the certificate to trust with --tls-ca"))?;
+        let mut config =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        if let Some(d) = &tls.domain {
+            config = config.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(config).context("TLS settings (--tls-ca, --tls-domain)")?;
+    } else if tls.ca_pem.is_some() {
+        bail!("--tls-ca is given but --coordinator {url} is not https://");
+    }
     let deadline = Instant::now() + timeout;
     loop {
         match endpoint.connect().await {
@@ -39,10 +67,17 @@ pub async fn connect(url: &str, timeout: Duration, token: Option<proto::auth::To
                     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES));
             }
             Err(e) if Instant::now() < deadline => {
-                tracing::debug!("coordinator not reachable yet: {e}");
+                tracing::debug!("coordinator not reachable yet: {e:?}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => bail!("cannot reach the coordinator at {url} within {} s: {e}", timeout.as_secs()),
+            Err(e) => {
+                // The transport error's sources say why (refused, a certificate not trusted...).
+                let why = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ");
+                bail!("cannot reach the coordinator at {url} within {} s: {e}: {why}", timeout.as_secs())
+            }
         }
     }
 }
