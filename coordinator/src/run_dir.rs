@@ -80,9 +80,15 @@ impl RunDir {
 /// Writes `bytes` to `path` so that a reader sees the old file or the new one, never a part:
 /// a temporary file in the same directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
-    let dir = parent_dir(path);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    write_atomic_via(path, bytes, &format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// [`write_atomic`] through a temporary file named `tmp_name` (in `path`'s directory), for
+/// readers that must never see the temporary file (TensorBoard reads any `*tfevents*`).
+pub fn write_atomic_via(path: &Path, bytes: &[u8], tmp_name: &str) -> Result<(), RunDirError> {
+    let dir = parent_dir(path);
+    let tmp = dir.join(tmp_name);
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -216,22 +216,15 @@ fn keep_steps_up_to(path: &Path, last_step: u64) -> Result<(), TensorBoardError>
     replace_atomic(path, &kept)
 }
 
-/// Temporary file (without `tfevents` in its name, so that TensorBoard never reads it), fsync,
-/// rename over `path`, fsync of the directory.
+/// Atomically, through a temporary file without `tfevents` in its name, so that TensorBoard
+/// never reads it.
 fn replace_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorBoardError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".tensorboard-rewrite.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(&tmp, "write", e));
-    }
-    fs::rename(&tmp, path).map_err(|e| io_error(path, "rename into place", e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, "fsync directory", e))
+    let tmp = format!(".tensorboard-rewrite.{}.tmp", std::process::id());
+    crate::run_dir::write_atomic_via(path, bytes, &tmp).map_err(|e| TensorBoardError::Io {
+        path: e.path,
+        op: e.op,
+        source: e.source,
+    })
 }
 
 /// The event files directly in `dir`, in name order.

@@ -177,21 +177,7 @@ fn a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes() {
     bytes[n - 10] ^= 0xff;
     std::fs::write(&file, bytes).unwrap();
 
-    let resume: Vec<String> = [
-        "--resume",
-        "--run-dir",
-        &run_dir.display().to_string(),
-        "--max-steps",
-        "8",
-        "--listen",
-        "127.0.0.1:0",
-        "--quiet",
-        "--worker-bin",
-        &worker_bin().display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let resume = resume_args(&run_dir, 8, &[]);
     let f = run_coordinator(&resume, TIMEOUT);
     f.assert_success();
     assert!(f.stderr.contains("step_00000006") && f.stderr.contains("falling back"), "{}", f.stderr);

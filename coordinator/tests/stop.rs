@@ -56,18 +56,7 @@ fn assert_stopped_cleanly(run_dir: &Path, f: &Finished) -> u64 {
 
 /// Resumes a stopped run for two more steps and checks it completes from where it stopped.
 fn resume_two_more(run_dir: &Path, k: u64) {
-    let resume = vec![
-        "--resume".to_string(),
-        "--run-dir".into(),
-        run_dir.display().to_string(),
-        "--max-steps".into(),
-        (k + 2).to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--quiet".into(),
-        "--worker-bin".into(),
-        worker_bin().display().to_string(),
-    ];
+    let resume = resume_args(run_dir, k + 2, &[]);
     run_coordinator(&resume, TIMEOUT).assert_success();
     let steps: Vec<u64> = metrics(run_dir).iter().map(|l| l["step"].as_u64().expect("step")).collect();
     assert_eq!(steps, (1..=k + 2).collect::<Vec<_>>());

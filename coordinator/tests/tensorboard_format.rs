@@ -136,23 +136,7 @@ fn a_real_run_and_its_resume_write_what_tensorboard_shows() {
         &["--data-limit", "100", "--epochs", "3", "--max-steps", "6", "--tensorboard", &tb_arg],
     );
     run_coordinator(&first, Duration::from_secs(300)).assert_success();
-    let resume: Vec<String> = [
-        "--resume",
-        "--run-dir",
-        &run_dir.display().to_string(),
-        "--max-steps",
-        "12",
-        "--listen",
-        "127.0.0.1:0",
-        "--quiet",
-        "--worker-bin",
-        &worker_bin().display().to_string(),
-        "--tensorboard",
-        &tb_arg,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let resume = resume_args(&run_dir, 12, &["--tensorboard", &tb_arg]);
     run_coordinator(&resume, Duration::from_secs(300)).assert_success();
 
     let found = tensorboard_reads(&tb);

@@ -163,18 +163,7 @@ fn resume_continues_exactly() {
     run_coordinator(&args(2, &full, &["--max-steps", "6", "--checksum-every", "1"]), TIMEOUT).assert_success();
     run_coordinator(&args(2, &split, &["--max-steps", "3", "--checksum-every", "1"]), TIMEOUT).assert_success();
     // Settings not given again come from run.json; the step target is raised.
-    let resume = vec![
-        "--resume".to_string(),
-        "--run-dir".into(),
-        split.display().to_string(),
-        "--max-steps".into(),
-        "6".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--quiet".into(),
-        "--worker-bin".into(),
-        worker_bin().display().to_string(),
-    ];
+    let resume = resume_args(&split, 6, &[]);
     let f = run_coordinator(&resume, TIMEOUT);
     f.assert_success();
 

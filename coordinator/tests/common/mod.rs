@@ -68,6 +68,28 @@ pub fn small_run(workers: u32, run_dir: &Path) -> Vec<String> {
     .collect()
 }
 
+/// Arguments that resume the run in `run_dir` up to `max_steps` (settings not given again come
+/// from its run.json), plus `extra` flags.
+pub fn resume_args(run_dir: &Path, max_steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--resume",
+        "--run-dir",
+        &run_dir.display().to_string(),
+        "--max-steps",
+        &max_steps.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        "--worker-bin",
+        &worker_bin().display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// Sets `flag` to `value` in `args`, replacing an earlier value (clap refuses repeated flags).
 pub fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
     match args.iter().position(|a| a == flag) {
