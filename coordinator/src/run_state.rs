@@ -192,8 +192,12 @@ impl Run {
     ) -> Arc<Self> {
         let start_step = resume_from.unwrap_or(0);
         let world = config.workers as usize;
+        // The ring's per-generation token: its links accept only peers that present it, which
+        // the coordinator hands to this generation's workers alone. Random, so that knowing the
+        // run id and generation is not enough to get into a ring.
         let session = {
-            let d = Sha256::digest(format!("{}/{}", config.run_id, config.generation).as_bytes());
+            let nonce: u64 = rand::random();
+            let d = Sha256::digest(format!("{}/{}/{nonce:016x}", config.run_id, config.generation).as_bytes());
             u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
         };
         let (phase, _) = watch::channel(Phase::WaitingForWorkers);

@@ -16,10 +16,26 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 fn fid_every_epoch_reaches_evals_jsonl_and_status_and_matches_the_command() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    // 100 samples, 4 steps per epoch, 3 epochs.
+    // 240 samples, 10 steps per epoch, 3 epochs; 64x64 images make an epoch last long enough
+    // for GetStatus to see the first evaluations while the run goes on.
     let args = with_flags(
         small_run(2, &run_dir),
-        &["--data-limit", "100", "--epochs", "3", "--eval-every", "1", "--eval-count", "48"],
+        &[
+            "--data-limit",
+            "240",
+            "--epochs",
+            "3",
+            "--image-size",
+            "64",
+            "--ngf",
+            "16",
+            "--ndf",
+            "16",
+            "--eval-every",
+            "1",
+            "--eval-count",
+            "48",
+        ],
     );
     let coordinator = Running::start(&args, &run_dir);
 
@@ -42,7 +58,7 @@ fn fid_every_epoch_reaches_evals_jsonl_and_status_and_matches_the_command() {
                 }
                 Err(_) => break, // the coordinator has shut down
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         seen
     });
@@ -57,7 +73,7 @@ fn fid_every_epoch_reaches_evals_jsonl_and_status_and_matches_the_command() {
         .collect();
     let at: Vec<(u64, u64)> =
         evals.iter().map(|e| (e["epoch"].as_u64().unwrap(), e["step"].as_u64().unwrap())).collect();
-    assert_eq!(at, vec![(0, 4), (1, 8), (2, 12)], "one evaluation per epoch, at its last step");
+    assert_eq!(at, vec![(0, 10), (1, 20), (2, 30)], "one evaluation per epoch, at its last step");
     for (e, s) in evals.iter().zip(&seen) {
         assert_eq!(e["fid"].as_f64(), Some(s.fid), "GetStatus and evals.jsonl agree");
     }
@@ -66,12 +82,12 @@ fn fid_every_epoch_reaches_evals_jsonl_and_status_and_matches_the_command() {
     let classifier = run_dir.join("eval/fid-classifier.safetensors");
     assert!(classifier.is_file(), "the classifier is cached in the run directory");
     let spec: data::DatasetSpec = "shapes".parse().expect("spec");
-    let real = spec.load(32, Some(100)).expect("shapes");
+    let real = spec.load(64, Some(240)).expect("shapes");
     let labels = real.labels.clone().expect("labels");
     let mut reference =
         FidReference::prepare("shapes", &real, &labels, 48, &ClassifierOptions::default(), Some(&classifier))
             .expect("reference");
-    let dir = run_dir.join("checkpoints/step_00000012");
+    let dir = run_dir.join("checkpoints/step_00000030");
     let files = ["generator.safetensors", "discriminator.safetensors", "optimizer.safetensors", "state.json"]
         .iter()
         .map(|f| (f.to_string(), std::fs::read(dir.join(f)).expect("checkpoint file")))

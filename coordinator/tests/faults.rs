@@ -185,3 +185,110 @@ fn a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes() {
     let steps: Vec<u64> = metrics(&run_dir).iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "steps 5 and 6 redone once each");
 }
+
+/// Unmounts the test's small filesystem however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk that fills up while a checkpoint is written (a real 512 KiB tmpfs, mounted here: the
+/// test needs root, as CI has): the run fails naming the error, and every checkpoint stored
+/// before is intact (its digests check and it loads); no half-written one is left.
+#[test]
+fn a_full_disk_fails_the_run_clearly_and_keeps_earlier_checkpoints() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"]).arg(&disk).status();
+    assert!(
+        mounted.is_ok_and(|s| s.success()),
+        "cannot mount a tmpfs at {} (this test needs root, as CI has)",
+        disk.display()
+    );
+    let _guard = Mounted(disk.clone());
+    let run_dir = disk.join("run");
+    // A checkpoint every step, all kept: the disk fills within a few dozen steps.
+    let args = with_flags(
+        small_run(2, &run_dir),
+        &["--data-limit", "100", "--epochs", "100", "--checkpoint-every", "1", "--keep-checkpoints", "1000"],
+    );
+    let f = run_coordinator(&args, TIMEOUT);
+    assert!(!f.status.success(), "the run cannot have completed on a full disk");
+    assert!(f.stderr.contains("No space left on device"), "the error names the cause:\n{}", f.stderr);
+    let stored = checkpoint_steps(&run_dir);
+    assert!(!stored.is_empty(), "some checkpoints fitted before the disk filled");
+    for step in &stored {
+        assert_checkpoint_loads(&run_dir.join(format!("checkpoints/step_{step:08}")));
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("step_"))
+        .collect();
+    assert!(leftovers.is_empty(), "half-written checkpoints left: {leftovers:?}");
+}
+
+/// The coordinator killed (SIGKILL, no goodbye) mid-run: its workers notice and exit rather
+/// than train on alone, and a coordinator started again on the run directory (`--resume`, as
+/// the Kubernetes Deployment does) reloads it and finishes with every step once in
+/// `metrics.jsonl`, whatever was half-written at the kill.
+#[test]
+fn a_killed_coordinator_is_restarted_on_its_run_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(
+        small_run(2, &run_dir),
+        &[
+            "--data-limit",
+            "240",
+            "--epochs",
+            "5",
+            "--image-size",
+            "64",
+            "--ngf",
+            "16",
+            "--ndf",
+            "16",
+            "--checkpoint-every",
+            "5",
+        ],
+    );
+    let total = 50u64;
+    let mut coordinator = Running::start(&args, &run_dir);
+    let url = coordinator.url();
+    let deadline = Instant::now() + TIMEOUT;
+    let workers = loop {
+        assert!(Instant::now() < deadline, "the run did not get going");
+        if steps_done(&run_dir) >= 12 {
+            if let Some(s) = status(&url).filter(|s| s.workers.len() == 2) {
+                break s.workers;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut child = coordinator.child.take().expect("child");
+    child.kill().expect("SIGKILL the coordinator");
+    let _ = child.wait();
+    let killed_at = steps_done(&run_dir);
+    assert!(killed_at < total, "killed before the end");
+    // Its workers leave by themselves (their next report fails).
+    for w in &workers {
+        let gone = Instant::now() + Duration::from_secs(60);
+        while Command::new("kill").args(["-0", &w.pid.to_string()]).status().is_ok_and(|s| s.success()) {
+            assert!(Instant::now() < gone, "rank {} (pid {}) outlived its coordinator by a minute", w.rank, w.pid);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let f = run_coordinator(&resume_args(&run_dir, total, &[]), TIMEOUT);
+    f.assert_success();
+    let steps: Vec<u64> = metrics(&run_dir).iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=total).collect::<Vec<_>>(), "every step once after the restart");
+    assert_checkpoint_loads(&run_dir.join(format!("checkpoints/step_{total:08}")));
+    eprintln!("coordinator killed at step {killed_at}; restarted and completed {total} steps");
+}
