@@ -433,7 +433,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 server_abort.abort();
             }
         }
-        run.flush_tensorboard();
+        run.sync_tensorboard();
         progress_task.abort();
         progress.finish();
 
@@ -604,23 +604,17 @@ async fn render_samples(
                     }
                 }
                 let d = dir.clone();
-                let (path, diversity) =
-                    tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
-                        .await
-                        .context("sample renderer panicked")??;
-                tracing::info!(step, epoch, path = %path.display(), diversity, "samples drawn");
-                run.observe_samples(epoch, diversity);
+                let grid = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
+                    .await
+                    .context("sample renderer panicked")??;
+                tracing::info!(step, epoch, path = %grid.path.display(), diversity = grid.diversity, "samples drawn");
+                run.observe_samples(epoch, grid.diversity);
                 if tensorboard {
-                    let png = tokio::fs::read(&path).await.with_context(|| format!("reading {}", path.display()))?;
-                    match image::load_from_memory(&png) {
-                        Ok(img) => run.tensorboard_grid(
-                            step,
-                            &png,
-                            (img.width(), img.height()),
-                            u32::from(img.color().channel_count()),
-                        ),
-                        Err(e) => tracing::warn!("TensorBoard: {}: {e}", path.display()),
-                    }
+                    let png = tokio::fs::read(&grid.path)
+                        .await
+                        .with_context(|| format!("reading {}", grid.path.display()))?;
+                    // Grids are RGB (gray images are drawn as gray RGB).
+                    run.tensorboard_grid(step, &png, grid.size, 3);
                 }
             }
         }

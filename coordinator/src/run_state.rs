@@ -707,10 +707,19 @@ impl Run {
         }
     }
 
-    /// Writes buffered TensorBoard events to disk (called every few seconds and at the end).
+    /// Hands buffered TensorBoard events to the system (every few seconds).
     pub fn flush_tensorboard(&self) {
         if let Some(tb) = self.lock().tensorboard.as_mut() {
             if let Err(e) = tb.flush() {
+                tracing::warn!("TensorBoard: {e}");
+            }
+        }
+    }
+
+    /// Writes the TensorBoard events to disk for good (at the end of a generation).
+    pub fn sync_tensorboard(&self) {
+        if let Some(tb) = self.lock().tensorboard.as_mut() {
+            if let Err(e) = tb.sync() {
                 tracing::warn!("TensorBoard: {e}");
             }
         }

@@ -47,19 +47,22 @@ pub fn real_diversity(dataset: &Dataset, seed: u64) -> f64 {
     crate::health::mean_pairwise_distance(&pixels, n)
 }
 
-/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise; also returns the
-/// grid's mean pairwise distance (see [`crate::health`]).
-pub fn write_fake(
-    dir: &Path,
-    files: Vec<(String, Vec<u8>)>,
-    seed: u64,
-    epoch: u64,
-) -> Result<(PathBuf, f64), SampleError> {
+/// A fake grid as drawn: where, its size, and its mean pairwise distance (see [`crate::health`]).
+pub struct FakeGrid {
+    pub path: PathBuf,
+    /// Width and height in pixels (an RGB PNG).
+    pub size: (u32, u32),
+    pub diversity: f64,
+}
+
+/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise.
+pub fn write_fake(dir: &Path, files: Vec<(String, Vec<u8>)>, seed: u64, epoch: u64) -> Result<FakeGrid, SampleError> {
     let (mut gan, _) = Gan::load(&CheckpointFiles { files }).map_err(SampleError::Load)?;
     let model = gan.model_config().clone();
     let z = kernels::rng::fixed_noise(seed, GRID_IMAGES, model.nz);
     let images = gan.generate(&z).map_err(SampleError::Generate)?;
     let path = dir.join(format!("fake_epoch_{epoch:03}.png"));
     data::save_grid(&path, images.data(), GRID_IMAGES, model.nc, model.image_size, GRID_ROW)?;
-    Ok((path, crate::health::mean_pairwise_distance(images.data(), GRID_IMAGES)))
+    let diversity = crate::health::mean_pairwise_distance(images.data(), GRID_IMAGES);
+    Ok(FakeGrid { path, size: data::grid_size(GRID_IMAGES, model.image_size, GRID_ROW), diversity })
 }

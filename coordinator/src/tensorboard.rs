@@ -15,6 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prost::Message;
 use proto::tensorboard::{Event, Summary, event, summary};
 
+use crate::run_dir::RunDirError;
+
 /// What every event file's name starts with (TensorBoard picks files by the `tfevents` in it).
 pub const FILE_PREFIX: &str = "events.out.tfevents.";
 
@@ -33,20 +35,14 @@ static FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// described to TensorBoard.
 #[derive(Debug, thiserror::Error)]
 pub enum TensorBoardError {
-    #[error("{}: cannot {op}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        /// What was being done, e.g. "write", "rename into place".
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] RunDirError),
     #[error("{}: cannot add image {tag:?}: {msg}", .path.display())]
     Image { path: PathBuf, tag: String, msg: String },
 }
 
 fn io_error(path: &Path, op: &'static str, source: std::io::Error) -> TensorBoardError {
-    TensorBoardError::Io { path: path.to_path_buf(), op, source }
+    TensorBoardError::Io(RunDirError::new(path, op, source))
 }
 
 /// Appends events to a new event file in a directory.
@@ -142,10 +138,16 @@ impl TensorBoardWriter {
         self.write_summary(step, wall_time, Summary { value: vec![value] })
     }
 
-    /// Writes the buffered records and syncs them to disk, so that TensorBoard sees them and a
-    /// crash loses nothing written before.
+    /// Hands the buffered records to the system, so that TensorBoard sees them (cheap: called
+    /// every few seconds, under the run's lock).
     pub fn flush(&mut self) -> Result<(), TensorBoardError> {
-        self.out.flush().map_err(|e| io_error(&self.path, "write", e))?;
+        self.out.flush().map_err(|e| io_error(&self.path, "write", e))
+    }
+
+    /// [`TensorBoardWriter::flush`], then an fsync, so that a machine crash loses nothing
+    /// written before (at the end of a run, and on drop).
+    pub fn sync(&mut self) -> Result<(), TensorBoardError> {
+        self.flush()?;
         self.out.get_ref().sync_data().map_err(|e| io_error(&self.path, "fsync", e))
     }
 
@@ -161,7 +163,7 @@ impl TensorBoardWriter {
 
 impl Drop for TensorBoardWriter {
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.sync() {
             tracing::warn!("{e}");
         }
     }
@@ -220,11 +222,7 @@ fn keep_steps_up_to(path: &Path, last_step: u64) -> Result<(), TensorBoardError>
 /// never reads it.
 fn replace_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorBoardError> {
     let tmp = format!(".tensorboard-rewrite.{}.tmp", std::process::id());
-    crate::run_dir::write_atomic_via(path, bytes, &tmp).map_err(|e| TensorBoardError::Io {
-        path: e.path,
-        op: e.op,
-        source: e.source,
-    })
+    Ok(crate::run_dir::write_atomic_via(path, bytes, &tmp)?)
 }
 
 /// The event files directly in `dir`, in name order.

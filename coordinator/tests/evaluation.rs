@@ -18,25 +18,7 @@ fn fid_every_epoch_reaches_evals_jsonl_and_status_and_matches_the_command() {
     let run_dir = tmp.path().join("run");
     // 240 samples, 10 steps per epoch, 3 epochs; 64x64 images make an epoch last long enough
     // for GetStatus to see the first evaluations while the run goes on.
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--data-limit",
-            "240",
-            "--epochs",
-            "3",
-            "--image-size",
-            "64",
-            "--ngf",
-            "16",
-            "--ndf",
-            "16",
-            "--eval-every",
-            "1",
-            "--eval-count",
-            "48",
-        ],
-    );
+    let args = watchable_run(2, &run_dir, 240, 3, &["--eval-every", "1", "--eval-count", "48"]);
     let coordinator = Running::start(&args, &run_dir);
 
     // GetStatus shows the evaluations while the run goes on (or at least before it ends).

@@ -60,28 +60,12 @@ fn a_run_survives_workers_killed_at_random_moments() {
     let run_dir = tmp.path().join("run");
     // 240 samples, batch 24: 10 steps per epoch, 6 epochs; 64x64 images make a step last long
     // enough for a kill to land in the middle of the run. A checkpoint every 5 steps.
-    let args = with_flags(
-        small_run(3, &run_dir),
-        &[
-            "--data-limit",
-            "240",
-            "--epochs",
-            "6",
-            "--image-size",
-            "64",
-            "--ngf",
-            "16",
-            "--ndf",
-            "16",
-            "--checkpoint-every",
-            "5",
-            "--checksum-every",
-            "1",
-            "--max-restarts",
-            "5",
-            "--heartbeat-timeout",
-            "20",
-        ],
+    let args = watchable_run(
+        3,
+        &run_dir,
+        240,
+        6,
+        &["--checkpoint-every", "5", "--checksum-every", "1", "--max-restarts", "5", "--heartbeat-timeout", "20"],
     );
     let total = 60u64;
     let coordinator = Running::start(&args, &run_dir);
@@ -241,23 +225,7 @@ fn a_full_disk_fails_the_run_clearly_and_keeps_earlier_checkpoints() {
 fn a_killed_coordinator_is_restarted_on_its_run_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--data-limit",
-            "240",
-            "--epochs",
-            "5",
-            "--image-size",
-            "64",
-            "--ngf",
-            "16",
-            "--ndf",
-            "16",
-            "--checkpoint-every",
-            "5",
-        ],
-    );
+    let args = watchable_run(2, &run_dir, 240, 5, &["--checkpoint-every", "5"]);
     let total = 50u64;
     let mut coordinator = Running::start(&args, &run_dir);
     let url = coordinator.url();

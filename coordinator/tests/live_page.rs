@@ -30,25 +30,7 @@ fn the_live_page_follows_a_real_run_in_chromium() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
     // 64x64 images make each of the 5 epochs last seconds, long enough to watch the grid change.
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--image-size",
-            "64",
-            "--ngf",
-            "16",
-            "--ndf",
-            "16",
-            "--data-limit",
-            "1440",
-            "--epochs",
-            "5",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--metrics-linger",
-            "60",
-        ],
-    );
+    let args = watchable_run(2, &run_dir, 1440, 5, &["--metrics-listen", "127.0.0.1:0", "--metrics-linger", "60"]);
     let coordinator = Running::start(&args, &run_dir);
     let addr = std::fs::read_to_string(run_dir.join("metrics.addr")).expect("metrics.addr").trim().to_string();
     let shot = tmp.path().join("page.png");

@@ -40,6 +40,14 @@ fn to_byte(v: f32) -> u8 {
     (((v + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0 + 0.5) as u8
 }
 
+/// Width and height in pixels of the grid of `n` images of `size` pixels, `nrow` per row.
+pub fn grid_size(n: usize, size: usize, nrow: usize) -> (u32, u32) {
+    let cols = nrow.min(n).max(1);
+    let rows = n.div_ceil(cols);
+    let cell = size + PADDING;
+    ((cols * cell + PADDING) as u32, (rows * cell + PADDING) as u32)
+}
+
 /// Tiles `n` NCHW images (`nc` 1 or 3, `size x size`, values in [-1, 1]) into an RGB image
 /// with `nrow` images per row and [`PADDING`] black pixels between and around tiles
 /// (torchvision's `make_grid`); 1-channel images are shown as gray.
@@ -52,11 +60,9 @@ pub fn grid_image(images: &[f32], n: usize, nc: usize, size: usize, nrow: usize)
         panic!("grid_image: {msg}");
     }
     let cols = nrow.min(n);
-    let rows = n.div_ceil(cols);
     let cell = size + PADDING;
-    let width = cols * cell + PADDING;
-    let height = rows * cell + PADDING;
-    let mut img = RgbImage::new(width as u32, height as u32);
+    let (width, height) = grid_size(n, size, nrow);
+    let mut img = RgbImage::new(width, height);
     let plane = size * size;
     for (k, sample) in images.chunks_exact(nc * plane).enumerate() {
         let (x0, y0) = ((k % cols) * cell + PADDING, (k / cols) * cell + PADDING);

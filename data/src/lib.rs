@@ -20,6 +20,6 @@ mod spec;
 
 pub use dataset::Dataset;
 pub use error::DataError;
-pub use grid::{grid_image, save_grid};
+pub use grid::{grid_image, grid_size, save_grid};
 pub use shard::{ShardError, epoch_order, rank_batch, rank_shard, steps_per_epoch};
 pub use spec::DatasetSpec;

@@ -68,6 +68,15 @@ pub fn small_run(workers: u32, run_dir: &Path) -> Vec<String> {
     .collect()
 }
 
+/// A small run whose steps last long enough to be watched, killed or stopped in the middle
+/// (64x64 images, ngf = ndf = 16): `data_limit` samples (24 per step), `epochs` epochs, plus
+/// `extra` flags.
+pub fn watchable_run(workers: u32, run_dir: &Path, data_limit: u64, epochs: u32, extra: &[&str]) -> Vec<String> {
+    let (limit, epochs) = (data_limit.to_string(), epochs.to_string());
+    let base = ["--image-size", "64", "--ngf", "16", "--ndf", "16", "--data-limit", &limit, "--epochs", &epochs];
+    with_flags(with_flags(small_run(workers, run_dir), &base), extra)
+}
+
 /// Arguments that resume the run in `run_dir` up to `max_steps` (settings not given again come
 /// from its run.json), plus `extra` flags.
 pub fn resume_args(run_dir: &Path, max_steps: u64, extra: &[&str]) -> Vec<String> {
