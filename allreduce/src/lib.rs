@@ -17,4 +17,4 @@ mod ring;
 pub use error::{HandshakeMismatch, Op, Peer, Refusal, RingError, Side};
 pub use handshake::PROTOCOL_VERSION;
 pub use plan::{bus_bandwidth_factor, bytes_sent_per_all_reduce, chunk_range};
-pub use ring::{FRAME_HEADER_BYTES, MAX_WORLD, RingOptions, RingStats, TcpRing};
+pub use ring::{FRAME_HEADER_BYTES, MAX_WORLD, RingAbort, RingOptions, RingStats, TcpRing};

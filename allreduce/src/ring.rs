@@ -100,6 +100,22 @@ pub struct TcpRing {
     poisoned: Option<String>,
 }
 
+/// Breaks a [`TcpRing`] from outside: see [`TcpRing::abort_handle`].
+#[derive(Debug)]
+pub struct RingAbort {
+    left: TcpStream,
+    right: TcpStream,
+}
+
+impl RingAbort {
+    /// Shuts both links down: a pending or later `all_reduce_sum` fails promptly, on this rank
+    /// and, through the closed sockets, on its neighbours.
+    pub fn abort(&self) {
+        let _ = self.left.shutdown(Shutdown::Both);
+        let _ = self.right.shutdown(Shutdown::Both);
+    }
+}
+
 /// Who failed first inside one all-reduce (so the root cause is reported, not its echo).
 const NO_FAILURE: u8 = 0;
 const MAIN_FAILED: u8 = 1;
@@ -332,6 +348,14 @@ impl TcpRing {
     /// The options the ring was built with.
     pub fn options(&self) -> &RingOptions {
         &self.options
+    }
+
+    /// A handle that can break this ring from another thread, so a rank blocked waiting for a
+    /// peer that will never answer (partitioned, frozen) is freed at once rather than after
+    /// `io_timeout`. `None` for a world of one.
+    pub fn abort_handle(&self) -> io::Result<Option<RingAbort>> {
+        let Some(links) = &self.links else { return Ok(None) };
+        Ok(Some(RingAbort { left: links.left.try_clone()?, right: links.right.try_clone()? }))
     }
 
     /// Replaces `buf` on every rank with the element-wise sum over ranks, bit-identical on all

@@ -34,6 +34,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(30);
 const TENSORBOARD_FLUSH_TICKS: u64 = 5;
 /// How long open gRPC streams get to end after the run ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The same after a failed generation: no answer is owed then, and a partitioned worker's
+/// connection would hold the next generation back for the whole grace.
+const FAILED_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// How a run that did not fail ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +74,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
 
     RunConfig::check_cli(&cli, 3)?;
+    let min_workers = cli.min_workers.unwrap_or(cli.workers);
+    if min_workers > cli.workers {
+        bail!("--min-workers {min_workers} is more than --workers {}", cli.workers);
+    }
     if !(cli.collapse_fraction >= 0.0 && cli.collapse_fraction <= 1.0) {
         bail!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
@@ -188,6 +195,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let mut config = config;
     let mut listener = Some(listener);
     let mut restarts = 0u32;
+    // Ranks of the next generation: all of --workers, unless a regroup went on with fewer.
+    let mut world = config.workers;
     let resumed = previous.is_some();
     let (run, outcome) = loop {
         let listener = match listener.take() {
@@ -221,7 +230,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             Arc::clone(&dataset),
             config.seed,
             config.batch_size as usize,
-            config.workers as usize,
+            world as usize,
             config.total_steps,
         );
         let run = Run::new(
@@ -234,7 +243,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             root.display().to_string(),
             events_tx.clone(),
             HealthConfig { d_won_steps: cli.d_won_steps, collapse_fraction: cli.collapse_fraction },
+            world,
         );
+        run.set_restart_allowed(restarts < cli.max_restarts);
         // The run's span lives until this function returns (and is exported then); its context goes
         // to the workers with `Join`.
         let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
@@ -253,7 +264,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         tracing::info!(
             run_id = %config.run_id,
             generation = config.generation,
-            workers = config.workers,
+            workers = world,
             steps = config.total_steps,
             from = run.start_step,
             "run configured"
@@ -307,7 +318,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
 
         let (exit_tx, mut exits) = mpsc::unbounded_channel();
         let launcher = if config.external_workers {
-            tracing::info!("waiting for {} external workers to join at {addr}", config.workers);
+            tracing::info!("waiting for {world} external workers to join at {addr}");
             None
         } else {
             let spec = LaunchSpec {
@@ -316,7 +327,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 coordinator_url: format!("{}://{}", if tls.is_some() { "https" } else { "http" }, connectable(addr)),
                 tls_ca: cli.tls_cert.clone().filter(|_| tls.is_some()),
                 tls_domain: cli.tls_domain.clone(),
-                world: config.workers as usize,
+                world: world as usize,
                 threads: config.worker_threads,
                 local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
                 logs: dir.logs(),
@@ -344,6 +355,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         let mut exits_open = launcher.is_some();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let mut ticks: u64 = 0;
+        let opened = tokio::time::Instant::now();
+        let rejoin_wait = Duration::from_secs(cli.rejoin_wait);
         loop {
             if phase.borrow_and_update().is_over() {
                 break;
@@ -370,6 +383,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                     }
                     run.check_heartbeats(heartbeat_timeout);
                     run.record_liveness(heartbeat_timeout);
+                    if (restarts > 0 || resumed) && world > min_workers && opened.elapsed() >= rejoin_wait {
+                        regroup_if_short(&run, min_workers, rejoin_wait);
+                    }
                     if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                         run.fail(format!("the workers did not stop within {} s (--stop-timeout)", stop_timeout.as_secs()));
                     }
@@ -424,12 +440,13 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         // the coordinator alive, so the wait is bounded.
         let _ = stop_server.send(());
         let server_abort = server.abort_handle();
-        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        let grace = if matches!(outcome, Phase::Failed(_)) { FAILED_SHUTDOWN_GRACE } else { SHUTDOWN_GRACE };
+        match tokio::time::timeout(grace, server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!("{e}"),
             Ok(Err(e)) => tracing::warn!("server task panicked: {e}"),
             Err(_) => {
-                tracing::warn!("clients still connected {} s after the run ended: closing", SHUTDOWN_GRACE.as_secs());
+                tracing::warn!("clients still connected {} s after the run ended: closing", grace.as_secs());
                 server_abort.abort();
             }
         }
@@ -438,6 +455,14 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         progress.finish();
 
         if let Phase::Failed(reason) = &outcome {
+            if let Some(fewer) = run.regrouped_world() {
+                println!("{reason}; generation {} with {fewer} workers", config.generation + 1);
+                config.generation += 1;
+                world = fewer;
+                resume_from = resume_point(&store, &config, true)?;
+                observability::record_restart(config.generation);
+                continue;
+            }
             if run.failure_is_restartable() && restarts < cli.max_restarts {
                 restarts += 1;
                 let from = resume_point(&store, &config, true)?;
@@ -455,6 +480,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 );
                 config.generation += 1;
                 resume_from = from;
+                world = config.workers;
                 observability::record_restart(config.generation);
                 continue;
             }
@@ -500,6 +526,25 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
         Phase::Failed(reason) => bail!("run failed: {reason}"),
         other => bail!("run stopped in state {other:?}"),
+    }
+}
+
+/// Ends a restarted generation that waits for workers who are not coming back, when enough did
+/// (`--min-workers`): every joined worker is ready and none is missing but the absent ones.
+fn regroup_if_short(run: &Run, min_workers: u32, waited: Duration) {
+    if run.phase() != Phase::WaitingForWorkers {
+        return;
+    }
+    let (joined, ready) = run.joined_and_ready();
+    if joined == ready && ready >= min_workers && ready < run.world() {
+        run.regroup(
+            ready,
+            format!(
+                "only {ready} of {} workers rejoined within {} s (--rejoin-wait): going on with {ready} (--min-workers {min_workers})",
+                run.world(),
+                waited.as_secs()
+            ),
+        );
     }
 }
 

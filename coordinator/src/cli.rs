@@ -150,6 +150,17 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_MAX_RESTARTS", default_value_t = 3)]
     pub max_restarts: u32,
 
+    /// After a restart, go on with as few as this many workers when not all of `--workers` come
+    /// back within `--rejoin-wait` (external workers whose node is gone): the shards are
+    /// recomputed for the smaller world, the global batch stays. [default: --workers]
+    #[arg(long, env = "DCGAN_MIN_WORKERS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_workers: Option<u32>,
+
+    /// With `--min-workers`: seconds a restarted generation waits for all of `--workers` before
+    /// going on with fewer.
+    #[arg(long, env = "DCGAN_REJOIN_WAIT", default_value_t = 60)]
+    pub rejoin_wait: u64,
+
     /// On SIGTERM or Ctrl-C the workers finish their step and rank 0 checkpoints it; if that
     /// takes longer than this many seconds the run fails instead (keep it below Kubernetes'
     /// terminationGracePeriodSeconds). The process then exits with code 143; `--resume` continues.

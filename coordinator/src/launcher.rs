@@ -154,7 +154,27 @@ impl Launcher {
                 Some(t) => cmd.env("DCGAN_TOKEN", t),
                 None => cmd.env_remove("DCGAN_TOKEN"),
             };
+            // This launcher replaces its workers itself in each new generation, so they do not
+            // try to rejoin one by themselves.
+            cmd.arg("--rejoin-timeout").arg("0");
             cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+            // Launched workers die with the coordinator (even SIGKILLed), so a restarted one does
+            // not meet last life's workers. The signal follows the thread that spawned the child:
+            // the launcher runs on the coordinator's main thread, which lives as long as it does.
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            let parent = std::process::id() as libc::pid_t;
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The coordinator may have died before the prctl took effect.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::other("the coordinator exited while starting a worker"));
+                    }
+                    Ok(())
+                });
+            }
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(e) => {

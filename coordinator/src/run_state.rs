@@ -77,6 +77,8 @@ pub enum RunError {
     Formed,
     #[error("the run is over: {0}")]
     Over(String),
+    #[error("this generation is over ({0}); join again for the next one")]
+    GenerationOver(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -175,6 +177,12 @@ pub struct Run {
     pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
     /// Set when a worker's failure ended the run (see [`Run::worker_failed`]).
     restartable: std::sync::atomic::AtomicBool,
+    /// Whether a restartable failure will be followed by another generation (restarts left).
+    restart_allowed: std::sync::atomic::AtomicBool,
+    /// Ranks in this generation: `--workers`, or fewer after a regroup (`--min-workers`).
+    world: u32,
+    /// Set by [`Run::regroup`]: the world of the next generation.
+    regroup_to: std::sync::atomic::AtomicU32,
 }
 
 impl Run {
@@ -189,9 +197,11 @@ impl Run {
         run_dir: String,
         events: mpsc::UnboundedSender<Event>,
         health: HealthConfig,
+        world: u32,
     ) -> Arc<Self> {
         let start_step = resume_from.unwrap_or(0);
-        let world = config.workers as usize;
+        let world_size = world;
+        let world = world as usize;
         // The ring's per-generation token: its links accept only peers that present it, which
         // the coordinator hands to this generation's workers alone. Random, so that knowing the
         // run id and generation is not enough to get into a ring.
@@ -230,6 +240,9 @@ impl Run {
             events,
             trace_context: std::sync::OnceLock::new(),
             restartable: std::sync::atomic::AtomicBool::new(false),
+            restart_allowed: std::sync::atomic::AtomicBool::new(false),
+            world: world_size,
+            regroup_to: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -238,8 +251,40 @@ impl Run {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Ranks in this generation (see [`Run::regroup`]).
     pub fn world(&self) -> u32 {
-        self.config.workers
+        self.world
+    }
+
+    /// Says whether a worker's failure will be followed by another generation, so that workers
+    /// asking in between are told to come back (UNAVAILABLE) rather than that the run is over.
+    pub fn set_restart_allowed(&self, allowed: bool) {
+        self.restart_allowed.store(allowed, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Ranks joined, and of those the ones ready to train (with a ring address).
+    pub fn joined_and_ready(&self) -> (u32, u32) {
+        let inner = self.lock();
+        let joined = inner.workers.iter().flatten().count() as u32;
+        let ready = inner.workers.iter().flatten().filter(|w| w.ring_address.is_some()).count() as u32;
+        (joined, ready)
+    }
+
+    /// Ends a generation that cannot form (workers missing after a restart) so that the next
+    /// one forms with the `world` that did come back: `--min-workers`. Not counted as a restart.
+    pub fn regroup(&self, world: u32, reason: impl Into<String>) -> bool {
+        self.regroup_to.store(world, std::sync::atomic::Ordering::Release);
+        self.set_restart_allowed(true);
+        let ended = self.worker_failed(reason);
+        if !ended {
+            self.regroup_to.store(0, std::sync::atomic::Ordering::Release);
+        }
+        ended
+    }
+
+    /// The world the next generation forms with, when this one ended by [`Run::regroup`].
+    pub fn regrouped_world(&self) -> Option<u32> {
+        Some(self.regroup_to.load(std::sync::atomic::Ordering::Acquire)).filter(|w| *w > 0)
     }
 
     pub fn phase(&self) -> Phase {
@@ -316,6 +361,11 @@ impl Run {
 
     fn refuse_if_over(&self) -> Result<(), RunError> {
         match &*self.phase.borrow() {
+            Phase::Failed(r)
+                if self.failure_is_restartable() && self.restart_allowed.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                Err(RunError::GenerationOver(r.clone()))
+            }
             Phase::Failed(r) => Err(RunError::Over(format!("failed: {r}"))),
             Phase::Completed => Err(RunError::Over("completed".into())),
             Phase::Stopped { step, reason } => Err(RunError::Over(format!("stopped after step {step} ({reason})"))),

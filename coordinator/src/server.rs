@@ -40,6 +40,7 @@ impl From<RunError> for Status {
             RunError::RankTaken(_) => Status::already_exists(msg),
             RunError::WorldFull(_) => Status::resource_exhausted(msg),
             RunError::Over(_) => Status::aborted(msg),
+            RunError::GenerationOver(_) => Status::unavailable(msg),
         }
     }
 }

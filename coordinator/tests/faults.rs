@@ -1,8 +1,10 @@
 //! Faults a long run meets: workers killed (SIGKILL) at random moments, in a step or in the
-//! all-reduce. The coordinator notices, ends the generation, and starts the next from the latest
-//! checkpoint with the workers launched again; the run reaches its last step with every step in
-//! `metrics.jsonl` once, and its last checkpoint verifies and loads. Also: a damaged checkpoint
-//! is set aside and the run resumes from the one before.
+//! all-reduce, and the coordinator killed too. The coordinator notices, ends the generation, and
+//! starts the next from the latest checkpoint with the workers launched again (or rejoining, when
+//! external); the run reaches its last step with every step in `metrics.jsonl` once, and its last
+//! checkpoint verifies and loads. Also: a damaged checkpoint is set aside and the run resumes
+//! from the one before; a full disk fails clearly; with `--min-workers` the run goes on with the
+//! workers left.
 
 mod common;
 
@@ -11,26 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use proto::v1;
-use proto::v1::coordinator_client::CoordinatorClient;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
-
-fn steps_done(run_dir: &Path) -> u64 {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .map(|s| s.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max())
-        .ok()
-        .flatten()
-        .unwrap_or(0)
-}
-
-fn status(url: &str) -> Option<v1::RunStatus> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-    rt.block_on(async {
-        let mut c = CoordinatorClient::connect(url.to_string()).await.ok()?;
-        c.get_status(v1::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
-    })
-}
 
 /// Loads the checkpoint directory the way a resume does: digests, then the networks.
 fn assert_checkpoint_loads(dir: &Path) {
@@ -54,82 +38,104 @@ fn assert_checkpoint_loads(dir: &Path) {
     kernels::Gan::load(&kernels::CheckpointFiles { files }).expect("the final checkpoint loads");
 }
 
+/// Kills a random worker (SIGKILL) once the run trained a few steps past the last restart.
+/// Returns (seconds until training again, steps lost).
+fn kill_a_worker(url: &str, run_dir: &Path, generation: &mut u64, random: &mut impl FnMut() -> u64) -> (f64, u64) {
+    let at = steps_done(run_dir) + 3 + random() % 5;
+    let target = wait_for(TIMEOUT, "the run to progress before a kill", || {
+        (steps_done(run_dir) >= at)
+            .then(|| status(url).filter(|s| s.generation == *generation && s.workers.len() == 3))?
+    });
+    let rank = (random() % 3) as usize;
+    let pid = target.workers.iter().find(|w| w.rank as usize == rank).expect("rank").pid;
+    let step_at_kill = steps_done(run_dir);
+    let killed = Instant::now();
+    let ok = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
+    assert!(ok.success());
+    *generation += 1;
+    let resumed_from = training_again(url, run_dir, *generation, step_at_kill);
+    let back = killed.elapsed().as_secs_f64();
+    eprintln!(
+        "worker kill: rank {rank} (pid {pid}) at step {step_at_kill}; training again after {back:.1} s from the checkpoint of step {resumed_from} ({} steps lost)",
+        step_at_kill - resumed_from
+    );
+    (back, step_at_kill - resumed_from)
+}
+
+/// Waits until generation `generation` trained past `step_at_kill`; returns the checkpoint it
+/// started from.
+fn training_again(url: &str, run_dir: &Path, generation: u64, step_at_kill: u64) -> u64 {
+    wait_for(TIMEOUT, "training again after a kill", || {
+        let s = status(url).filter(|s| s.generation == generation && s.step > step_at_kill)?;
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).ok()?).ok()?;
+        assert_eq!(run["generation"], generation);
+        Some(s.checkpoints.iter().map(|c| c.step).filter(|st| *st <= step_at_kill).max().unwrap_or(0))
+    })
+}
+
 #[test]
-fn a_run_survives_workers_killed_at_random_moments() {
+fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run_dir = tmp.path().join("run");
-    // 240 samples, batch 24: 10 steps per epoch, 6 epochs; 64x64 images make a step last long
+    // 240 samples, batch 24: 10 steps per epoch, 8 epochs; 64x64 images make a step last long
     // enough for a kill to land in the middle of the run. A checkpoint every 5 steps.
+    let flags = ["--max-restarts", "5", "--heartbeat-timeout", "20"];
     let args = watchable_run(
         3,
         &run_dir,
         240,
-        6,
-        &["--checkpoint-every", "5", "--checksum-every", "1", "--max-restarts", "5", "--heartbeat-timeout", "20"],
+        8,
+        &[&flags[..], &["--checkpoint-every", "5", "--checksum-every", "1"]].concat(),
     );
-    let total = 60u64;
-    let coordinator = Running::start(&args, &run_dir);
-    let url = coordinator.url();
+    let total = 80u64;
+    let mut coordinator = Running::start(&args, &run_dir);
 
-    // Three kills, each once the run has trained a few steps past the last restart; the rank
-    // and the moment come from a generator seeded by the clock (printed, to replay a failure).
+    // The ranks and the moments come from a generator seeded by the clock (printed, to replay
+    // a failure).
     let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
-    let mut next = move || {
+    eprintln!("chaos seed {seed}");
+    let mut random = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         seed >> 33
     };
     let mut figures = Vec::new();
     let mut generation = 1u64;
-    for kill in 0..3 {
-        let at = steps_done(&run_dir) + 3 + next() % 5;
-        let deadline = Instant::now() + TIMEOUT;
-        let target = loop {
-            assert!(Instant::now() < deadline, "the run stopped progressing before kill {kill}");
-            if steps_done(&run_dir) >= at {
-                if let Some(s) = status(&url).filter(|s| s.generation == generation && s.workers.len() == 3) {
-                    break s;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(at + 10 < total, "the kills come before the end");
-        let rank = (next() % 3) as usize;
-        let pid = target.workers.iter().find(|w| w.rank as usize == rank).expect("rank").pid;
-        let step_at_kill = steps_done(&run_dir);
-        let killed = Instant::now();
-        let ok = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
-        assert!(ok.success());
-        generation += 1;
-        // Training again: a step beyond what was done at the kill, in the next generation.
-        let resumed_from = loop {
-            assert!(killed.elapsed() < TIMEOUT, "no training after kill {kill}");
-            if let Some(s) = status(&url).filter(|s| s.generation == generation) {
-                if s.step > step_at_kill {
-                    let run: serde_json::Value =
-                        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
-                    assert_eq!(run["generation"], generation);
-                    break s.checkpoints.iter().map(|c| c.step).filter(|st| *st <= step_at_kill).max().unwrap_or(0);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let back = killed.elapsed().as_secs_f64();
-        eprintln!(
-            "kill {}: rank {rank} (pid {pid}) at step {step_at_kill}; training again after {back:.1} s from the checkpoint of step {resumed_from} ({} steps lost)",
-            kill + 1,
-            step_at_kill - resumed_from
-        );
-        figures.push((back, step_at_kill - resumed_from));
+    for _ in 0..2 {
+        figures.push(kill_a_worker(&coordinator.url(), &run_dir, &mut generation, &mut random));
     }
+
+    // The coordinator killed (its launched workers die with it), then started again on the run
+    // directory as a Deployment would: it reloads the run and launches the workers again.
+    let at = steps_done(&run_dir) + 2 + random() % 5;
+    wait_for(TIMEOUT, "progress before the coordinator's kill", || (steps_done(&run_dir) >= at).then_some(()));
+    let mut child = coordinator.child.take().expect("child");
+    child.kill().expect("SIGKILL the coordinator");
+    let _ = child.wait();
+    let killed = Instant::now();
+    let step_at_kill = steps_done(&run_dir);
+    std::fs::remove_file(run_dir.join("coordinator.addr")).expect("the old address file");
+    coordinator = Running::start(&with_flags(resume_args(&run_dir, total, &[]), &flags), &run_dir);
+    generation += 1;
+    let resumed_from = training_again(&coordinator.url(), &run_dir, generation, step_at_kill);
+    let back = killed.elapsed().as_secs_f64();
+    eprintln!(
+        "coordinator kill at step {step_at_kill}; training again after {back:.1} s (restart included) from the checkpoint of step {resumed_from} ({} steps lost)",
+        step_at_kill - resumed_from
+    );
+    let coordinator_figure = (back, step_at_kill - resumed_from);
+
+    figures.push(kill_a_worker(&coordinator.url(), &run_dir, &mut generation, &mut random));
+    assert!(steps_done(&run_dir) + 5 < total, "the kills came before the end");
 
     let f = coordinator.wait(TIMEOUT);
     f.assert_success();
-    assert!(f.stdout.contains("restart 3 of 5"), "{}", f.stdout);
+    assert!(f.stdout.contains("restart 1 of 5"), "{}", f.stdout);
     let steps: Vec<u64> = metrics(&run_dir).iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=total).collect::<Vec<_>>(), "every step once in metrics.jsonl");
     assert_eq!(checkpoint_steps(&run_dir).last(), Some(&total));
     assert_checkpoint_loads(&run_dir.join(format!("checkpoints/step_{total:08}")));
-    for epoch in 0..6 {
+    for epoch in 0..8 {
         assert!(
             run_dir.join(format!("samples/fake_epoch_{epoch:03}.png")).is_file(),
             "grid of epoch {epoch}: {}",
@@ -137,11 +143,13 @@ fn a_run_survives_workers_killed_at_random_moments() {
         );
     }
     let log = std::fs::read_to_string(run_dir.join("logs/worker-0.log")).expect("worker log");
-    assert!(log.contains("--- generation 4, rank 0 ---"), "each generation's workers log in turn");
+    assert!(log.contains("--- generation 5, rank 0 ---"), "each generation's workers log in turn");
     let worst = figures.iter().map(|f| f.0).fold(0.0, f64::max);
     eprintln!(
-        "3 kills survived; worst time to training again {worst:.1} s; steps lost {:?}",
-        figures.iter().map(|f| f.1).collect::<Vec<_>>()
+        "3 worker kills and 1 coordinator kill survived; worst time from a worker kill to training again {worst:.1} s; steps lost per worker kill {:?}; coordinator kill: {:.1} s, {} steps lost",
+        figures.iter().map(|f| f.1).collect::<Vec<_>>(),
+        coordinator_figure.0,
+        coordinator_figure.1
     );
 }
 
@@ -259,4 +267,77 @@ fn a_killed_coordinator_is_restarted_on_its_run_directory() {
     assert_eq!(steps, (1..=total).collect::<Vec<_>>(), "every step once after the restart");
     assert_checkpoint_loads(&run_dir.join(format!("checkpoints/step_{total:08}")));
     eprintln!("coordinator killed at step {killed_at}; restarted and completed {total} steps");
+}
+
+/// External workers (as on Kubernetes) outlive what happens to the run: one is killed for good,
+/// and with `--min-workers 2` the next generation goes on with the two left, the shards
+/// recomputed for them; then the coordinator is killed and started again on the same address,
+/// and the two find it by themselves (backoff), rejoin and finish the run.
+#[test]
+fn external_workers_go_on_with_fewer_and_rejoin_a_restarted_coordinator() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let fewer = ["--min-workers", "2", "--rejoin-wait", "2", "--listen", &listen];
+    let args = watchable_run(
+        3,
+        &run_dir,
+        240,
+        5,
+        &[&fewer[..], &["--external-workers", "--checkpoint-every", "5", "--heartbeat-timeout", "10"]].concat(),
+    );
+    let total = 50u64;
+    let mut coordinator = Running::start(&args, &run_dir);
+    let url = coordinator.url();
+    let logs: Vec<_> = (0..3).map(|r| tmp.path().join(format!("worker-{r}.log"))).collect();
+    let mut workers: Vec<_> = (0..3)
+        .map(|r| spawn_worker(&[], &url, &["--rank", &r.to_string(), "--rejoin-timeout", "120"], &logs[r]))
+        .collect();
+
+    wait_for(TIMEOUT, "three workers training", || {
+        (steps_done(&run_dir) >= 8).then(|| status(&url).filter(|s| s.world_size == 3))?
+    });
+    workers[2].kill().expect("SIGKILL rank 2");
+    let _ = workers[2].wait();
+    let killed = Instant::now();
+    let step_at_kill = steps_done(&run_dir);
+    let s = wait_for(TIMEOUT, "training again with two workers", || {
+        status(&url).filter(|s| s.world_size == 2 && s.step > step_at_kill)
+    });
+    eprintln!(
+        "rank 2 killed at step {step_at_kill}: training again with 2 workers in generation {} after {:.1} s",
+        s.generation,
+        killed.elapsed().as_secs_f64()
+    );
+
+    let mut child = coordinator.child.take().expect("child");
+    child.kill().expect("SIGKILL the coordinator");
+    let _ = child.wait();
+    let killed = Instant::now();
+    let step_at_kill = steps_done(&run_dir);
+    std::fs::remove_file(run_dir.join("coordinator.addr")).expect("the old address file");
+    coordinator = Running::start(&with_flags(resume_args(&run_dir, total, &[]), &fewer), &run_dir);
+    assert_eq!(coordinator.url(), url, "the restarted coordinator listens where the workers look");
+    let s = wait_for(TIMEOUT, "the workers back with the restarted coordinator", || {
+        status(&url).filter(|s| s.world_size == 2 && s.step > step_at_kill)
+    });
+    eprintln!(
+        "coordinator killed at step {step_at_kill}: the 2 workers rejoined and trained again in generation {} after {:.1} s",
+        s.generation,
+        killed.elapsed().as_secs_f64()
+    );
+
+    let f = coordinator.wait(TIMEOUT);
+    f.assert_success();
+    for r in 0..2 {
+        let st = wait_worker(&mut workers[r], Duration::from_secs(60), &logs[r]);
+        let log = std::fs::read_to_string(&logs[r]).unwrap();
+        assert!(st.success(), "rank {r} exited {st}:\n{log}");
+        assert!(log.contains("rejoining"), "rank {r} rejoined by itself:\n{log}");
+    }
+    let steps: Vec<u64> = metrics(&run_dir).iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=total).collect::<Vec<_>>(), "every step once in metrics.jsonl");
+    let last = metrics(&run_dir).pop().unwrap();
+    assert_eq!(last["global_batch"], 24, "the global batch stays with fewer workers: {last}");
+    assert_checkpoint_loads(&run_dir.join(format!("checkpoints/step_{total:08}")));
 }

@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kernels::CheckpointFiles;
@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::batches::{self, PREFETCH_STEPS, Plan};
 use crate::cli::Cli;
 use crate::client::{self, Client, Ending, Upload};
+use crate::rejoin::{self, Backoff};
 use crate::stop::{Stop, StopRequest};
 use crate::telemetry::MetricsListener;
 use crate::trainer::{Outcome, Trainer};
@@ -70,46 +71,105 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         threads: threads as u32,
         requested_rank: cli.rank.map_or(-1, |r| r as i32),
     };
-    let answer = raw.clone().join(join).await.context("join")?;
-    // The coordinator's run span, the parent of this worker's spans.
-    let parent = answer.metadata().clone().into_headers();
-    let joined = answer.into_inner();
-    let id = joined.id.clone().context("the coordinator's join answer has no id")?;
-    let config = joined.config.clone().context("the coordinator's join answer has no config")?;
-    let (rank, world) = (id.rank as usize, joined.world_size as usize);
-    check_config(&config, world)?;
-    tracing::info!(rank, world, run = %id.run_id, generation = id.generation, "joined");
-    let metrics_on = metrics_listener.is_some();
-    if let Some(l) = metrics_listener {
-        let addr = l.addr;
-        l.serve(&[("rank", rank.to_string())])?;
-        crate::metrics::describe();
-        tracing::info!(rank, "metrics listening on http://{addr}/metrics");
-    }
-    let client = Client::new(raw, id);
-    let stop = Arc::new(Stop::default());
 
-    // From here on, whatever goes wrong is told to the coordinator before exiting.
-    let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
-    crate::telemetry::adopt_context(&span, &parent);
-    let result = train(&cli, &client, &joined, threads, local, Arc::clone(&stop), stop_request).instrument(span).await;
-    let outcome = match result {
-        Ok(Outcome { final_step, checksum, stopped: None }) => {
-            client.finish(Ending::Completed { final_step, checksum }).await?;
-            tracing::info!(rank, final_step, checksum = format!("{checksum:#018x}"), "finished");
-            Ok(Ended::Completed)
-        }
-        Ok(Outcome { final_step, checksum, stopped: Some(reason) }) => {
-            tracing::info!(rank, final_step, reason, "stopped cleanly; the run can be resumed from step {final_step}");
-            client.finish(Ending::Stopped { final_step, checksum, reason }).await?;
-            Ok(Ended::Stopped)
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            if let Err(f) = client.finish(Ending::Failed(msg)).await {
-                tracing::debug!("could not tell the coordinator: {f:#}");
+    // One pass per generation this worker trains in. When a generation ends without this worker
+    // finishing (a peer died, the coordinator restarted, a partition), or a join finds the run
+    // formed without it, it asks again with backoff until the coordinator takes it or says the
+    // run is over (see `rejoin`).
+    let mut metrics_listener = metrics_listener;
+    let mut metrics_on = false;
+    let mut backoff = Backoff::default();
+    let mut waiting_since: Option<Instant> = None;
+    let rejoin_timeout = Duration::from_secs(cli.rejoin_timeout);
+    let outcome = loop {
+        let retry = |why: String, since: &mut Option<Instant>| -> Option<String> {
+            let started = *since.get_or_insert_with(Instant::now);
+            (started.elapsed() < rejoin_timeout).then_some(why)
+        };
+        let answer = match raw.clone().join(join.clone()).await {
+            Ok(a) => a,
+            Err(status) => {
+                let why = format!("join refused: {} ({:?})", status.message(), status.code());
+                if rejoin::worth_retrying(&status) && !rejoin_timeout.is_zero() {
+                    if let Some(why) = retry(why, &mut waiting_since) {
+                        let wait = backoff.next_wait();
+                        tracing::info!(
+                            "{why}; trying again in {wait:.1?} (--rejoin-timeout {}s)",
+                            rejoin_timeout.as_secs()
+                        );
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    bail!(
+                        "{} s without being taken into a generation (--rejoin-timeout): {}",
+                        rejoin_timeout.as_secs(),
+                        status.message()
+                    );
+                }
+                return Err(anyhow::Error::new(status).context("join"));
             }
-            Err(e)
+        };
+        backoff = Backoff::default();
+        // The coordinator's run span, the parent of this worker's spans.
+        let parent = answer.metadata().clone().into_headers();
+        let joined = answer.into_inner();
+        let id = joined.id.clone().context("the coordinator's join answer has no id")?;
+        let config = joined.config.clone().context("the coordinator's join answer has no config")?;
+        let (rank, world) = (id.rank as usize, joined.world_size as usize);
+        check_config(&config, world)?;
+        tracing::info!(rank, world, run = %id.run_id, generation = id.generation, "joined");
+        if let Some(l) = metrics_listener.take() {
+            // Labelled with the rank of the first generation; a later one may give another.
+            let addr = l.addr;
+            l.serve(&[("rank", rank.to_string())])?;
+            crate::metrics::describe();
+            tracing::info!(rank, "metrics listening on http://{addr}/metrics");
+            metrics_on = true;
+        }
+        let client = Client::new(raw.clone(), id);
+        let stop = Arc::new(Stop::default());
+
+        // From here on, whatever goes wrong is told to the coordinator before exiting.
+        let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
+        crate::telemetry::adopt_context(&span, &parent);
+        let result =
+            train(&cli, &client, &joined, threads, local.clone(), Arc::clone(&stop), Arc::clone(&stop_request))
+                .instrument(span)
+                .await;
+        match result {
+            Ok(Outcome { final_step, checksum, stopped: None }) => {
+                client.finish(Ending::Completed { final_step, checksum }).await?;
+                tracing::info!(rank, final_step, checksum = format!("{checksum:#018x}"), "finished");
+                break Ok(Ended::Completed);
+            }
+            Ok(Outcome { final_step, checksum, stopped: Some(reason) }) => {
+                tracing::info!(
+                    rank,
+                    final_step,
+                    reason,
+                    "stopped cleanly; the run can be resumed from step {final_step}"
+                );
+                client.finish(Ending::Stopped { final_step, checksum, reason }).await?;
+                break Ok(Ended::Stopped);
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if let Err(f) = client.finish(Ending::Failed(msg.clone())).await {
+                    tracing::debug!("could not tell the coordinator: {f:#}");
+                }
+                // A stop asked for here (SIGTERM) ends the worker; anything else may be a
+                // generation ending under it, which the next join tells.
+                if stop_request.reason().is_some() || rejoin_timeout.is_zero() {
+                    break Err(e);
+                }
+                let wait = backoff.next_wait();
+                tracing::warn!(
+                    generation = client.id.generation,
+                    "generation ended for this worker ({msg}); rejoining in {wait:.1?}"
+                );
+                waiting_since = Some(Instant::now());
+                tokio::time::sleep(wait).await;
+            }
         }
     };
     if metrics_on && cli.metrics_linger > 0 {
@@ -288,6 +348,17 @@ async fn heartbeats(client: Client, stop: Arc<Stop>, stop_request: Arc<StopReque
                 misses = 0;
             }
             Ok(_) => misses = 0,
+            // The coordinator moved on to another generation (this worker was partitioned away
+            // or too slow) or ended the run: no use waiting in the ring for peers who left.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::Aborted | tonic::Code::NotFound
+                ) =>
+            {
+                stop.set(format!("the coordinator ended this generation: {}", e.message()));
+                return;
+            }
             Err(e) => {
                 misses += 1;
                 tracing::warn!("heartbeat failed ({misses}/{HEARTBEAT_MISSES}): {}", e.message());

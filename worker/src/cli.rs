@@ -64,6 +64,13 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_RING_TIMEOUT", default_value_t = 120)]
     pub ring_timeout: u64,
 
+    /// Seconds to keep asking to join when a generation ended without this worker (a peer died,
+    /// the coordinator restarted, a network partition healed) or the run formed without it. The
+    /// coordinator's answer decides: it takes the worker into its next generation, or says the
+    /// run is over. 0: exit instead.
+    #[arg(long, env = "DCGAN_REJOIN_TIMEOUT", default_value_t = 300)]
+    pub rejoin_timeout: u64,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
     /// address is logged). Off when not given.
     #[arg(long, env = "DCGAN_METRICS_LISTEN")]

@@ -12,6 +12,7 @@ pub mod batches;
 pub mod cli;
 pub mod client;
 pub mod metrics;
+pub mod rejoin;
 pub mod signals;
 pub mod stop;
 pub mod telemetry;

@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Stop {
     set: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Broken on `set`: the compute thread may be blocked in the all-reduce waiting for a peer
+    /// that is partitioned away, and would otherwise only notice after the ring's I/O timeout.
+    ring: Mutex<Option<allreduce::RingAbort>>,
 }
 
 impl Stop {
@@ -25,6 +28,19 @@ impl Stop {
             *r = Some(reason.into());
         }
         self.set.store(true, Ordering::Release);
+        drop(r);
+        if let Some(ring) = self.ring.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            ring.abort();
+        }
+    }
+
+    /// Hands over the ring to break when stop is asked for (at once if it already was).
+    pub fn arm(&self, ring: allreduce::RingAbort) {
+        let mut slot = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if self.set.load(Ordering::Acquire) {
+            ring.abort();
+        }
+        *slot = Some(ring);
     }
 
     /// The reason, once stop was asked for.

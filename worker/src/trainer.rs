@@ -76,6 +76,9 @@ impl Trainer {
             let ring = allreduce::TcpRing::connect(self.rank, &self.peers, listener, self.session, self.ring_timeout)
                 .context("cannot build the all-reduce ring")?;
             tracing::info!(rank = self.rank, world = self.world, "all-reduce ring connected");
+            if let Some(abort) = ring.abort_handle().context("all-reduce ring")? {
+                self.stop.arm(abort);
+            }
             Box::new(ring)
         };
         let mut gan = self.build_gan()?;

@@ -278,3 +278,82 @@ pub fn write_mnist(path: &Path, n: usize) {
     }
     std::fs::write(path, bytes).expect("write idx file");
 }
+
+/// A port free now on `host`, for a coordinator that must listen on the same address again
+/// after a restart.
+pub fn free_port(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0)).and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Starts an external worker (`--external-workers` runs) with `extra` flags, its output in `log`;
+/// `prefix` runs it through another command first (e.g. `ip netns exec NS`).
+pub fn spawn_worker(prefix: &[&str], url: &str, extra: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("worker log");
+    let err = out.try_clone().expect("worker log");
+    let bin = worker_bin();
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    cmd.args(["--coordinator", url, "--threads", "1"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("start worker")
+}
+
+/// The highest step `metrics.jsonl` holds so far (0 before the first; a line being written is
+/// skipped).
+pub fn steps_done(run_dir: &Path) -> u64 {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|s| s.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max())
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// `GetStatus` from the coordinator at `url`, `None` while it does not answer.
+pub fn status(url: &str) -> Option<proto::v1::RunStatus> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    rt.block_on(async {
+        let mut c = proto::v1::coordinator_client::CoordinatorClient::connect(url.to_string()).await.ok()?;
+        c.get_status(proto::v1::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+    })
+}
+
+/// Polls `check` every 20 ms until it gives a value; panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waited {} s for {what}", timeout.as_secs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a worker process to exit by itself; its status, or a panic with its log.
+pub fn wait_worker(child: &mut Child, timeout: Duration, log: &Path) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "worker still running after {} s:\n{}",
+                timeout.as_secs(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
