@@ -28,12 +28,13 @@ CONFIGS = {
 }
 
 
-def torch_worker(model, batch, threads, steps, warmup):
-    """Runs the PyTorch example's networks and training step; prints one JSON line."""
+def build_dcgan(model, device="cpu"):
+    """The PyTorch DCGAN example's generator and discriminator for CONFIGS[model], on `device`,
+    with its Adam optimisers and loss: (net_g, net_d, opt_g, opt_d, criterion, cfg). Also used by
+    bench/gpu_compare.py, so both comparisons time the same model."""
     import torch
     import torch.nn as nn
 
-    torch.set_num_threads(threads)
     cfg = CONFIGS[model]
     size, nc, nz, ngf, ndf = cfg["image_size"], cfg["nc"], cfg["nz"], cfg["ngf"], cfg["ndf"]
     layers = size.bit_length() - 3  # stride-2 layers: log2(size) - 2
@@ -49,30 +50,48 @@ def torch_worker(model, batch, threads, steps, warmup):
         d += [nn.Conv2d(ndf * 2 ** i, ndf * 2 ** (i + 1), 4, 2, 1, bias=False),
               nn.BatchNorm2d(ndf * 2 ** (i + 1)), nn.LeakyReLU(0.2, inplace=True)]
     d += [nn.Conv2d(ndf * 2 ** (layers - 1), 1, 4, 1, 0, bias=False), nn.Sigmoid()]
-    net_g, net_d = nn.Sequential(*g), nn.Sequential(*d)
+    net_g, net_d = nn.Sequential(*g).to(device), nn.Sequential(*d).to(device)
     opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    criterion = nn.BCELoss()
+    return net_g, net_d, opt_g, opt_d, nn.BCELoss(), cfg
+
+
+def example_step(net_g, net_d, opt_g, opt_d, criterion, real, nz):
+    """One step of the example's loop: D on real (1) and on G(z).detach() (0), Adam; G through
+    D (1), Adam. Returns (errD, errG) as tensors (reading them would synchronise a GPU)."""
+    import torch
+
+    batch, device = real.shape[0], real.device
+    net_d.zero_grad()
+    label = torch.full((batch,), 1.0, device=device)
+    err_real = criterion(net_d(real).view(-1), label)
+    err_real.backward()
+    noise = torch.randn(batch, nz, 1, 1, device=device)
+    fake = net_g(noise)
+    label.fill_(0.0)
+    err_fake = criterion(net_d(fake.detach()).view(-1), label)
+    err_fake.backward()
+    opt_d.step()
+    net_g.zero_grad()
+    label.fill_(1.0)
+    err_g = criterion(net_d(fake).view(-1), label)
+    err_g.backward()
+    opt_g.step()
+    return err_real + err_fake, err_g
+
+
+def torch_worker(model, batch, threads, steps, warmup):
+    """Runs the PyTorch example's networks and training step; prints one JSON line."""
+    import torch
+
+    torch.set_num_threads(threads)
+    net_g, net_d, opt_g, opt_d, criterion, cfg = build_dcgan(model)
+    size, nc = cfg["image_size"], cfg["nc"]
     real = torch.rand(batch, nc, size, size) * 2 - 1
     times = []
     for step in range(warmup + steps):
         t = time.perf_counter()
-        # The example's loop: D on real (1) and on G(z).detach() (0), Adam; G through D (1), Adam.
-        net_d.zero_grad()
-        label = torch.full((batch,), 1.0)
-        err_real = criterion(net_d(real).view(-1), label)
-        err_real.backward()
-        noise = torch.randn(batch, nz, 1, 1)
-        fake = net_g(noise)
-        label.fill_(0.0)
-        err_fake = criterion(net_d(fake.detach()).view(-1), label)
-        err_fake.backward()
-        opt_d.step()
-        net_g.zero_grad()
-        label.fill_(1.0)
-        err_g = criterion(net_d(fake).view(-1), label)
-        err_g.backward()
-        opt_g.step()
+        example_step(net_g, net_d, opt_g, opt_d, criterion, real, cfg["nz"])
         if step >= warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)

@@ -1,5 +1,7 @@
 //! Shared pieces of the benchmarks: step FLOP counts and process memory.
 
+pub mod profile;
+
 use kernels::ModelConfig;
 use kernels::models::{discriminator_specs, generator_specs};
 use kernels::net::ConvKind;

@@ -74,6 +74,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
 
     RunConfig::check_cli(&cli, 3)?;
+    let gpus = !cli.external_workers && launch_on_gpus(&cli.device, cli.workers)?;
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {
         bail!("--min-workers {min_workers} is more than --workers {}", cli.workers);
@@ -329,6 +330,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 tls_domain: cli.tls_domain.clone(),
                 world: world as usize,
                 threads: config.worker_threads,
+                gpus,
                 local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
                 logs: dir.logs(),
                 // Workers serve theirs on the coordinator's metrics host, each on a free port.
@@ -526,6 +528,30 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
         Phase::Failed(reason) => bail!("run failed: {reason}"),
         other => bail!("run stopped in state {other:?}"),
+    }
+}
+
+/// Whether launched workers get one GPU each (`--device`): checked here, before anything starts,
+/// so that too few GPUs or a missing CUDA library is one clear error rather than N failing
+/// workers.
+fn launch_on_gpus(device: &str, workers: u32) -> anyhow::Result<bool> {
+    let count = kernels::cuda::gpu_count();
+    match (device, count) {
+        ("cpu", _) => Ok(false),
+        ("auto", Ok(n)) if n >= workers as usize => {
+            kernels::cuda::probe(0)?;
+            println!("training on {workers} of the {n} GPUs (--device cpu to use the CPU instead)");
+            Ok(true)
+        }
+        ("auto", _) => Ok(false),
+        (_, Ok(n)) if n >= workers as usize => {
+            kernels::cuda::probe(0)?;
+            Ok(true)
+        }
+        (_, Ok(n)) => bail!(
+            "--device cuda: {workers} workers need {workers} GPUs, this machine has {n}; lower --workers, or use --device cpu"
+        ),
+        (_, Err(e)) => Err(anyhow::Error::new(e).context("--device cuda")),
     }
 }
 

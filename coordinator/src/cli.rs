@@ -150,6 +150,12 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_MAX_RESTARTS", default_value_t = 3)]
     pub max_restarts: u32,
 
+    /// Where launched workers train: `auto` (one GPU each when a CUDA driver sees at least
+    /// `--workers` GPUs, else the CPU), `cpu`, or `cuda` (worker i on GPU i; an error when there
+    /// are fewer GPUs than workers). External workers choose with their own `--device`.
+    #[arg(long, env = "DCGAN_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+
     /// After a restart, go on with as few as this many workers when not all of `--workers` come
     /// back within `--rejoin-wait` (external workers whose node is gone): the shards are
     /// recomputed for the smaller world, the global batch stays. [default: --workers]

@@ -49,6 +49,8 @@ pub struct LaunchSpec {
     pub tls_domain: String,
     pub world: usize,
     pub threads: u32,
+    /// Launched workers train on GPU `rank` (`--device cuda:RANK`) rather than the CPU.
+    pub gpus: bool,
     /// `--data local:SPEC` for workers that read the dataset themselves.
     pub local_data: Option<String>,
     pub logs: PathBuf,
@@ -128,7 +130,9 @@ impl Launcher {
                 .arg("--rank")
                 .arg(rank.to_string())
                 .arg("--threads")
-                .arg(spec.threads.to_string());
+                .arg(spec.threads.to_string())
+                .arg("--device")
+                .arg(if spec.gpus { format!("cuda:{rank}") } else { "cpu".to_string() });
             if let Some(ca) = &spec.tls_ca {
                 cmd.arg("--tls-ca").arg(ca).arg("--tls-domain").arg(&spec.tls_domain);
             }

@@ -56,6 +56,9 @@ impl Phase {
     }
 }
 
+/// Bytes of an NCCL unique id (`ncclUniqueId`).
+const NCCL_ID_BYTES: usize = 128;
+
 /// A request the run refuses; the server turns each into the matching gRPC status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RunError {
@@ -110,6 +113,8 @@ pub enum Event {
 
 struct Inner {
     workers: Vec<Option<WorkerSlot>>,
+    /// Rank 0's NCCL unique id, handed to every rank of a GPU run at rendezvous.
+    nccl_id: Vec<u8>,
     aggregator: StepAggregator,
     metrics_log: MetricsLog,
     latest: Option<StepRecord>,
@@ -217,6 +222,7 @@ impl Run {
             config_json: config.to_json(),
             inner: Mutex::new(Inner {
                 workers: vec![None; world],
+                nccl_id: Vec::new(),
                 aggregator: StepAggregator::new(world, start_step + 1, config.total_steps),
                 metrics_log,
                 latest: None,
@@ -435,14 +441,24 @@ impl Run {
         })
     }
 
-    /// Records a rank's ring address; when every rank has one, the run starts.
-    pub fn set_ring_address(&self, rank: usize, address: &str) -> Result<(), RunError> {
+    /// Records a rank's ring address (and rank 0's NCCL id); when every rank has one, the run
+    /// starts.
+    pub fn set_ring_address(&self, rank: usize, address: &str, nccl_id: &[u8]) -> Result<(), RunError> {
         self.refuse_if_over()?;
         if address.is_empty() || address.len() > 256 {
             return Err(RunError::Invalid(format!("ring address {address:?} is not host:port")));
         }
+        match (rank, nccl_id.len()) {
+            (_, 0) => {}
+            (0, NCCL_ID_BYTES) => {}
+            (0, n) => return Err(RunError::Invalid(format!("an NCCL id has {NCCL_ID_BYTES} bytes, not {n}"))),
+            (r, _) => return Err(RunError::Invalid(format!("rank {r} sent an NCCL id: only rank 0 makes it"))),
+        }
         let all_ready = {
             let mut inner = self.lock();
+            if rank == 0 {
+                inner.nccl_id = nccl_id.to_vec();
+            }
             if let Some(slot) = inner.workers[rank].as_mut() {
                 slot.ring_address = Some(address.to_string());
                 slot.state = v1::WorkerState::Ready;
@@ -466,7 +482,7 @@ impl Run {
     }
 
     /// Waits until every rank has a ring address; returns them in rank order and the session.
-    pub async fn ring(&self) -> Result<(Vec<String>, u64), RunError> {
+    pub async fn ring(&self) -> Result<(Vec<String>, u64, Vec<u8>), RunError> {
         let mut rx = self.phase.subscribe();
         loop {
             match &*rx.borrow_and_update() {
@@ -483,7 +499,7 @@ impl Run {
                         .iter()
                         .map(|w| w.as_ref().and_then(|w| w.ring_address.clone()).unwrap_or_default())
                         .collect();
-                    return Ok((addrs, self.session));
+                    return Ok((addrs, self.session, inner.nccl_id.clone()));
                 }
             }
             if rx.changed().await.is_err() {

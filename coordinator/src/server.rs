@@ -90,9 +90,9 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let rank = self.run.check(req.id.as_ref())?;
         record_who(rank, None);
-        self.run.set_ring_address(rank, &req.ring_address)?;
-        let (ring_addresses, session) = self.run.ring().await?;
-        Ok(Response::new(v1::RendezvousResponse { ring_addresses, session }))
+        self.run.set_ring_address(rank, &req.ring_address, &req.nccl_id)?;
+        let (ring_addresses, session, nccl_id) = self.run.ring().await?;
+        Ok(Response::new(v1::RendezvousResponse { ring_addresses, session, nccl_id }))
     }
 
     type GetShardStream = RpcStream<v1::ShardChunk>;

@@ -111,3 +111,30 @@ fn a_missing_worker_binary_is_named_before_anything_is_written() {
     assert_fails_with(&f, &["worker binary not found at /nonexistent/worker", "--worker-bin"]);
     assert!(!run_dir.exists(), "nothing was written");
 }
+
+#[test]
+fn a_gpu_run_without_the_gpus_says_what_is_missing_and_the_way_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    match kernels::cuda::gpu_count() {
+        // No driver here (CI): the missing library is named, with `--device cpu`.
+        Err(_) => {
+            let f = run(&run_dir, &["--device", "cuda"]);
+            assert_fails_with(&f, &["--device cuda", "libcuda", "--device cpu"]);
+        }
+        // A GPU machine: more workers than GPUs.
+        Ok(n) => {
+            let workers = (n + 1).to_string();
+            let f = run(&run_dir, &["--device", "cuda", "--workers", &workers, "--batch-size", "64"]);
+            assert_fails_with(&f, &[&format!("need {workers} GPUs"), "--device cpu"]);
+        }
+    }
+    assert!(!run_dir.join("logs").exists(), "no worker was launched");
+}
+
+#[test]
+fn more_min_workers_than_workers_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = run(&tmp.path().join("run"), &["--min-workers", "3"]);
+    assert_fails_with(&f, &["--min-workers 3 is more than --workers 2"]);
+}

@@ -78,7 +78,7 @@ async fn shards_are_disjoint_and_complete_and_mismatches_fail_the_run() {
         let mut c = c.clone();
         waits.push(tokio::spawn(async move {
             let addr = format!("127.0.0.1:{}", 40000 + id.rank);
-            c.rendezvous(v1::RendezvousRequest { id: Some(id), ring_address: addr }).await
+            c.rendezvous(v1::RendezvousRequest { id: Some(id), ring_address: addr, nccl_id: Vec::new() }).await
         }));
     }
     let mut sessions = BTreeSet::new();

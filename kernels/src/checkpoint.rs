@@ -265,6 +265,24 @@ pub(crate) fn load(files: &CheckpointFiles) -> Result<(Gan, TrainingState), Kern
     if doc.format != FORMAT {
         return Err(fail(STATE_FILE, format!("format {:?} is not {FORMAT:?}", doc.format)));
     }
+    doc.model.validate()?;
+    // The networks are allocated from the state document's sizes: check first that the files
+    // can hold that many parameters, so a forged or corrupt document cannot make the loader
+    // allocate gigabytes (fuzz/regressions/checkpoint/ keeps such a document).
+    for (file, specs) in [
+        (GENERATOR_FILE, crate::models::generator_specs(&doc.model)),
+        (DISCRIMINATOR_FILE, crate::models::discriminator_specs(&doc.model)),
+    ] {
+        let params: usize =
+            specs.iter().map(|s| s.shape.weight_len() + if s.batch_norm { 2 * s.shape.out_channels } else { 0 }).sum();
+        let bytes = get(file)?.len();
+        if params.saturating_mul(4) > bytes {
+            return Err(fail(
+                STATE_FILE,
+                format!("declares networks of {params} parameters, but {file} holds only {bytes} bytes"),
+            ));
+        }
+    }
     let mut gan = Gan::uninitialised(doc.model, doc.optim)?;
     load_network(&mut gan.g, get(GENERATOR_FILE)?, GENERATOR_FILE)?;
     load_network(&mut gan.d, get(DISCRIMINATOR_FILE)?, DISCRIMINATOR_FILE)?;

@@ -107,6 +107,10 @@ impl Gan {
         self.sync_batch_norm = on;
     }
 
+    pub fn sync_batch_norm(&self) -> bool {
+        self.sync_batch_norm
+    }
+
     /// Generator parameters, flat, in block order (weight, then BN gamma and beta).
     pub fn generator_params(&self) -> &[f32] {
         &self.g.params

@@ -1,10 +1,12 @@
-//! DCGAN compute on the CPU: tensors, layers with forward and backward, the generator and the
+//! DCGAN compute: tensors, layers with forward and backward, the generator and the
 //! discriminator, the loss, Adam, the DCGAN initialisation and checkpoints in the PyTorch
-//! example's `state_dict` layout.
+//! example's `state_dict` layout; on the CPU, and on NVIDIA GPUs ([`cuda`]).
 
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod gan;
 pub mod models;
@@ -16,6 +18,7 @@ pub mod tensor;
 pub use checkpoint::{CheckpointFiles, TrainingState};
 pub use collective::{Collective, CollectiveError, SingleProcess};
 pub use config::{ModelConfig, OptimConfig};
+pub use device::{Device, ParseDeviceError};
 pub use error::KernelError;
 pub use gan::{Gan, StepStats};
 pub use tensor::Tensor;

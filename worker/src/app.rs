@@ -49,6 +49,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         Some(addr) => Some(MetricsListener::bind(addr).await?),
         None => None,
     };
+    // A GPU that is missing, or a CUDA library that is, is refused before joining.
+    let device = cli.device.check().with_context(|| format!("--device {}", cli.device))?;
+    tracing::info!(%device, "compute device");
     let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
     let tls = client::Tls {
         ca_pem: match &cli.tls_ca {
@@ -67,7 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
     let join = v1::JoinRequest {
         hostname,
         pid: std::process::id(),
-        device: cli.device.clone(),
+        device: device.to_string(),
         threads: threads as u32,
         requested_rank: cli.rank.map_or(-1, |r| r as i32),
     };
@@ -133,7 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
         crate::telemetry::adopt_context(&span, &parent);
         let result =
-            train(&cli, &client, &joined, threads, local.clone(), Arc::clone(&stop), Arc::clone(&stop_request))
+            train(&cli, device, &client, &joined, threads, local.clone(), Arc::clone(&stop), Arc::clone(&stop_request))
                 .instrument(span)
                 .await;
         match result {
@@ -189,8 +192,10 @@ fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn train(
     cli: &Cli,
+    device: kernels::Device,
     client: &Client,
     joined: &v1::JoinResponse,
     threads: usize,
@@ -217,7 +222,12 @@ async fn train(
     let advertise = cli.advertise_host.clone().unwrap_or_else(|| cli.listen_host.clone());
     let ring_address =
         if advertise.contains(':') { format!("[{advertise}]:{port}") } else { format!("{advertise}:{port}") };
-    let ring = client.rendezvous(ring_address).await?;
+    // Rank 0 of a GPU run makes the NCCL id the others build their communicators from.
+    let nccl_id = match device {
+        kernels::Device::Cuda(_) if rank == 0 && world > 1 => kernels::cuda::nccl_unique_id()?.to_vec(),
+        _ => Vec::new(),
+    };
+    let ring = client.rendezvous(ring_address, nccl_id).await?;
     let peers = resolve(&ring.ring_addresses).await?;
     if peers.len() != world {
         bail!("the coordinator sent {} ring addresses for a world of {world}", peers.len());
@@ -288,6 +298,8 @@ async fn train(
         peers,
         listener,
         session: ring.session,
+        device,
+        nccl_id: ring.nccl_id,
         ring_timeout: Duration::from_secs(cli.ring_timeout),
         threads,
         batches: batch_rx,

@@ -52,9 +52,10 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_WORKER_DATA")]
     pub data: Option<String>,
 
-    /// Compute device. Only `cpu` exists so far.
-    #[arg(long, env = "DCGAN_DEVICE", default_value = "cpu", value_parser = ["cpu"])]
-    pub device: String,
+    /// Compute device: `auto` (the first GPU if a CUDA driver sees one, else the CPU), `cpu`,
+    /// `cuda` (GPU 0) or `cuda:N`. On GPUs the ranks average gradients over NCCL.
+    #[arg(long, env = "DCGAN_DEVICE", default_value = "auto")]
+    pub device: kernels::Device,
 
     /// Seconds to keep trying to reach the coordinator at start.
     #[arg(long, env = "DCGAN_CONNECT_TIMEOUT", default_value_t = 60)]

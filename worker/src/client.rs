@@ -91,8 +91,10 @@ impl Client {
         self.inner.clone()
     }
 
-    pub async fn rendezvous(&self, ring_address: String) -> anyhow::Result<v1::RendezvousResponse> {
-        let req = v1::RendezvousRequest { id: Some(self.id.clone()), ring_address };
+    /// Hands over this rank's ring address (and, from rank 0 of a GPU run, the NCCL id); answers
+    /// when every rank has.
+    pub async fn rendezvous(&self, ring_address: String, nccl_id: Vec<u8>) -> anyhow::Result<v1::RendezvousResponse> {
+        let req = v1::RendezvousRequest { id: Some(self.id.clone()), ring_address, nccl_id };
         Ok(self.raw().rendezvous(req).await.context("rendezvous")?.into_inner())
     }
 

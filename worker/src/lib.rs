@@ -11,6 +11,7 @@ pub mod app;
 pub mod batches;
 pub mod cli;
 pub mod client;
+pub mod engine;
 pub mod metrics;
 pub mod rejoin;
 pub mod signals;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::batches::Batch;
 use crate::client::Upload;
+use crate::engine::Engine;
 use crate::stop::{Stop, StopRequest};
 
 /// Everything the compute thread needs; built by the async side.
@@ -29,6 +30,10 @@ pub struct Trainer {
     pub peers: Vec<SocketAddr>,
     pub listener: TcpListener,
     pub session: u64,
+    /// Where to train (`cpu` or `cuda:N`, resolved).
+    pub device: kernels::Device,
+    /// Rank 0's NCCL unique id, for a GPU run of several ranks.
+    pub nccl_id: Vec<u8>,
     pub ring_timeout: Duration,
     pub threads: usize,
     pub batches: mpsc::Receiver<Batch>,
@@ -69,7 +74,24 @@ impl Trainer {
             .thread_name(|i| format!("compute-{i}"))
             .build()
             .context("cannot build the compute thread pool")?;
-        let mut collective: Box<dyn Collective + Send> = if self.world == 1 {
+        let mut gan = self.build_gan()?;
+        gan.set_sync_batch_norm(self.config.sync_bn);
+        let c = self.config.clone();
+        let mut engine = match self.device {
+            kernels::Device::Cuda(ordinal) => {
+                // The largest share of a step: the last step of an epoch also takes the remainder.
+                let global = c.batch_size as usize;
+                let max_batch = global + (c.dataset_len as usize % global);
+                Engine::on_gpu(&gan, ordinal, max_batch, self.rank, self.world, &self.nccl_id)?
+            }
+            _ => Engine::Cpu { gan: Box::new(gan), collective: self.cpu_collective()? },
+        };
+        self.train(&pool, &mut engine, c)
+    }
+
+    /// The TCP ring with the other ranks (nothing to talk to in a world of one).
+    fn cpu_collective(&self) -> anyhow::Result<Box<dyn Collective + Send>> {
+        Ok(if self.world == 1 {
             Box::new(SingleProcess)
         } else {
             let listener = self.listener.try_clone().context("ring listener")?;
@@ -80,11 +102,10 @@ impl Trainer {
                 self.stop.arm(abort);
             }
             Box::new(ring)
-        };
-        let mut gan = self.build_gan()?;
-        gan.set_sync_batch_norm(self.config.sync_bn);
+        })
+    }
 
-        let c = self.config.clone();
+    fn train(&mut self, pool: &rayon::ThreadPool, engine: &mut Engine, c: v1::RunConfig) -> anyhow::Result<Outcome> {
         let (spe, total, global) = (c.steps_per_epoch, c.total_steps, c.batch_size as u64);
         let s = c.image_size as usize;
         let mut step = self.start_step;
@@ -128,9 +149,8 @@ impl Trainer {
                 loss_g = tracing::field::Empty,
             )
             .entered();
-            let stats = pool
-                .install(|| gan.train_step(&real, &z, grad_weight, collective.as_mut()))
-                .with_context(|| format!("training step {step}"))?;
+            let stats =
+                engine.train_step(pool, &real, &z, grad_weight).with_context(|| format!("training step {step}"))?;
             compute_span.record("all_reduce_seconds", stats.all_reduce_seconds);
             compute_span.record("loss_d", stats.loss_d);
             compute_span.record("loss_g", stats.loss_g);
@@ -140,7 +160,8 @@ impl Trainer {
             self.progress.store(step, Ordering::Relaxed);
 
             let checksum = (step == total || (c.checksum_every > 0 && step % c.checksum_every == 0))
-                .then(|| consistency_checksum(&gan, c.sync_bn));
+                .then(|| engine.consistency_checksum(c.sync_bn))
+                .transpose()?;
             let report = v1::ReportStepRequest {
                 id: None,
                 step,
@@ -180,7 +201,7 @@ impl Trainer {
             let is_final = step == total;
             let scheduled = end_of_epoch || is_final || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
             if self.rank == 0 && scheduled {
-                self.checkpoint(&gan, step, end_of_epoch, is_final)?;
+                self.checkpoint(engine, step, end_of_epoch, is_final)?;
             }
             // A clean stop must happen after the same step on every rank, or the others would
             // wait in the next all-reduce for a peer that left: the ranks vote on it with a tiny
@@ -189,30 +210,28 @@ impl Trainer {
                 let asked = self.stop_request.reason();
                 let mut votes = vec![0.0f32; self.world];
                 votes[self.rank] = if asked.is_some() { 1.0 } else { 0.0 };
-                collective
-                    .all_reduce_sum(&mut votes)
-                    .map_err(|e| anyhow::anyhow!("stop vote after step {step}: {e}"))?;
+                engine.all_reduce_votes(&mut votes).with_context(|| format!("stop vote after step {step}"))?;
                 let askers: Vec<String> =
                     votes.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(r, _)| r.to_string()).collect();
                 if !askers.is_empty() {
                     if self.rank == 0 && !scheduled {
-                        self.checkpoint(&gan, step, end_of_epoch, is_final)?;
+                        self.checkpoint(engine, step, end_of_epoch, is_final)?;
                     }
                     let reason = match asked {
                         Some(r) => format!("rank {}: {r}", self.rank),
                         None => format!("rank {} asked to stop", askers.join(", rank ")),
                     };
                     tracing::info!(step, reason, "stopped cleanly");
-                    let checksum = consistency_checksum(&gan, c.sync_bn);
+                    let checksum = engine.consistency_checksum(c.sync_bn)?;
                     return Ok(Outcome { final_step: step, checksum, stopped: Some(reason) });
                 }
             }
         }
-        Ok(Outcome { final_step: step, checksum: consistency_checksum(&gan, c.sync_bn), stopped: None })
+        Ok(Outcome { final_step: step, checksum: engine.consistency_checksum(c.sync_bn)?, stopped: None })
     }
 
     /// Rank 0: serialises the model after `step` and hands it to the uploader.
-    fn checkpoint(&self, gan: &Gan, step: u64, end_of_epoch: bool, is_final: bool) -> anyhow::Result<()> {
+    fn checkpoint(&self, engine: &Engine, step: u64, end_of_epoch: bool, is_final: bool) -> anyhow::Result<()> {
         let c = &self.config;
         let spe = c.steps_per_epoch;
         let epoch = (step - 1) / spe;
@@ -224,7 +243,7 @@ impl Trainer {
             config: self.config_json.clone(),
         };
         let files = tracing::info_span!("checkpoint_save")
-            .in_scope(|| gan.save(&state))
+            .in_scope(|| engine.save(&state))
             .with_context(|| format!("checkpoint of step {step}"))?;
         let upload = Upload { step, epoch, end_of_epoch, is_final, files: files.files };
         if self.uploads.blocking_send(upload).is_err() {
@@ -254,14 +273,4 @@ impl Trainer {
             }
         }
     }
-}
-
-/// The fingerprint the ranks compare to prove they hold the same model.
-///
-/// With sync-BN every rank computes the same BatchNorm statistics, so everything must agree,
-/// running statistics included ([`Gan::state_checksum`]). Without it each rank's running
-/// statistics follow its own batches — by design, as with DDP, where rank 0's are the ones
-/// saved — so only the parameters and Adam states (which the all-reduce keeps identical) are compared.
-pub fn consistency_checksum(gan: &Gan, sync_bn: bool) -> u64 {
-    if sync_bn { gan.state_checksum() } else { gan.parameter_checksum() }
 }

@@ -37,6 +37,10 @@ struct Args {
     /// Also time a large square f32 GEMM on the same threads: the machine's practical peak.
     #[arg(long)]
     gemm_peak: bool,
+    /// Print a per-layer profile of the timed steps to stderr (forward, backward-data and
+    /// backward-weight of every layer, BatchNorm, activations, all-reduce, Adam).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn gemm_peak_gflops() -> f64 {
@@ -76,7 +80,14 @@ fn main() -> Result<()> {
     let real =
         Tensor::new(vec![args.batch, cfg.nc, s, s], (0..real_len).map(|i| ((i % 255) as f32 / 127.5) - 1.0).collect())?;
     let mut times = Vec::new();
+    let profile = dcgan_bench::profile::Profile::default();
+    let mut profiling = None;
     for step in 0..args.warmup + args.steps {
+        if step == args.warmup && args.profile {
+            use tracing_subscriber::layer::SubscriberExt;
+            let subscriber = tracing_subscriber::registry().with(profile.clone());
+            profiling = Some(tracing::subscriber::set_default(subscriber));
+        }
         let z = kernels::rng::noise(1, 0, step as u64, args.batch, cfg.nz);
         let t = Instant::now();
         gan.train_step(&real, &z, 1.0, &mut SingleProcess)?;
@@ -84,7 +95,19 @@ fn main() -> Result<()> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    drop(profiling);
     let step_s = dcgan_bench::median(&mut times);
+    if args.profile {
+        let totals = profile.totals.lock().unwrap_or_else(|p| p.into_inner());
+        eprintln!(
+            "{:?} batch {} threads {}: per-layer profile over {} steps\n{}",
+            args.model,
+            args.batch,
+            args.threads,
+            args.steps,
+            dcgan_bench::profile::table(&totals, args.steps, step_s)
+        );
+    }
     let flops = dcgan_bench::step_flops_per_image(&cfg) * args.batch as f64;
     let mut out = serde_json::json!({
         "program": "dcgan-at-scale",

@@ -23,10 +23,7 @@ impl Adam {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.exp_avg.len());
         self.step += 1;
-        let t = self.step as i32;
-        let bias1 = 1.0 - (cfg.beta1 as f64).powi(t);
-        let bias2_sqrt = (1.0 - (cfg.beta2 as f64).powi(t)).sqrt() as f32;
-        let step_size = (cfg.lr as f64 / bias1) as f32;
+        let (step_size, bias2_sqrt) = bias_correction(cfg, self.step);
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
@@ -44,4 +41,13 @@ impl Adam {
                 }
             });
     }
+}
+
+/// `(lr / (1 - beta1^t), sqrt(1 - beta2^t))` for step `t` (from 1), computed in f64 and rounded
+/// once, as PyTorch does; shared with the CUDA kernel so both backends use the same numbers.
+pub fn bias_correction(cfg: &OptimConfig, t: u64) -> (f32, f32) {
+    let t = t.min(i32::MAX as u64) as i32;
+    let bias1 = 1.0 - (cfg.beta1 as f64).powi(t);
+    let bias2_sqrt = (1.0 - (cfg.beta2 as f64).powi(t)).sqrt() as f32;
+    ((cfg.lr as f64 / bias1) as f32, bias2_sqrt)
 }

@@ -1,0 +1,127 @@
+//! Which device a worker computes on, as users write it (`auto`, `cpu`, `cuda`, `cuda:N`), and
+//! what `auto` means on this machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::KernelError;
+
+/// A compute device as asked for on a command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The first GPU when a CUDA driver and a GPU are present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The GPU with this index among the visible ones (`CUDA_VISIBLE_DEVICES` applies).
+    Cuda(usize),
+}
+
+/// Why a device string was refused; the message lists what is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid device {input:?}: {reason}; expected auto, cpu, cuda or cuda:N (e.g. cuda:1)")]
+pub struct ParseDeviceError {
+    pub input: String,
+    pub reason: String,
+}
+
+impl FromStr for Device {
+    type Err = ParseDeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fail = |reason: &str| ParseDeviceError { input: s.to_string(), reason: reason.to_string() };
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => {
+                let Some(index) = t.strip_prefix("cuda:") else {
+                    return Err(fail("unknown device"));
+                };
+                if index.is_empty() {
+                    return Err(fail("the GPU index after \"cuda:\" is missing"));
+                }
+                index
+                    .parse::<usize>()
+                    .map(Device::Cuda)
+                    .map_err(|_| fail("the GPU index after \"cuda:\" must be a non-negative integer"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl Device {
+    /// `auto` made concrete: `cuda:0` when a CUDA driver and at least one GPU are present,
+    /// otherwise `cpu`. `cpu` and `cuda:N` are returned as they are; whether `cuda:N` can
+    /// actually be used is for [`crate::cuda::probe`] (or [`Device::check`]) to say.
+    pub fn resolve(self) -> Device {
+        match self {
+            Device::Auto => match crate::cuda::gpu_count() {
+                Ok(n) if n > 0 => Device::Cuda(0),
+                _ => Device::Cpu,
+            },
+            other => other,
+        }
+    }
+
+    /// [`Device::resolve`], then, for a GPU, checks that it exists and that the libraries the
+    /// CUDA backend needs load, so that a worker refuses a bad `--device` before it joins a run.
+    /// The error names what is missing and the way out; nothing here panics.
+    pub fn check(self) -> Result<Device, KernelError> {
+        let device = self.resolve();
+        if let Device::Cuda(i) = device {
+            crate::cuda::probe(i)?;
+        }
+        Ok(device)
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_accepted_spellings() {
+        assert_eq!("auto".parse(), Ok(Device::Auto));
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("CPU".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:0".parse(), Ok(Device::Cuda(0)));
+        assert_eq!(" cuda:7 ".parse(), Ok(Device::Cuda(7)));
+        for d in [Device::Auto, Device::Cpu, Device::Cuda(3)] {
+            assert_eq!(d.to_string().parse(), Ok(d), "{d} round-trips");
+        }
+    }
+
+    #[test]
+    fn refuses_the_rest_with_a_message_that_says_what_is_accepted() {
+        for (input, reason) in [
+            ("tpu", "unknown device"),
+            ("", "unknown device"),
+            ("cuda:", "is missing"),
+            ("cuda:x", "non-negative integer"),
+            ("cuda:-1", "non-negative integer"),
+            ("cuda0", "unknown device"),
+        ] {
+            let e = input.parse::<Device>().unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(reason), "{input:?}: {msg}");
+            assert!(msg.contains("expected auto, cpu, cuda or cuda:N"), "{input:?}: {msg}");
+        }
+    }
+}
