@@ -74,6 +74,20 @@ fn training_again(url: &str, run_dir: &Path, generation: u64, step_at_kill: u64)
     })
 }
 
+/// SIGKILLs the coordinator and starts it again on its run directory with `--resume` (as a
+/// Deployment would), up to `total` steps with `flags`. Returns the moment of the kill and the
+/// step done by then.
+fn kill_and_resume(coordinator: &mut Running, run_dir: &Path, total: u64, flags: &[&str]) -> (Instant, u64) {
+    let mut child = coordinator.child.take().expect("child");
+    child.kill().expect("SIGKILL the coordinator");
+    let _ = child.wait();
+    let killed = Instant::now();
+    let step_at_kill = steps_done(run_dir);
+    std::fs::remove_file(run_dir.join("coordinator.addr")).expect("the old address file");
+    *coordinator = Running::start(&with_flags(resume_args(run_dir, total, &[]), flags), run_dir);
+    (killed, step_at_kill)
+}
+
 #[test]
 fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -109,13 +123,7 @@ fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     // directory as a Deployment would: it reloads the run and launches the workers again.
     let at = steps_done(&run_dir) + 2 + random() % 5;
     wait_for(TIMEOUT, "progress before the coordinator's kill", || (steps_done(&run_dir) >= at).then_some(()));
-    let mut child = coordinator.child.take().expect("child");
-    child.kill().expect("SIGKILL the coordinator");
-    let _ = child.wait();
-    let killed = Instant::now();
-    let step_at_kill = steps_done(&run_dir);
-    std::fs::remove_file(run_dir.join("coordinator.addr")).expect("the old address file");
-    coordinator = Running::start(&with_flags(resume_args(&run_dir, total, &[]), &flags), &run_dir);
+    let (killed, step_at_kill) = kill_and_resume(&mut coordinator, &run_dir, total, &flags);
     generation += 1;
     let resumed_from = training_again(&coordinator.url(), &run_dir, generation, step_at_kill);
     let back = killed.elapsed().as_secs_f64();
@@ -310,13 +318,7 @@ fn external_workers_go_on_with_fewer_and_rejoin_a_restarted_coordinator() {
         killed.elapsed().as_secs_f64()
     );
 
-    let mut child = coordinator.child.take().expect("child");
-    child.kill().expect("SIGKILL the coordinator");
-    let _ = child.wait();
-    let killed = Instant::now();
-    let step_at_kill = steps_done(&run_dir);
-    std::fs::remove_file(run_dir.join("coordinator.addr")).expect("the old address file");
-    coordinator = Running::start(&with_flags(resume_args(&run_dir, total, &[]), &fewer), &run_dir);
+    let (killed, step_at_kill) = kill_and_resume(&mut coordinator, &run_dir, total, &fewer);
     assert_eq!(coordinator.url(), url, "the restarted coordinator listens where the workers look");
     let s = wait_for(TIMEOUT, "the workers back with the restarted coordinator", || {
         status(&url).filter(|s| s.world_size == 2 && s.step > step_at_kill)

@@ -3,6 +3,7 @@
 //! of a network's gradients in one call and Adam can update them in one pass.
 
 use std::ops::Range;
+use tracing::trace_span;
 
 use crate::collective::{Collective, CollectiveError};
 use crate::ops::activation::Activation;
@@ -167,10 +168,11 @@ impl Net {
             let (before, rest) = self.blocks.split_at_mut(i);
             let block = &mut rest[0];
             let x: &[f32] = if i == 0 { input } else { &before[i - 1].out };
+            let _block = block_span(i, block).entered();
             let out_len = block.shape.out_channels * batch * block.out_side * block.out_side;
             block.out.resize(out_len, 0.0);
             let w = &self.params[block.weight.clone()];
-            match block.kind {
+            trace_span!("conv_forward").in_scope(|| match block.kind {
                 ConvKind::Conv => {
                     conv::conv2d_forward(&block.shape, batch, block.in_side, x, w, &mut block.cols, &mut block.out)
                 }
@@ -183,13 +185,14 @@ impl Net {
                     &mut self.scratch,
                     &mut block.out,
                 ),
-            }
+            });
             if let Some(bn) = &mut block.bn {
                 let gamma = &self.params[bn.gamma.clone()];
                 let beta = &self.params[bn.beta.clone()];
-                bn.layer.forward(&mut block.out, gamma, beta, mode, sync.as_deref_mut())?;
+                trace_span!("batch_norm_forward")
+                    .in_scope(|| bn.layer.forward(&mut block.out, gamma, beta, mode, sync.as_deref_mut()))?;
             }
-            block.activation.forward_in_place(&mut block.out);
+            trace_span!("activation_forward").in_scope(|| block.activation.forward_in_place(&mut block.out));
             hook(i, &mut block.out);
         }
         Ok(&self.blocks[self.blocks.len() - 1].out)
@@ -235,7 +238,9 @@ impl Net {
             let (before, rest) = self.blocks.split_at_mut(i);
             let block = &mut rest[0];
             assert_eq!(self.grad_a.len(), block.out.len(), "gradient size at block {i}");
-            block.activation.backward_in_place(&block.out, &mut self.grad_a);
+            let _block = block_span(i, block).entered();
+            trace_span!("activation_backward")
+                .in_scope(|| block.activation.backward_in_place(&block.out, &mut self.grad_a));
             if guided && matches!(block.activation, Activation::Relu | Activation::LeakyRelu) {
                 self.grad_a.iter_mut().for_each(|g| *g = g.max(0.0));
             }
@@ -249,7 +254,9 @@ impl Net {
                     (None, None)
                 };
                 let grads = gamma_slice.zip(gbeta_grads);
-                bn.layer.backward(&mut self.grad_a, &self.params[gamma_range], grads, sync.as_deref_mut())?;
+                trace_span!("batch_norm_backward").in_scope(|| {
+                    bn.layer.backward(&mut self.grad_a, &self.params[gamma_range], grads, sync.as_deref_mut())
+                })?;
             }
             let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1].out };
             let need_dx = i > 0 || input_grad;
@@ -296,4 +303,24 @@ impl Net {
     pub fn batch_norms(&self) -> impl Iterator<Item = &BatchNorm> {
         self.blocks.iter().filter_map(|b| b.bn.as_ref().map(|bn| &bn.layer))
     }
+}
+
+/// The span around one block's work: its index and what it is, for per-layer profiles
+/// (`step_bench --profile`). TRACE level: free unless a subscriber asks for it.
+fn block_span(index: usize, block: &Block) -> tracing::Span {
+    let kind = match block.kind {
+        ConvKind::Conv => "conv",
+        ConvKind::Transposed => "convT",
+    };
+    tracing::trace_span!(
+        "block",
+        block = index,
+        layer = %format_args!(
+            "{kind} {}->{} {}->{}",
+            block.shape.in_channels,
+            block.shape.out_channels,
+            block.in_side,
+            block.out_side
+        )
+    )
 }

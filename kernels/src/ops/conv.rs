@@ -5,6 +5,7 @@
 
 use super::im2col::{Geometry, col2im, im2col};
 use super::matmul::{Layout, matmul};
+use tracing::trace_span;
 
 /// Shape of one convolution layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,9 +66,11 @@ pub fn conv2d_backward(
 ) {
     let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
     if let Some(gw) = gw {
+        let _span = trace_span!("conv_backward_weight").entered();
         matmul(s.out_channels, g.rows(), g.cols(), dy, Layout::Normal, cols, Layout::Transposed, gw, true);
     }
     if let Some(dx) = dx {
+        let _span = trace_span!("conv_backward_data").entered();
         scratch.resize(g.rows() * g.cols(), 0.0);
         matmul(g.rows(), g.cols(), s.out_channels, w, Layout::Transposed, dy, Layout::Normal, scratch, false);
         col2im(&g, scratch, dx);
@@ -106,11 +109,13 @@ pub fn conv_transpose2d_backward(
 ) {
     let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
     scratch.resize(g.rows() * g.cols(), 0.0);
-    im2col(&g, dy, scratch);
+    trace_span!("conv_backward_im2col").in_scope(|| im2col(&g, dy, scratch));
     if let Some(gw) = gw {
+        let _span = trace_span!("conv_backward_weight").entered();
         matmul(s.in_channels, g.rows(), g.cols(), x, Layout::Normal, scratch, Layout::Transposed, gw, true);
     }
     if let Some(dx) = dx {
+        let _span = trace_span!("conv_backward_data").entered();
         matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, scratch, Layout::Normal, dx, false);
     }
 }

@@ -54,6 +54,11 @@ impl Geometry {
         Self { channels, batch, big_h, big_w, small_h, small_w, kernel, stride, padding }
     }
 
+    /// The kernel covers the whole unpadded image once (D's last layer: 4x4 to 1x1).
+    fn covers_whole_image(&self) -> bool {
+        self.padding == 0 && self.kernel == self.big_h && self.kernel == self.big_w
+    }
+
     pub fn rows(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
@@ -84,6 +89,19 @@ impl Geometry {
 pub fn im2col(g: &Geometry, big: &[f32], cols: &mut [f32]) {
     assert_eq!(big.len(), g.big_len());
     assert!(cols.len() >= g.rows() * g.cols());
+    if g.covers_whole_image() {
+        // Each image's channel plane becomes one column: per channel, an (N x plane) to
+        // (plane x N) transpose instead of N x plane one-element copies.
+        let (n, plane) = (g.batch, g.big_h * g.big_w);
+        cols[..g.rows() * n].par_chunks_mut(plane * n).zip(big.par_chunks(plane * n)).for_each(|(dst, src)| {
+            for (i, image) in src.chunks_exact(plane).enumerate() {
+                for (p, &v) in image.iter().enumerate() {
+                    dst[p * n + i] = v;
+                }
+            }
+        });
+        return;
+    }
     let k = g.kernel;
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
@@ -155,6 +173,18 @@ fn split_even_odd(row: &[f32], even: &mut Vec<f32>, odd: &mut Vec<f32>) {
 pub fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
     assert_eq!(big.len(), g.big_len());
     assert!(cols.len() >= g.rows() * g.cols());
+    if g.covers_whole_image() {
+        // No two columns overlap: the transpose back of `im2col`'s.
+        let (n, plane) = (g.batch, g.big_h * g.big_w);
+        big.par_chunks_mut(plane * n).zip(cols[..g.rows() * n].par_chunks(plane * n)).for_each(|(dst, src)| {
+            for (i, image) in dst.chunks_exact_mut(plane).enumerate() {
+                for (p, v) in image.iter_mut().enumerate() {
+                    *v = src[p * n + i];
+                }
+            }
+        });
+        return;
+    }
     let k = g.kernel;
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
