@@ -5,6 +5,7 @@
 
 use super::im2col::{Geometry, col2im, im2col};
 use super::matmul::{Layout, matmul};
+use rayon::prelude::*;
 use tracing::trace_span;
 
 /// Shape of one convolution layer.
@@ -67,7 +68,8 @@ pub fn conv2d_backward(
     let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
-        matmul(s.out_channels, g.rows(), g.cols(), dy, Layout::Normal, cols, Layout::Transposed, gw, true);
+        scratch.resize(s.out_channels * g.rows(), 0.0);
+        add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch);
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
@@ -108,14 +110,45 @@ pub fn conv_transpose2d_backward(
     scratch: &mut Vec<f32>,
 ) {
     let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
-    scratch.resize(g.rows() * g.cols(), 0.0);
-    trace_span!("conv_backward_im2col").in_scope(|| im2col(&g, dy, scratch));
+    // The unrolled gradient, then room for the weight gradient's transposed product.
+    let unrolled_len = g.rows() * g.cols();
+    scratch.resize(unrolled_len + s.in_channels * g.rows(), 0.0);
+    let (dcols, tmp) = scratch.split_at_mut(unrolled_len);
+    trace_span!("conv_backward_im2col").in_scope(|| im2col(&g, dy, dcols));
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
-        matmul(s.in_channels, g.rows(), g.cols(), x, Layout::Normal, scratch, Layout::Transposed, gw, true);
+        add_weight_gradient(s.in_channels, g.rows(), g.cols(), x, dcols, gw, tmp);
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
-        matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, scratch, Layout::Normal, dx, false);
+        matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, dcols, Layout::Normal, dx, false);
     }
+}
+
+/// `gw (m x n) += a (m x k) x b^T`, with `b` stored n x k: a weight gradient, whose k (every
+/// output pixel of the batch) is long and whose m x n is small. The `gemm` crate runs such a
+/// product 1.3-2x faster with the larger side as its rows (measured on DCGAN's layers, e.g.
+/// 113 against 228 GFLOP/s for 128 x 1024 x 16384 on one core), so when `n > m` the transposed
+/// product goes to `tmp` (at least n x m) and its transpose is added.
+fn add_weight_gradient(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], gw: &mut [f32], tmp: &mut [f32]) {
+    if n <= m {
+        matmul(m, n, k, a, Layout::Normal, b, Layout::Transposed, gw, true);
+        return;
+    }
+    let tmp = &mut tmp[..n * m];
+    matmul(n, m, k, b, Layout::Normal, a, Layout::Transposed, tmp, false);
+    // gw[i][j] += tmp[j][i], in tiles that stay in L1 on both sides, rows of gw in parallel.
+    const TILE: usize = 32;
+    let tmp = &*tmp;
+    gw[..m * n].par_chunks_mut(TILE * n).enumerate().for_each(|(bi, rows)| {
+        let i0 = bi * TILE;
+        for j0 in (0..n).step_by(TILE) {
+            for (di, row) in rows.chunks_exact_mut(n).enumerate() {
+                let i = i0 + di;
+                for j in j0..(j0 + TILE).min(n) {
+                    row[j] += tmp[j * m + i];
+                }
+            }
+        }
+    });
 }
