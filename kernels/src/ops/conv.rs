@@ -4,7 +4,7 @@
 //! so checkpoints need no reshuffling. Activations are channel-major (C, N, H, W).
 
 use super::im2col::{Geometry, col2im, im2col};
-use super::matmul::{Layout, matmul};
+use super::matmul::{Layout, matmul, matmul_nt_split_k};
 use rayon::prelude::*;
 use tracing::trace_span;
 
@@ -132,7 +132,7 @@ pub fn conv_transpose2d_backward(
 /// product goes to `tmp` (at least n x m) and its transpose is added.
 fn add_weight_gradient(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], gw: &mut [f32], tmp: &mut [f32]) {
     if n <= m {
-        matmul(m, n, k, a, Layout::Normal, b, Layout::Transposed, gw, true);
+        matmul_nt_split_k(m, n, k, a, b, gw);
         return;
     }
     let tmp = &mut tmp[..n * m];
