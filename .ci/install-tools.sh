@@ -5,16 +5,20 @@
 #   - Python's grpcio + grpcio-reflection, a second independent client.
 # The test skips (saying why) only when neither is present, so CI must run this first.
 # TensorBoard, whose own reader checks the coordinator's event files. The live page's browser
-# test: Debian's chromium and npm's playwright-core (into .ci/node, ignored by git).
+# test: Debian's chromium and npm's playwright-core (into .ci/node, ignored by git). The
+# partition test's network namespaces: iproute2's `ip`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     sudo=""
     if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 chromium --version 2>/dev/null
 if [ ! -d .ci/node/node_modules/playwright-core ]; then
