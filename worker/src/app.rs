@@ -85,32 +85,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
     let mut waiting_since: Option<Instant> = None;
     let rejoin_timeout = Duration::from_secs(cli.rejoin_timeout);
     let outcome = loop {
-        let retry = |why: String, since: &mut Option<Instant>| -> Option<String> {
-            let started = *since.get_or_insert_with(Instant::now);
-            (started.elapsed() < rejoin_timeout).then_some(why)
-        };
         let answer = match raw.clone().join(join.clone()).await {
             Ok(a) => a,
-            Err(status) => {
-                let why = format!("join refused: {} ({:?})", status.message(), status.code());
-                if rejoin::worth_retrying(&status) && !rejoin_timeout.is_zero() {
-                    if let Some(why) = retry(why, &mut waiting_since) {
-                        let wait = backoff.next_wait();
-                        tracing::info!(
-                            "{why}; trying again in {wait:.1?} (--rejoin-timeout {}s)",
-                            rejoin_timeout.as_secs()
-                        );
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
+            Err(status) if rejoin::worth_retrying(&status) && !rejoin_timeout.is_zero() => {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if let Some(reason) = stop_request.reason() {
+                    tracing::info!("{reason}: no longer waiting to join");
+                    break Ok(Ended::Stopped);
+                }
+                if since.elapsed() >= rejoin_timeout {
                     bail!(
                         "{} s without being taken into a generation (--rejoin-timeout): {}",
                         rejoin_timeout.as_secs(),
                         status.message()
                     );
                 }
-                return Err(anyhow::Error::new(status).context("join"));
+                let wait = backoff.next_wait();
+                tracing::info!("join refused ({:?}: {}); trying again in {wait:.1?}", status.code(), status.message());
+                tokio::time::sleep(wait).await;
+                continue;
             }
+            Err(status) => return Err(anyhow::Error::new(status).context("join")),
         };
         backoff = Backoff::default();
         // The coordinator's run span, the parent of this worker's spans.
