@@ -186,7 +186,15 @@ impl Coordinator for CoordinatorService {
         })
         .await
         .map_err(|e| Status::internal(format!("checkpoint writer panicked: {e}")))?
-        .map_err(store_status)?;
+        .map_err(|e| {
+            // The run directory cannot take the checkpoint (full disk, permissions): no new
+            // generation would get past that, so the run ends with this cause before the
+            // uploading rank fails and its peers report only a broken ring.
+            if let StoreError::Io(io) = &e {
+                self.run.fail(format!("cannot store the checkpoint of step {step}: {io}"));
+            }
+            store_status(e)
+        })?;
         let infos = all
             .iter()
             .map(|c| v1::CheckpointInfo {

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 /// The worker binary next to the coordinator's, built (a no-op when up to date) so that
 /// `cargo test -p coordinator` alone works. `DCGAN_WORKER_BIN` overrides it.
+///
+/// The build asks for every target of the workspace, as `cargo test --workspace` does: the
+/// same feature unification, so after that command it compiles nothing (`-p worker` alone
+/// resolves features differently and rebuilt half the dependencies, minutes in CI).
 pub fn worker_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -23,11 +27,11 @@ pub fn worker_bin() -> PathBuf {
             Some(other) => other,
         };
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--profile", profile, "-p", "worker", "--bin", "worker"])
+            .args(["build", "--profile", profile, "--workspace", "--all-targets"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo to build the worker binary");
-        assert!(status.success(), "cargo build -p worker failed");
+        assert!(status.success(), "cargo build --workspace failed");
         assert!(worker.is_file(), "no worker binary at {}", worker.display());
         worker
     })

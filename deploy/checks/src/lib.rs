@@ -53,7 +53,8 @@ pub fn render(overlay: &Path) -> Vec<Value> {
 }
 
 /// Builds `coordinator` and `worker` with the profile of this test executable and returns the
-/// directory that holds them.
+/// directory that holds them. Every target of the workspace is asked for, as `cargo test
+/// --workspace` builds them, so that the features resolve the same and nothing is recompiled.
 pub fn binaries_dir() -> PathBuf {
     // target/<profile dir>/deps/<test executable>
     let exe = std::env::current_exe().expect("test executable path");
@@ -63,12 +64,11 @@ pub fn binaries_dir() -> PathBuf {
         _ => "test",
     };
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--profile", profile, "-p", "coordinator", "-p", "worker", "--bin", "coordinator"])
-        .args(["--bin", "worker"])
+        .args(["build", "--profile", profile, "--workspace", "--all-targets"])
         .current_dir(repo_root())
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "cargo build -p coordinator -p worker failed");
+    assert!(status.success(), "cargo build --workspace failed");
     for bin in ["coordinator", "worker"] {
         let p = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
         assert!(p.is_file(), "no {bin} binary at {}", p.display());
