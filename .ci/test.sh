@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-tools.sh
 bash .ci/deploy-checks.sh
+# Every target first, the way the tests that start the real binaries build them, so that
+# their own `cargo build` finds nothing to do.
+cargo build --profile test --workspace --all-targets
 cargo test --workspace --no-fail-fast

@@ -1,12 +1,13 @@
 // Drives the coordinator's live page in headless Chromium (playwright-core, Debian's chromium)
 // against a real run: no console errors, the fixed-noise grid is there and changes after an
 // epoch, and every chart has one point per step once the run is complete.
-// Usage: node live_page.cjs URL SCREENSHOT.png   (CHROMIUM: the browser, default /usr/bin/chromium)
+// Usage: node live_page.cjs URL SCREENSHOT.png GRIDS   (GRIDS: thumbnails the finished run shows;
+// CHROMIUM: the browser, default /usr/bin/chromium)
 "use strict";
 const { chromium } = require("playwright-core");
 
 async function main() {
-  const [url, screenshot] = process.argv.slice(2);
+  const [url, screenshot, grids] = process.argv.slice(2);
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
@@ -45,6 +46,10 @@ async function main() {
 
     // The end: every series has one point per step.
     await page.waitForFunction(() => document.body.dataset.state === "COMPLETED", null, { timeout: 300000 });
+    // The last epoch's grid is drawn from the final checkpoint after the workers finish, so it
+    // may reach the page a refresh after COMPLETED does.
+    await page.waitForFunction(n => document.querySelectorAll("#grids img").length >= n, Number(grids), { timeout: 30000 })
+      .catch(() => {});
     result.end = await page.evaluate(() => ({
       steps: Number(document.body.dataset.steps),
       shown_step: Number(document.querySelector("#step").textContent),

@@ -38,6 +38,7 @@ fn the_live_page_follows_a_real_run_in_chromium() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/live_page.cjs"))
         .arg(format!("http://{addr}/"))
         .arg(&shot)
+        .arg("6") // real + 5 epochs
         .env("NODE_PATH", &modules)
         .env("CHROMIUM", &chromium)
         .output()
