@@ -63,7 +63,11 @@ pub fn binaries_dir() -> PathBuf {
         Some("release") => "release",
         _ => "test",
     };
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    for var in cargo_test_vars() {
+        cargo.env_remove(var);
+    }
+    let status = cargo
         .args(["build", "--profile", profile, "--workspace", "--all-targets"])
         .current_dir(repo_root())
         .status()
@@ -74,6 +78,21 @@ pub fn binaries_dir() -> PathBuf {
         assert!(p.is_file(), "no {bin} binary at {}", p.display());
     }
     dir
+}
+
+/// The variables cargo sets for a running test (its package's manifest dir, name, version),
+/// which a nested `cargo build` must not inherit: build scripts such as ring's rerun when
+/// `CARGO_MANIFEST_DIR` changes, so each test crate's value rebuilt half the dependencies.
+fn cargo_test_vars() -> Vec<std::ffi::OsString> {
+    std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("CARGO_PKG_")
+                || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"]
+                    .contains(&k.as_ref())
+        })
+        .collect()
 }
 
 /// The long flags and `DCGAN_*` variables a binary's `--help` lists.
