@@ -243,6 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path(), 3);
+        let c = store.store(1, &files(1)).unwrap();
+        let path = c.dir.join("a.safetensors");
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let e = store.read(1).unwrap_err().to_string();
+        assert!(e.contains("a.safetensors has sha256"), "{e}");
+    }
+
+    #[test]
     fn detects_corruption_and_cleans_partial_writes() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::new(dir.path(), 3);
