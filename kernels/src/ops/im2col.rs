@@ -6,6 +6,8 @@
 
 use rayon::prelude::*;
 
+mod polyphase;
+
 /// The index arithmetic shared by a convolution and its transpose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -102,6 +104,10 @@ pub fn im2col(g: &Geometry, big: &[f32], cols: &mut [f32]) {
         });
         return;
     }
+    if polyphase::applies(g) {
+        polyphase::im2col(g, big, cols);
+        return;
+    }
     let k = g.kernel;
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
@@ -185,6 +191,10 @@ pub fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
         });
         return;
     }
+    if polyphase::applies(g) {
+        polyphase::col2im(g, cols, big);
+        return;
+    }
     let k = g.kernel;
     let (sh, sw) = (g.small_h, g.small_w);
     let plane = g.big_h * g.big_w;
@@ -263,8 +273,11 @@ mod tests {
     /// <im2col(x), y> == <x, col2im(y)>: col2im is im2col's adjoint, which is what backward needs.
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
-        for &(h, k, s, p) in &[(8, 4, 2, 1), (4, 4, 1, 0), (5, 3, 2, 1), (7, 3, 1, 1), (9, 3, 3, 1), (7, 4, 2, 2)] {
-            let g = Geometry::for_conv(2, 3, h, h, k, s, p);
+        // Two channels take the general path, eight the polyphase one at stride 2.
+        let layers =
+            [(8, 4, 2, 1), (4, 4, 1, 0), (5, 3, 2, 1), (7, 3, 1, 1), (9, 3, 3, 1), (7, 4, 2, 2), (16, 4, 2, 1)];
+        for (&(h, k, s, p), channels) in layers.iter().flat_map(|l| [(l, 2), (l, 8)]) {
+            let g = Geometry::for_conv(channels, 3, h, h, k, s, p);
             let x: Vec<f32> = (0..g.big_len()).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
             let y: Vec<f32> = (0..g.rows() * g.cols()).map(|i| ((i * 104729) % 11) as f32 - 5.0).collect();
             let mut cols = vec![0.0; y.len()];
@@ -277,11 +290,14 @@ mod tests {
         }
     }
 
-    /// The fast paths (stride 1, stride 2 split into even/odd columns) against the definition.
+    /// The fast paths (stride 1, stride 2 split into even/odd columns, stride 2 through polyphase
+    /// planes from eight channels on) against the definition.
     #[test]
     fn im2col_matches_the_definition() {
-        for &(h, w, k, s, p) in &[(8, 8, 4, 2, 1), (7, 5, 4, 2, 1), (4, 4, 4, 1, 0), (6, 7, 3, 1, 1), (9, 9, 3, 3, 1)] {
-            let mut g = Geometry::for_conv(3, 2, h, w, k, s, p);
+        let layers =
+            [(8, 8, 4, 2, 1), (7, 5, 4, 2, 1), (4, 4, 4, 1, 0), (6, 7, 3, 1, 1), (9, 9, 3, 3, 1), (6, 9, 3, 2, 0)];
+        for (&(h, w, k, s, p), channels) in layers.iter().flat_map(|l| [(l, 3), (l, 8)]) {
+            let mut g = Geometry::for_conv(channels, 2, h, w, k, s, p);
             g.small_w = (w + 2 * p - k) / s + 1;
             let x: Vec<f32> = (0..g.big_len()).map(|i| i as f32).collect();
             let mut cols = vec![-1.0; g.rows() * g.cols()];
