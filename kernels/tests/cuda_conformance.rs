@@ -14,7 +14,7 @@ use kernels::cuda::{self, CudaGan, CudaSlice, DeviceCollective, Gpu, NcclCollect
 use kernels::ops::activation::Activation;
 use kernels::ops::adam::Adam;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
-use kernels::ops::conv::{self, ConvShape};
+use kernels::ops::conv::{self, ConvShape, Unrolled};
 use kernels::ops::im2col::{self, Geometry};
 use kernels::ops::loss;
 use kernels::ops::matmul::{self, Layout};
@@ -138,7 +138,17 @@ fn convolution_forward_and_backward_match_the_cpu() {
         let (mut cols, mut y) = (Vec::new(), vec![0.0; dy.len()]);
         conv::conv2d_forward(&s, batch, side, &x, &w, &mut cols, &mut y);
         let (mut gw, mut dx, mut scratch) = (gw0.clone(), vec![0.0; x.len()], Vec::new());
-        conv::conv2d_backward(&s, batch, side, &dy, &w, &cols, Some(&mut gw), Some(&mut dx), &mut scratch);
+        conv::conv2d_backward(
+            &s,
+            batch,
+            side,
+            &dy,
+            &w,
+            Unrolled::Kept(&cols),
+            Some(&mut gw),
+            Some(&mut dx),
+            &mut scratch,
+        );
 
         let (dx_, dw_, ddy) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
         let mut dcols = gpu.zeros(g.rows() * g.cols()).unwrap();

@@ -3,7 +3,7 @@
 
 use kernels::ops::activation::Activation;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
-use kernels::ops::conv::{self, ConvShape};
+use kernels::ops::conv::{self, ConvShape, Unrolled};
 use kernels::ops::loss::bce_with_logits;
 
 /// A small deterministic pseudo-random sequence, enough for test inputs.
@@ -56,7 +56,7 @@ fn conv2d_gradients() {
     let mut y = vec![0.0; r.len()];
     conv::conv2d_forward(&s, n, side, &x, &w, &mut cols, &mut y);
     let (mut gw, mut gx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    conv::conv2d_backward(&s, n, side, &r, &w, &cols, Some(&mut gw), Some(&mut gx), &mut Vec::new());
+    conv::conv2d_backward(&s, n, side, &r, &w, Unrolled::Kept(&cols), Some(&mut gw), Some(&mut gx), &mut Vec::new());
     check("conv2d dx", &x, &gx, &mut |xp| forward(xp, &w));
     check("conv2d dw", &w, &gw, &mut |wp| forward(&x, wp));
 }

@@ -51,8 +51,17 @@ pub fn conv2d_forward(
     matmul(s.out_channels, g.cols(), g.rows(), w, Layout::Normal, cols, Layout::Normal, y, false);
 }
 
+/// Where a convolution's backward finds the unrolled input its weight gradient reads.
+#[derive(Clone, Copy, Debug)]
+pub enum Unrolled<'a> {
+    /// `cols` as the forward left it.
+    Kept(&'a [f32]),
+    /// The layer's input (C, N, H, W), unrolled again into `scratch`.
+    Recompute(&'a [f32]),
+}
+
 /// Conv2d backward. `gw += dy x cols^T` when `gw` is given; `dx = col2im(W^T x dy)` when `dx`
-/// is given (`scratch` holds the unrolled input gradient).
+/// is given. `scratch` holds the recomputed unrolled input, then the unrolled input gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     s: &ConvShape,
@@ -60,7 +69,7 @@ pub fn conv2d_backward(
     side: usize,
     dy: &[f32],
     w: &[f32],
-    cols: &[f32],
+    unrolled: Unrolled<'_>,
     gw: Option<&mut [f32]>,
     dx: Option<&mut [f32]>,
     scratch: &mut Vec<f32>,
@@ -68,8 +77,20 @@ pub fn conv2d_backward(
     let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
-        scratch.resize(s.out_channels * g.rows(), 0.0);
-        add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch);
+        let tmp_len = s.out_channels * g.rows();
+        match unrolled {
+            Unrolled::Kept(cols) => {
+                scratch.resize(tmp_len, 0.0);
+                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch);
+            }
+            Unrolled::Recompute(x) => {
+                let cols_len = g.rows() * g.cols();
+                scratch.resize(cols_len + tmp_len, 0.0);
+                let (cols, tmp) = scratch.split_at_mut(cols_len);
+                im2col(&g, x, cols);
+                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, tmp);
+            }
+        }
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
