@@ -150,14 +150,16 @@ pub fn conv_transpose2d_backward(
 /// output pixel of the batch) is long and whose m x n is small. The `gemm` crate runs such a
 /// product 1.3-2x faster with the larger side as its rows (measured on DCGAN's layers, e.g.
 /// 113 against 228 GFLOP/s for 128 x 1024 x 16384 on one core), so when `n > m` the transposed
-/// product goes to `tmp` (at least n x m) and its transpose is added.
+/// product goes to `tmp` (at least n x m) and its transpose is added. Both products split `k`
+/// between the threads ([`matmul_nt_split_k`]).
 fn add_weight_gradient(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], gw: &mut [f32], tmp: &mut [f32]) {
     if n <= m {
         matmul_nt_split_k(m, n, k, a, b, gw);
         return;
     }
     let tmp = &mut tmp[..n * m];
-    matmul(n, m, k, b, Layout::Normal, a, Layout::Transposed, tmp, false);
+    tmp.fill(0.0);
+    matmul_nt_split_k(n, m, k, b, a, tmp);
     // gw[i][j] += tmp[j][i], in tiles that stay in L1 on both sides, rows of gw in parallel.
     const TILE: usize = 32;
     let tmp = &*tmp;
