@@ -172,7 +172,9 @@ impl Gan {
         // shows where its time went on every rank.
         use tracing::info_span as phase;
 
-        // D on real, label 1.
+        // D on real, label 1. G and D take turns with one scratch buffer (at DCGAN-64 batch
+        // 256 each needs 256 MB of it).
+        self.d.take_scratch_from(&mut self.g);
         self.d.zero_grads();
         let logits = phase!("d_forward", batch = "real")
             .in_scope(|| self.d.forward(&self.real_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
@@ -184,9 +186,12 @@ impl Gan {
             .map_err(err)?;
 
         // D on G(z).detach(), label 0.
-        let fake = phase!("g_forward")
+        self.g.take_scratch_from(&mut self.d);
+        phase!("g_forward")
             .in_scope(|| self.g.forward(&self.z_cnhw, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
             .map_err(err)?;
+        self.d.take_scratch_from(&mut self.g);
+        let fake = self.g.blocks.last().map(|b| b.output()).unwrap_or_default();
         let logits = phase!("d_forward", batch = "fake")
             .in_scope(|| self.d.forward(fake, n, train, sync.then_some(&mut coll as &mut dyn Collective)))
             .map_err(err)?;
@@ -210,6 +215,7 @@ impl Gan {
             .unwrap_or_default();
         self.fake_grad.clear();
         self.fake_grad.extend_from_slice(d_fake);
+        self.g.take_scratch_from(&mut self.d);
         phase!("g_backward")
             .in_scope(|| {
                 self.g.backward(&self.fake_grad, true, false, sync.then_some(&mut coll as &mut dyn Collective))

@@ -131,6 +131,16 @@ impl Net {
         }
     }
 
+    /// Takes over `other`'s scratch buffer (the unrolled matrices, the largest buffers of a
+    /// step), keeping the larger of the two and freeing the other: networks that never compute
+    /// at the same time (G and D in a step) then share one instead of holding one each.
+    pub fn take_scratch_from(&mut self, other: &mut Net) {
+        let theirs = std::mem::take(&mut other.scratch);
+        if theirs.capacity() > self.scratch.capacity() {
+            self.scratch = theirs;
+        }
+    }
+
     /// The largest unrolled input a strided convolution keeps from forward to backward;
     /// larger ones are unrolled again for the weight gradient (less memory, one more im2col).
     pub fn set_keep_unrolled_max_bytes(&mut self, bytes: usize) {
