@@ -39,7 +39,8 @@ impl Phases {
         4 * self.rows * self.cols
     }
 
-    /// Offset of row `r` of the phase that kernel tap `(ky, kx)` reads, at the tap's first column.
+    /// Offset of the first value kernel tap `(ky, kx)` reads: row `ky / 2`, column `kx / 2` of
+    /// its phase.
     fn window_start(&self, ky: usize, kx: usize) -> usize {
         let phase = 2 * (ky % 2) + kx % 2;
         (phase * self.rows + ky / 2) * self.cols + kx / 2
