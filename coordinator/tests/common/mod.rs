@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 /// The worker binary next to the coordinator's, built (a no-op when up to date) so that
 /// `cargo test -p coordinator` alone works. `DCGAN_WORKER_BIN` overrides it.
 ///
-/// The build asks for every target of the workspace, as `cargo test --workspace` does: the
-/// same feature unification, so after that command it compiles nothing (`-p worker` alone
-/// resolves features differently and rebuilt half the dependencies, minutes in CI).
+/// The build asks for every target of the workspace, as `cargo test --workspace` does
+/// (`deploy_checks::build_workspace`): `-p worker` alone resolves features differently and
+/// rebuilt half the dependencies, minutes in CI.
 pub fn worker_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -26,35 +26,11 @@ pub fn worker_bin() -> PathBuf {
             Some("debug") | None => "test",
             Some(other) => other,
         };
-        let mut cargo = Command::new(env!("CARGO"));
-        for var in cargo_test_vars() {
-            cargo.env_remove(var);
-        }
-        let status = cargo
-            .args(["build", "--profile", profile, "--workspace", "--all-targets"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo to build the worker binary");
-        assert!(status.success(), "cargo build --workspace failed");
+        deploy_checks::build_workspace(profile);
         assert!(worker.is_file(), "no worker binary at {}", worker.display());
         worker
     })
     .clone()
-}
-
-/// The variables cargo sets for a running test (its package's manifest dir, name, version),
-/// which a nested `cargo build` must not inherit: build scripts such as ring's rerun when
-/// `CARGO_MANIFEST_DIR` changes, so each test crate's value rebuilt half the dependencies.
-fn cargo_test_vars() -> Vec<std::ffi::OsString> {
-    std::env::vars_os()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            let k = k.to_string_lossy();
-            k.starts_with("CARGO_PKG_")
-                || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"]
-                    .contains(&k.as_ref())
-        })
-        .collect()
 }
 
 pub fn coordinator_bin() -> PathBuf {

@@ -63,6 +63,19 @@ pub fn binaries_dir() -> PathBuf {
         Some("release") => "release",
         _ => "test",
     };
+    build_workspace(profile);
+    for bin in ["coordinator", "worker"] {
+        let p = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+        assert!(p.is_file(), "no {bin} binary at {}", p.display());
+    }
+    dir
+}
+
+/// Builds every target of the workspace with cargo `profile` ("test" or "release"), as `cargo
+/// test --workspace` builds them, so that the features resolve the same and, after that
+/// command, nothing is recompiled. Shared with the coordinator's tests, which start the
+/// binaries too.
+pub fn build_workspace(profile: &str) {
     let mut cargo = Command::new(env!("CARGO"));
     for var in cargo_test_vars() {
         cargo.env_remove(var);
@@ -73,11 +86,6 @@ pub fn binaries_dir() -> PathBuf {
         .status()
         .expect("run cargo build");
     assert!(status.success(), "cargo build --workspace failed");
-    for bin in ["coordinator", "worker"] {
-        let p = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
-        assert!(p.is_file(), "no {bin} binary at {}", p.display());
-    }
-    dir
 }
 
 /// The variables cargo sets for a running test (its package's manifest dir, name, version),
