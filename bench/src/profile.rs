@@ -77,6 +77,30 @@ pub struct Profile {
     pub totals: Arc<Mutex<BTreeMap<Key, Total>>>,
 }
 
+impl Profile {
+    /// A dispatcher feeding this profile. Make it when the steps to profile begin: creating a
+    /// dispatcher is what makes `tracing` ask again about spans met before (a warm-up's, cached
+    /// as unwatched when nothing listened). Install it with [`run_profiled`].
+    pub fn dispatch(&self) -> tracing::Dispatch {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::Dispatch::new(tracing_subscriber::registry().with(self.clone()))
+    }
+}
+
+/// Runs `step` on `pool`, as the worker runs its steps, seen by `dispatch` when given. A
+/// dispatcher set as a thread's default sees only that thread's spans, so it is installed on the
+/// pool thread that runs the step, not on the caller's.
+pub fn run_profiled<R: Send>(
+    pool: &rayon::ThreadPool,
+    dispatch: Option<&tracing::Dispatch>,
+    step: impl FnOnce() -> R + Send,
+) -> R {
+    pool.install(|| match dispatch {
+        Some(dispatch) => tracing::dispatcher::with_default(dispatch, step),
+        None => step(),
+    })
+}
+
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Profile {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut data = SpanData::default();
@@ -183,4 +207,35 @@ pub fn table(totals: &BTreeMap<Key, Total>, steps: usize, step_seconds: f64) -> 
     }
     let _ = writeln!(out, "step (median wall time)  {:>9.2} ms", step_seconds * 1e3);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::{Gan, ModelConfig, OptimConfig, SingleProcess, Tensor};
+
+    /// A step run on a pool after an unprofiled warm-up, as `step_bench --profile` runs them,
+    /// fills the table with every network's convolutions.
+    #[test]
+    fn a_step_on_the_pool_after_a_warm_up_is_profiled() {
+        let cfg = ModelConfig { ndf: 8, ngf: 8, ..ModelConfig::dcgan32_gray() };
+        let mut gan = Gan::new(cfg.clone(), OptimConfig::default(), 1).unwrap();
+        let batch = 4;
+        let real = Tensor::new(vec![batch, 1, 32, 32], vec![0.25; batch * 32 * 32]).unwrap();
+        let z = kernels::rng::noise(1, 0, 0, batch, cfg.nz);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let profile = Profile::default();
+        run_profiled(&pool, None, || gan.train_step(&real, &z, 1.0, &mut SingleProcess)).unwrap();
+        let dispatch = profile.dispatch();
+        run_profiled(&pool, Some(&dispatch), || gan.train_step(&real, &z, 1.0, &mut SingleProcess)).unwrap();
+        let totals = profile.totals.lock().unwrap();
+        for phase in ["d_forward", "d_backward", "g_forward", "g_backward"] {
+            assert!(
+                totals.keys().any(|k| k.phase == phase && k.block.is_some() && k.op.starts_with("conv_")),
+                "no {phase} convolution rows in {:?}",
+                totals.keys().collect::<Vec<_>>()
+            );
+        }
+        assert!(table(&totals, 1, 1.0).contains("conv_backward_weight"));
+    }
 }

@@ -84,21 +84,20 @@ fn main() -> Result<()> {
         Tensor::new(vec![args.batch, cfg.nc, s, s], (0..real_len).map(|i| ((i % 255) as f32 / 127.5) - 1.0).collect())?;
     let mut times = Vec::new();
     let profile = dcgan_bench::profile::Profile::default();
-    let mut profiling = None;
+    let mut profiling: Option<tracing::Dispatch> = None;
     for step in 0..args.warmup + args.steps {
         if step == args.warmup && args.profile {
-            use tracing_subscriber::layer::SubscriberExt;
-            let subscriber = tracing_subscriber::registry().with(profile.clone());
-            profiling = Some(tracing::subscriber::set_default(subscriber));
+            profiling = Some(profile.dispatch());
         }
         let z = kernels::rng::noise(1, 0, step as u64, args.batch, cfg.nz);
         let t = Instant::now();
-        pool.install(|| gan.train_step(&real, &z, 1.0, &mut SingleProcess))?;
+        dcgan_bench::profile::run_profiled(&pool, profiling.as_ref(), || {
+            gan.train_step(&real, &z, 1.0, &mut SingleProcess)
+        })?;
         if step >= args.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    drop(profiling);
     let step_s = dcgan_bench::median(&mut times);
     if args.profile {
         let totals = profile.totals.lock().unwrap_or_else(|p| p.into_inner());
