@@ -266,6 +266,37 @@ pub fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
     );
 }
 
+/// Whether [`col2im_images`] can fold a column block of this geometry (stride-2 layers with
+/// enough channels: the polyphase path).
+pub fn folds_by_images(g: &Geometry) -> bool {
+    polyphase::applies(g)
+}
+
+/// [`col2im`] for images `first..first + count` only, from their block of columns (C*k*k rows
+/// of `count * OH * OW` values, `row_stride` apart), on the calling thread: the fold of a
+/// product computed one block of images at a time. [`folds_by_images`] must hold; `split` is
+/// scratch.
+///
+/// # Safety
+/// `big` must point to a (C, N, H, W) tensor of `g`'s shape, and no other thread may access
+/// the planes of images `first..first + count` meanwhile.
+pub unsafe fn col2im_images(
+    g: &Geometry,
+    cols: &[f32],
+    row_stride: usize,
+    first: usize,
+    count: usize,
+    big: *mut f32,
+    split: &mut Vec<f32>,
+) {
+    assert!(folds_by_images(g), "col2im_images needs the polyphase path: {g:?}");
+    assert!(first + count <= g.batch, "images {first}..{} of {}", first + count, g.batch);
+    let segment = g.small_h * g.small_w;
+    assert!(g.rows() == 0 || cols.len() >= (g.rows() - 1) * row_stride + count * segment, "column block too short");
+    // SAFETY: forwarded from the caller.
+    unsafe { polyphase::col2im_images(g, cols, row_stride, first, count, big, split) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

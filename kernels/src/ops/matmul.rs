@@ -82,6 +82,62 @@ pub fn matmul(
     }
 }
 
+/// `c (m x n) = a (m x k) x b` on the calling thread, where `b` is a window of `n` columns of a
+/// wider row-major matrix whose rows lie `b_stride` apart: one block of a product the caller
+/// splits between threads itself (by images, so each block's result stays in cache for what
+/// follows it). `a` is stored as [`matmul`] says; `c` is m x n, row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_column_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_layout: Layout,
+    b: &[f32],
+    b_stride: usize,
+    c: &mut [f32],
+) {
+    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
+    assert!(n <= b_stride && (k == 0 || b.len() >= (k - 1) * b_stride + n), "rhs window too short for {k}x{n}");
+    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    let (a_rs, a_cs) = match a_layout {
+        Layout::Normal => (k as isize, 1),
+        Layout::Transposed => (1, m as isize),
+    };
+    // SAFETY: the asserts above keep every index the strides reach inside the slices; `c` is
+    // borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            1,
+            b_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// Shortest slice of `k` worth a thread of its own in [`matmul_nt_split_k`]; shorter ones are
 /// left to the `gemm` crate's own split of the output.
 const MIN_K_SLICE: usize = 1024;

@@ -106,24 +106,68 @@ pub(super) fn im2col(g: &Geometry, big: &[f32], cols: &mut [f32]) {
 /// Folds `cols` (C*k*k, N*OH*OW) into `big` (C, N, H, W), overwriting it; [`applies`] must hold.
 pub(super) fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
     let phases = Phases::of(g);
-    let (k, plane, segment, ncols) = (g.kernel, g.big_h * g.big_w, g.small_h * g.small_w, g.cols());
+    let (plane, segment, ncols) = (g.big_h * g.big_w, g.small_h * g.small_w, g.cols());
     big.par_chunks_mut(plane).enumerate().for_each_init(
         || vec![0.0f32; phases.len()],
         |split, (cn, dst)| {
             let (c, n) = (cn / g.batch, cn % g.batch);
-            split.fill(0.0);
-            for ky in 0..k {
-                for kx in 0..k {
-                    let src = &cols[((c * k + ky) * k + kx) * ncols + n * segment..][..segment];
-                    let window = &mut split[phases.window_start(ky, kx)..];
-                    for_each_window_row_mut(g.small_w, phases.cols, window, src, |w, s| {
-                        w.iter_mut().zip(s).for_each(|(w, s)| *w += s)
-                    });
-                }
-            }
-            phases.merge(g, split, dst);
+            fold_plane(g, &phases, &cols[n * segment..], ncols, c, split, dst);
         },
     );
+}
+
+/// Folds the columns of images `first..first + count` (`cols`: C*k*k rows of their
+/// `count * OH * OW` columns, `row_stride` apart) into those images' planes of `big`, on the
+/// calling thread; [`applies`] must hold. `split` is scratch, resized as needed.
+///
+/// # Safety
+/// `big` must point to a (C, N, H, W) tensor of `g`'s shape, and no other thread may access
+/// the planes of images `first..first + count` meanwhile.
+pub(super) unsafe fn col2im_images(
+    g: &Geometry,
+    cols: &[f32],
+    row_stride: usize,
+    first: usize,
+    count: usize,
+    big: *mut f32,
+    split: &mut Vec<f32>,
+) {
+    let phases = Phases::of(g);
+    split.resize(phases.len(), 0.0);
+    let (plane, segment) = (g.big_h * g.big_w, g.small_h * g.small_w);
+    for c in 0..g.channels {
+        for i in 0..count {
+            // SAFETY: image `first + i` of channel `c` is inside the tensor and this call's alone
+            // (the caller's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(big.add((c * g.batch + first + i) * plane), plane) };
+            fold_plane(g, &phases, &cols[i * segment..], row_stride, c, split, dst);
+        }
+    }
+}
+
+/// Folds one image's columns of channel `c` into its plane `dst`. `cols` starts at the image's
+/// first column; its rows lie `row_stride` apart.
+fn fold_plane(
+    g: &Geometry,
+    phases: &Phases,
+    cols: &[f32],
+    row_stride: usize,
+    c: usize,
+    split: &mut [f32],
+    dst: &mut [f32],
+) {
+    let (k, segment) = (g.kernel, g.small_h * g.small_w);
+    split.fill(0.0);
+    for ky in 0..k {
+        for kx in 0..k {
+            let src = &cols[((c * k + ky) * k + kx) * row_stride..][..segment];
+            let window = &mut split[phases.window_start(ky, kx)..];
+            for_each_window_row_mut(g.small_w, phases.cols, window, src, |w, s| {
+                w.iter_mut().zip(s).for_each(|(w, s)| *w += s)
+            });
+        }
+    }
+    phases.merge(g, split, dst);
 }
 
 /// Calls `f(segment row, window row)` for each `width`-long row of `segment`, the window's rows
