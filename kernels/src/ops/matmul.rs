@@ -294,6 +294,24 @@ mod tests {
     }
 
     #[test]
+    fn a_column_block_is_that_window_of_the_whole_product() {
+        let (m, n, k, first, width) = (7, 40, 9, 13, 17);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        for (ta, layout) in [(false, Layout::Normal), (true, Layout::Transposed)] {
+            let whole = naive(m, n, k, &a, ta, &b, false);
+            let mut block = vec![f32::NAN; m * width];
+            matmul_column_block(m, width, k, &a, layout, &b[first..], n, &mut block);
+            for (i, row) in block.chunks_exact(width).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    let want = whole[i * n + first + j];
+                    assert!((v - want).abs() < 1e-4, "{layout:?} ({i}, {j}): {v} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn all_layouts_and_degenerate_shapes_match_the_naive_product() {
         for (m, n, k) in [(7, 5, 9), (1, 5, 9), (7, 1, 9), (7, 5, 1), (1, 1, 9), (1, 5, 1), (7, 1, 1)] {
             check_against_naive(m, n, k);
