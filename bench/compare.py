@@ -5,10 +5,13 @@ example's, same configurations, same machine, same run.
     cargo build --release -p dcgan-bench
     python3 bench/compare.py            # needs torch (pip install torch); not needed by tests
 
-For each configuration and thread count the two programs alternate, `--repeats` times each,
-every run in a fresh process (so peak RSS is that configuration's alone); the table gives the
-median images/s of each, their ratio, GFLOP/s, the share of the GEMM peak measured in the same
-run, and the peak RSS.
+Every run is a fresh process (so peak RSS is that configuration's alone). One round runs each
+configuration once as a pair, the two programs back to back, and `--repeats` rounds are made;
+which program goes first alternates from round to round. A shared VM's speed drifts over
+minutes, so the rounds spread every configuration over the whole run, and the pair ratio (the
+two programs a few seconds apart) is the figure that drift touches least: the table gives its
+median and range beside the median images/s of each program, GFLOP/s, the share of the GEMM
+peak measured in the same run, and the peak RSS.
 """
 import argparse
 import json
@@ -126,34 +129,37 @@ def main():
     if not os.path.exists(RUST_BIN):
         sys.exit(f"{RUST_BIN} is missing: run `cargo build --release -p dcgan-bench` first")
 
-    rows = []
-    peaks = {}
-    for threads in [int(t) for t in a.threads.split(",")]:
-        peaks[threads] = run_json([RUST_BIN, "--model", "dcgan32", "--threads", str(threads), "--steps", "1",
-                                   "--warmup", "0", "--batch", "2", "--gemm-peak"])["gemm_peak_gflops"]
-        for model in a.models.split(","):
-            for batch in [int(b) for b in a.batches.split(",")]:
-                ours, theirs = [], []
-                for _ in range(a.repeats):
-                    ours.append(run_json([RUST_BIN, "--model", model, "--threads", str(threads), "--batch", str(batch),
-                                          "--steps", str(a.steps), "--warmup", str(a.warmup)]))
-                    theirs.append(run_json([sys.executable, __file__, "--torch-worker", model, str(batch), str(threads),
-                                            str(a.steps), str(a.warmup)]))
-                med = lambda rs, k: statistics.median(r[k] for r in rs)
-                o, t = med(ours, "images_per_sec"), med(theirs, "images_per_sec")
-                gflops_per_image = med(ours, "gflops") / o
-                rows.append((model, batch, threads, o, t, o / t, o * gflops_per_image, t * gflops_per_image,
-                             peaks[threads], med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib")))
-                print(f"  done {model} batch {batch} threads {threads}", file=sys.stderr)
+    threads_list = [int(t) for t in a.threads.split(",")]
+    configs = [(m, b, t) for t in threads_list for m in a.models.split(",") for b in (int(x) for x in a.batches.split(","))]
+    peaks = {t: run_json([RUST_BIN, "--model", "dcgan32", "--threads", str(t), "--steps", "1", "--warmup", "0",
+                          "--batch", "2", "--gemm-peak"])["gemm_peak_gflops"] for t in threads_list}
+    ours, theirs = {c: [] for c in configs}, {c: [] for c in configs}
+    for round_ in range(a.repeats):
+        for model, batch, threads in configs:
+            run_ours = lambda: ours[(model, batch, threads)].append(run_json(
+                [RUST_BIN, "--model", model, "--threads", str(threads), "--batch", str(batch),
+                 "--steps", str(a.steps), "--warmup", str(a.warmup)]))
+            run_theirs = lambda: theirs[(model, batch, threads)].append(run_json(
+                [sys.executable, __file__, "--torch-worker", model, str(batch), str(threads), str(a.steps),
+                 str(a.warmup)]))
+            for run in ((run_ours, run_theirs) if round_ % 2 == 0 else (run_theirs, run_ours)):
+                run()
+        print(f"  round {round_ + 1} of {a.repeats} done", file=sys.stderr)
 
-    head = ("config", "batch", "threads", "ours img/s", "torch img/s", "ratio", "ours GFLOP/s",
+    head = ("config", "batch", "threads", "ours img/s", "torch img/s", "pair ratio", "pair range", "ours GFLOP/s",
             "torch GFLOP/s", "GEMM peak", "ours % peak", "torch % peak", "ours RSS MiB", "torch RSS MiB")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for m, b, th, o, t, r, og, tg, pk, orss, trss in rows:
-        print(f"| {m} | {b} | {th} | {o:.1f} | {t:.1f} | {r:.2f}x | {og:.1f} | {tg:.1f} | {pk:.0f} | "
-              f"{100 * og / pk:.0f}% | {100 * tg / pk:.0f}% | {orss:.0f} | {trss:.0f} |")
-
+    for model, batch, threads in configs:
+        o_runs, t_runs = ours[(model, batch, threads)], theirs[(model, batch, threads)]
+        med = lambda rs, k: statistics.median(r[k] for r in rs)
+        o, t = med(o_runs, "images_per_sec"), med(t_runs, "images_per_sec")
+        pairs = [x["images_per_sec"] / y["images_per_sec"] for x, y in zip(o_runs, t_runs)]
+        gflops_per_image = med(o_runs, "gflops") / o
+        og, tg, pk = o * gflops_per_image, t * gflops_per_image, peaks[threads]
+        print(f"| {model} | {batch} | {threads} | {o:.1f} | {t:.1f} | {statistics.median(pairs):.2f}x | "
+              f"{min(pairs):.2f}-{max(pairs):.2f} | {og:.1f} | {tg:.1f} | {pk:.0f} | {100 * og / pk:.0f}% | "
+              f"{100 * tg / pk:.0f}% | {med(o_runs, 'peak_rss_mib'):.0f} | {med(t_runs, 'peak_rss_mib'):.0f} |")
 
 if __name__ == "__main__":
     main()
