@@ -44,19 +44,42 @@ pub fn matmul(
     if degenerate(m, n, k, a, a_layout, b, b_layout, c, accumulate) {
         return;
     }
-    let (a_rs, a_cs) = match a_layout {
-        Layout::Normal => (k as isize, 1),
-        Layout::Transposed => (1, m as isize),
-    };
     let (b_rs, b_cs) = match b_layout {
-        Layout::Normal => (n as isize, 1),
-        Layout::Transposed => (1, k as isize),
+        Layout::Normal => (n, 1),
+        Layout::Transposed => (1, k),
     };
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 && m * n * k >= PARALLEL_THRESHOLD { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the asserts above guarantee that every index the strides reach lies inside the
-    // slices, and `c` is borrowed mutably so nothing else aliases it.
+    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_rs, b_cs, c, accumulate, parallelism) }
+}
+
+/// One call of the `gemm` crate: `c (m x n, row-major) = a x b`, plus the old `c` when
+/// `accumulate`; `a` stored as [`matmul`] says, `b` given by its row and column strides.
+///
+/// # Safety
+/// Every element of `b` the strides reach for a k x n matrix must lie inside `b`, and `a` and `c`
+/// must be at least m x k and m x n.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_row_major(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_layout: Layout,
+    b: &[f32],
+    b_row_stride: usize,
+    b_col_stride: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    let (a_rs, a_cs) = match a_layout {
+        Layout::Normal => (k as isize, 1),
+        Layout::Transposed => (1, m as isize),
+    };
+    // SAFETY: the caller's contract; `c` is borrowed mutably so nothing else aliases it.
     unsafe {
         gemm::gemm(
             m,
@@ -70,8 +93,8 @@ pub fn matmul(
             a_cs,
             a_rs,
             b.as_ptr(),
-            b_cs,
-            b_rs,
+            b_col_stride as isize,
+            b_row_stride as isize,
             1.0,
             1.0,
             false,
@@ -107,35 +130,8 @@ pub fn matmul_column_block(
         c[..m * n].fill(0.0);
         return;
     }
-    let (a_rs, a_cs) = match a_layout {
-        Layout::Normal => (k as isize, 1),
-        Layout::Transposed => (1, m as isize),
-    };
-    // SAFETY: the asserts above keep every index the strides reach inside the slices; `c` is
-    // borrowed mutably.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            1,
-            b_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_stride, 1, c, false, Parallelism::None) }
 }
 
 /// Shortest slice of `k` worth a thread of its own in [`matmul_nt_split_k`]; shorter ones are

@@ -116,13 +116,10 @@ pub(super) fn col2im(g: &Geometry, cols: &[f32], big: &mut [f32]) {
     );
 }
 
-/// Folds the columns of images `first..first + count` (`cols`: C*k*k rows of their
-/// `count * OH * OW` columns, `row_stride` apart) into those images' planes of `big`, on the
-/// calling thread; [`applies`] must hold. `split` is scratch, resized as needed.
+/// The polyphase body of [`super::col2im_images`]; [`applies`] must hold.
 ///
 /// # Safety
-/// `big` must point to a (C, N, H, W) tensor of `g`'s shape, and no other thread may access
-/// the planes of images `first..first + count` meanwhile.
+/// As [`super::col2im_images`] says.
 pub(super) unsafe fn col2im_images(
     g: &Geometry,
     cols: &[f32],
