@@ -309,7 +309,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             let epoch = (step - 1) / config.steps_per_epoch.max(1);
             if !dir.samples().join(format!("fake_epoch_{epoch:03}.png")).exists() {
                 let files = store.read(step)?;
-                let _ = events_tx.send(Event::RenderSamples { step, epoch, is_final: false, files });
+                run.request_samples(&events_tx, step, epoch, false, files);
             }
         }
         if Progress::wanted(cli.quiet) {
@@ -675,9 +675,9 @@ async fn render_samples(
                     }
                 }
                 let d = dir.clone();
-                let grid = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch))
-                    .await
-                    .context("sample renderer panicked")??;
+                let drawn = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch)).await;
+                run.samples_drawn();
+                let grid = drawn.context("sample renderer panicked")??;
                 tracing::info!(step, epoch, path = %grid.path.display(), diversity = grid.diversity, "samples drawn");
                 run.observe_samples(epoch, grid.diversity);
                 if tensorboard {

@@ -133,6 +133,7 @@ impl LivePage {
         grids.sort();
         let mut v = status_json(&s, &grids);
         v["eval_every"] = json!(run.config.eval_every);
+        v["samples_pending"] = json!(run.samples_pending());
         v
     }
 }

@@ -180,6 +180,9 @@ pub struct Run {
     /// The trace context (`traceparent`) of the run's span, which the main loop holds open: it
     /// goes out in `Join`'s answer and becomes the parent of the workers' spans.
     pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
+    /// Sample grids asked for and not yet drawn. The last one is drawn after the run completes,
+    /// so the live page keeps polling until this is 0.
+    samples_pending: std::sync::atomic::AtomicUsize,
     /// Set when a worker's failure ended the run (see [`Run::worker_failed`]).
     restartable: std::sync::atomic::AtomicBool,
     /// Whether a restartable failure will be followed by another generation (restarts left).
@@ -245,6 +248,7 @@ impl Run {
             metrics,
             events,
             trace_context: std::sync::OnceLock::new(),
+            samples_pending: std::sync::atomic::AtomicUsize::new(0),
             restartable: std::sync::atomic::AtomicBool::new(false),
             restart_allowed: std::sync::atomic::AtomicBool::new(false),
             world: world_size,
@@ -599,13 +603,39 @@ impl Run {
         observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         if header.end_of_epoch || header.r#final {
-            let _ = self.events.send(Event::RenderSamples {
-                step: stored.step,
-                epoch: header.epoch,
-                is_final: header.r#final,
-                files,
-            });
+            self.request_samples(&self.events, stored.step, header.epoch, header.r#final, files);
         }
+    }
+
+    /// Sends a sample grid to be drawn (by `app::render_samples`, which calls
+    /// [`Run::samples_drawn`] when it is done with it), counting it as pending meanwhile.
+    pub fn request_samples(
+        &self,
+        events: &mpsc::UnboundedSender<Event>,
+        step: u64,
+        epoch: u64,
+        is_final: bool,
+        files: Vec<(String, Vec<u8>)>,
+    ) {
+        use std::sync::atomic::Ordering;
+        self.samples_pending.fetch_add(1, Ordering::SeqCst);
+        if events.send(Event::RenderSamples { step, epoch, is_final, files }).is_err() {
+            self.samples_pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// One requested grid was drawn, or failed to be.
+    pub fn samples_drawn(&self) {
+        let _ = self.samples_pending.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+    }
+
+    /// Sample grids asked for and not yet drawn.
+    pub fn samples_pending(&self) -> usize {
+        self.samples_pending.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A worker is done. When every rank is done, the run completes — if every step was

@@ -5,6 +5,7 @@
 const steps = [];              // every aggregated step so far, in order
 let lastGrid = null;
 let done = false;
+let pollsAfterEnd = 0;         // refreshes since the run reached a final state (see refresh)
 
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"];
 
@@ -203,7 +204,11 @@ async function refresh() {
   drawTables(status);
   document.body.dataset.steps = String(steps.length);
   document.body.dataset.state = status.state;
-  return ["COMPLETED", "FAILED", "STOPPED"].includes(status.state);
+  // The last epoch's grid is drawn from the final checkpoint after the run ends: keep polling
+  // until no grid is pending (for a minute at most, should the renderer have died).
+  const ended = ["COMPLETED", "FAILED", "STOPPED"].includes(status.state);
+  if (ended) { pollsAfterEnd += 1; }
+  return ended && (!(status.samples_pending > 0) || pollsAfterEnd > 60);
 }
 
 async function loop() {
