@@ -309,7 +309,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             let epoch = (step - 1) / config.steps_per_epoch.max(1);
             if !dir.samples().join(format!("fake_epoch_{epoch:03}.png")).exists() {
                 let files = store.read(step)?;
-                run.request_samples(&events_tx, step, epoch, false, files);
+                run.request_samples(step, epoch, false, files);
             }
         }
         if Progress::wanted(cli.quiet) {

@@ -603,23 +603,16 @@ impl Run {
         observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         if header.end_of_epoch || header.r#final {
-            self.request_samples(&self.events, stored.step, header.epoch, header.r#final, files);
+            self.request_samples(stored.step, header.epoch, header.r#final, files);
         }
     }
 
     /// Sends a sample grid to be drawn (by `app::render_samples`, which calls
     /// [`Run::samples_drawn`] when it is done with it), counting it as pending meanwhile.
-    pub fn request_samples(
-        &self,
-        events: &mpsc::UnboundedSender<Event>,
-        step: u64,
-        epoch: u64,
-        is_final: bool,
-        files: Vec<(String, Vec<u8>)>,
-    ) {
+    pub fn request_samples(&self, step: u64, epoch: u64, is_final: bool, files: Vec<(String, Vec<u8>)>) {
         use std::sync::atomic::Ordering;
         self.samples_pending.fetch_add(1, Ordering::SeqCst);
-        if events.send(Event::RenderSamples { step, epoch, is_final, files }).is_err() {
+        if self.events.send(Event::RenderSamples { step, epoch, is_final, files }).is_err() {
             self.samples_pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
