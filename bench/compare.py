@@ -12,6 +12,10 @@ minutes, so the rounds spread every configuration over the whole run, and the pa
 two programs a few seconds apart) is the figure that drift touches least: the table gives its
 median and range beside the median images/s of each program, GFLOP/s, the share of the GEMM
 peak measured in the same run, and the peak RSS.
+
+`--precision bf16` runs our step with bf16 products (`step_bench --precision bf16`) against the
+same PyTorch fp32 step (the baseline the bf16 target is stated against), and adds PyTorch's own
+bf16 step (CPU autocast to bfloat16) to each round as a third program, with its column and ratio.
 """
 import argparse
 import json
@@ -67,24 +71,27 @@ def example_step(net_g, net_d, opt_g, opt_d, criterion, real, nz):
     batch, device = real.shape[0], real.device
     net_d.zero_grad()
     label = torch.full((batch,), 1.0, device=device)
-    err_real = criterion(net_d(real).view(-1), label)
+    # .float(): under bf16 autocast D's output is bf16, and the loss wants both sides alike.
+    err_real = criterion(net_d(real).view(-1).float(), label)
     err_real.backward()
     noise = torch.randn(batch, nz, 1, 1, device=device)
     fake = net_g(noise)
     label.fill_(0.0)
-    err_fake = criterion(net_d(fake.detach()).view(-1), label)
+    err_fake = criterion(net_d(fake.detach()).view(-1).float(), label)
     err_fake.backward()
     opt_d.step()
     net_g.zero_grad()
     label.fill_(1.0)
-    err_g = criterion(net_d(fake).view(-1), label)
+    err_g = criterion(net_d(fake).view(-1).float(), label)
     err_g.backward()
     opt_g.step()
     return err_real + err_fake, err_g
 
 
-def torch_worker(model, batch, threads, steps, warmup):
-    """Runs the PyTorch example's networks and training step; prints one JSON line."""
+def torch_worker(model, batch, threads, steps, warmup, precision="f32"):
+    """Runs the PyTorch example's networks and training step, in fp32 or under CPU autocast to
+    bfloat16; prints one JSON line."""
+    import contextlib
     import torch
 
     torch.set_num_threads(threads)
@@ -92,14 +99,16 @@ def torch_worker(model, batch, threads, steps, warmup):
     size, nc = cfg["image_size"], cfg["nc"]
     real = torch.rand(batch, nc, size, size) * 2 - 1
     times = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     for step in range(warmup + steps):
         t = time.perf_counter()
-        example_step(net_g, net_d, opt_g, opt_d, criterion, real, cfg["nz"])
+        with autocast:
+            example_step(net_g, net_d, opt_g, opt_d, criterion, real, cfg["nz"])
         if step >= warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     print(json.dumps({
-        "program": "pytorch", "model": model, "batch": batch, "threads": threads,
+        "program": "pytorch", "model": model, "batch": batch, "threads": threads, "precision": precision,
         "torch": torch.__version__,
         "step_seconds_median": step_s, "images_per_sec": batch / step_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -119,12 +128,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--torch-worker", nargs=5, metavar=("MODEL", "BATCH", "THREADS", "STEPS", "WARMUP"),
+    ap.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                    help="our products' precision; bf16 also times PyTorch under bf16 autocast")
+    ap.add_argument("--torch-worker", nargs=6, metavar=("MODEL", "BATCH", "THREADS", "STEPS", "WARMUP", "PRECISION"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_worker:
-        m, b, t, s, w = a.torch_worker
-        torch_worker(m, int(b), int(t), int(s), int(w))
+        m, b, t, s, w, p = a.torch_worker
+        torch_worker(m, int(b), int(t), int(s), int(w), p)
         return
     if not os.path.exists(RUST_BIN):
         sys.exit(f"{RUST_BIN} is missing: run `cargo build --release -p dcgan-bench` first")
@@ -133,21 +144,26 @@ def main():
     configs = [(m, b, t) for t in threads_list for m in a.models.split(",") for b in (int(x) for x in a.batches.split(","))]
     peaks = {t: run_json([RUST_BIN, "--model", "dcgan32", "--threads", str(t), "--steps", "1", "--warmup", "0",
                           "--batch", "2", "--gemm-peak"])["gemm_peak_gflops"] for t in threads_list}
-    ours, theirs = {c: [] for c in configs}, {c: [] for c in configs}
+    ours, theirs, theirs_bf16 = ({c: [] for c in configs} for _ in range(3))
+    bf16 = a.precision == "bf16"
     for round_ in range(a.repeats):
         for model, batch, threads in configs:
+            def torch_cmd(precision):
+                return [sys.executable, __file__, "--torch-worker", model, str(batch), str(threads), str(a.steps),
+                        str(a.warmup), precision]
             run_ours = lambda: ours[(model, batch, threads)].append(run_json(
                 [RUST_BIN, "--model", model, "--threads", str(threads), "--batch", str(batch),
-                 "--steps", str(a.steps), "--warmup", str(a.warmup)]))
-            run_theirs = lambda: theirs[(model, batch, threads)].append(run_json(
-                [sys.executable, __file__, "--torch-worker", model, str(batch), str(threads), str(a.steps),
-                 str(a.warmup)]))
-            for run in ((run_ours, run_theirs) if round_ % 2 == 0 else (run_theirs, run_ours)):
+                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--precision", a.precision]))
+            run_theirs = lambda: theirs[(model, batch, threads)].append(run_json(torch_cmd("f32")))
+            run_theirs_bf16 = lambda: theirs_bf16[(model, batch, threads)].append(run_json(torch_cmd("bf16")))
+            order = [run_ours, run_theirs] + ([run_theirs_bf16] if bf16 else [])
+            for run in (order if round_ % 2 == 0 else order[::-1]):
                 run()
         print(f"  round {round_ + 1} of {a.repeats} done", file=sys.stderr)
 
-    head = ("config", "batch", "threads", "ours img/s", "torch img/s", "pair ratio", "pair range", "ours GFLOP/s",
-            "torch GFLOP/s", "GEMM peak", "ours % peak", "torch % peak", "ours RSS MiB", "torch RSS MiB")
+    head = ("config", "batch", "threads", f"ours {a.precision} img/s", "torch img/s", "pair ratio", "pair range",
+            "ours GFLOP/s", "torch GFLOP/s", "GEMM peak", "ours % peak", "torch % peak", "ours RSS MiB",
+            "torch RSS MiB") + (("torch bf16 img/s", "ours / torch bf16") if bf16 else ())
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for model, batch, threads in configs:
@@ -159,7 +175,13 @@ def main():
         og, tg, pk = o * gflops_per_image, t * gflops_per_image, peaks[threads]
         print(f"| {model} | {batch} | {threads} | {o:.1f} | {t:.1f} | {statistics.median(pairs):.2f}x | "
               f"{min(pairs):.2f}-{max(pairs):.2f} | {og:.1f} | {tg:.1f} | {pk:.0f} | {100 * og / pk:.0f}% | "
-              f"{100 * tg / pk:.0f}% | {med(o_runs, 'peak_rss_mib'):.0f} | {med(t_runs, 'peak_rss_mib'):.0f} |")
+              f"{100 * tg / pk:.0f}% | {med(o_runs, 'peak_rss_mib'):.0f} | {med(t_runs, 'peak_rss_mib'):.0f} |",
+              end="")
+        if bf16:
+            b_runs = theirs_bf16[(model, batch, threads)]
+            b_pairs = [x["images_per_sec"] / y["images_per_sec"] for x, y in zip(o_runs, b_runs)]
+            print(f" {med(b_runs, 'images_per_sec'):.1f} | {statistics.median(b_pairs):.2f}x |", end="")
+        print()
 
 if __name__ == "__main__":
     main()

@@ -117,7 +117,18 @@ pub fn guided_backprop_eval(net: &Net, block: usize, batch: usize, d_out: &[f32]
         }
         let mut dx = vec![0.0; b.shape.in_channels * batch * b.in_side * b.in_side];
         let w = &net.params[b.weight.clone()];
-        conv2d_backward(&b.shape, batch, b.in_side, &grad, w, Unrolled::Kept(&[]), None, Some(&mut dx), &mut scratch);
+        conv2d_backward(
+            &b.shape,
+            batch,
+            b.in_side,
+            &grad,
+            w,
+            Unrolled::Kept(&[]),
+            None,
+            Some(&mut dx),
+            &mut scratch,
+            net.precision(),
+        );
         grad = dx;
     }
     grad

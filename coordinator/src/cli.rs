@@ -91,6 +91,12 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_SYNC_BN")]
     pub sync_bn: bool,
 
+    /// The convolutions' products: `f32`, or `bf16` (operands rounded to bf16, fp32
+    /// accumulation; parameters, Adam and BatchNorm stay fp32). bf16 needs a CPU with
+    /// AVX512-BF16 and is a CPU mode: GPU workers compute in fp32.
+    #[arg(long, env = "DCGAN_PRECISION", default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub precision: String,
+
     /// Continue the run in --run-dir from its latest checkpoint. Settings not given take
     /// run.json's values; given ones that would change the training are refused.
     #[arg(long, env = "DCGAN_RESUME", requires = "run_dir")]

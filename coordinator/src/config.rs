@@ -57,6 +57,9 @@ pub struct RunConfig {
     pub keep_checkpoints: u32,
     pub checksum_every: u64,
     pub sync_bn: bool,
+    /// `f32` or `bf16`; older run.json files have none (f32).
+    #[serde(default = "default_precision")]
+    pub precision: String,
     pub external_workers: bool,
     pub workers_local_data: bool,
     pub worker_threads: u32,
@@ -73,6 +76,10 @@ pub struct RunConfig {
 
 fn default_eval_count() -> u32 {
     1000
+}
+
+fn default_precision() -> String {
+    kernels::Precision::F32.to_string()
 }
 
 /// What the dataset contributes to the configuration.
@@ -104,6 +111,20 @@ impl RunConfig {
         model.validate().map_err(|e| ConfigError::Invalid(format!("model: {e}")))?;
         let optim = kernels::OptimConfig { lr: cli.lr, beta1: cli.beta1, ..Default::default() };
         optim.validate().map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
+        let precision: kernels::Precision =
+            cli.precision.parse().map_err(|e| ConfigError::Invalid(format!("--precision: {e}")))?;
+        if precision == kernels::Precision::Bf16 {
+            if cli.device == "cuda" {
+                return Err(ConfigError::Invalid(
+                    "--precision bf16 is a CPU mode: GPU workers compute in fp32; use --device cpu or --precision f32"
+                        .into(),
+                ));
+            }
+            // Launched workers run on this machine's CPU; external ones check their own.
+            if !cli.external_workers {
+                precision.check_supported().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            }
+        }
         Ok(())
     }
 
@@ -141,6 +162,7 @@ impl RunConfig {
             keep_checkpoints: cli.keep_checkpoints,
             checksum_every: cli.checksum_every,
             sync_bn: cli.sync_bn,
+            precision: cli.precision.clone(),
             external_workers: cli.external_workers,
             workers_local_data: cli.workers_local_data,
             worker_threads: cli.worker_threads.unwrap_or((cores / cli.workers).max(1)),
@@ -182,6 +204,7 @@ impl RunConfig {
             checksum_every: self.checksum_every,
             sync_bn: self.sync_bn,
             data_limit: self.data_limit.unwrap_or(0),
+            precision: self.precision.clone(),
         }
     }
 
@@ -233,6 +256,7 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         checkpoint_every <- previous.checkpoint_every,
         keep_checkpoints <- previous.keep_checkpoints,
         checksum_every <- previous.checksum_every,
+        precision <- previous.precision.clone(),
         external_workers <- previous.external_workers,
         workers_local_data <- previous.workers_local_data,
         worker_threads <- Some(previous.worker_threads),

@@ -138,3 +138,12 @@ fn more_min_workers_than_workers_is_refused() {
     let f = run(&tmp.path().join("run"), &["--min-workers", "3"]);
     assert_fails_with(&f, &["--min-workers 3 is more than --workers 2"]);
 }
+
+#[test]
+fn bf16_on_gpus_is_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let f = run(&run_dir, &["--precision", "bf16", "--device", "cuda"]);
+    assert_fails_with(&f, &["--precision bf16 is a CPU mode", "--device cpu"]);
+    assert!(!run_dir.join("logs").exists(), "no worker was launched");
+}

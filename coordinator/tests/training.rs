@@ -210,3 +210,25 @@ fn without_a_worker_binary_the_coordinator_launches_itself() {
     f.assert_success();
     assert_eq!(metrics(&run_dir).len(), 2);
 }
+
+/// `--precision bf16` reaches the workers: two of them train with bf16 products, their
+/// parameters stay identical (the checksums agree every 2 steps), and run.json records it. On a
+/// CPU without AVX512-BF16 the coordinator refuses before launching anything.
+#[test]
+fn two_workers_train_with_bf16_products() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let a = args(2, &run_dir, &["--max-steps", "6", "--checkpoint-every", "3", "--checksum-every", "2"]);
+    let f = run_coordinator(&with_flags(a, &["--precision", "bf16"]), TIMEOUT);
+    if let Err(refusal) = kernels::Precision::Bf16.check_supported() {
+        assert!(!f.status.success() && f.stderr.contains("AVX512-BF16"), "{refusal}: {}", f.stderr);
+        return;
+    }
+    f.assert_success();
+    assert_run_dir(&run_dir, 2, 6, 3);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).expect("run.json")).expect("json");
+    assert_eq!(run["precision"], "bf16");
+    let log = std::fs::read_to_string(run_dir.join("logs/worker-1.log")).expect("worker log");
+    assert!(log.contains("precision=bf16"), "{log}");
+}

@@ -10,7 +10,7 @@ use crate::net::Net;
 use crate::ops::batchnorm::BnMode;
 use crate::ops::loss::bce_with_logits;
 use crate::tensor::swap_leading_axes;
-use crate::{CheckpointFiles, KernelError, ModelConfig, OptimConfig, Tensor, TrainingState};
+use crate::{CheckpointFiles, KernelError, ModelConfig, OptimConfig, Precision, Tensor, TrainingState};
 
 /// What one training step reports, with the PyTorch example's names.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -109,6 +109,19 @@ impl Gan {
 
     pub fn sync_batch_norm(&self) -> bool {
         self.sync_batch_norm
+    }
+
+    /// The precision of both networks' convolution products; refused where the CPU cannot run
+    /// it. Parameters, gradients and Adam's moments stay fp32 either way.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<(), KernelError> {
+        precision.check_supported()?;
+        self.g.set_precision(precision);
+        self.d.set_precision(precision);
+        Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.g.precision()
     }
 
     /// Generator parameters, flat, in block order (weight, then BN gamma and beta).

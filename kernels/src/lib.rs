@@ -17,7 +17,7 @@ pub mod tensor;
 
 pub use checkpoint::{CheckpointFiles, TrainingState};
 pub use collective::{Collective, CollectiveError, SingleProcess};
-pub use config::{ModelConfig, OptimConfig};
+pub use config::{ModelConfig, OptimConfig, Precision};
 pub use device::{Device, ParseDeviceError};
 pub use error::KernelError;
 pub use gan::{Gan, StepStats};

@@ -6,6 +6,7 @@ use std::ops::Range;
 use tracing::trace_span;
 
 use crate::collective::{Collective, CollectiveError};
+use crate::config::Precision;
 use crate::ops::activation::Activation;
 use crate::ops::adam::Adam;
 use crate::ops::batchnorm::{BatchNorm, BnMode};
@@ -79,6 +80,7 @@ pub struct Net {
     grad_a: Vec<f32>,
     grad_b: Vec<f32>,
     keep_unrolled_max_bytes: usize,
+    precision: Precision,
 }
 
 impl Net {
@@ -128,6 +130,7 @@ impl Net {
             grad_a: Vec::new(),
             grad_b: Vec::new(),
             keep_unrolled_max_bytes: KEEP_UNROLLED_MAX_BYTES,
+            precision: Precision::F32,
         }
     }
 
@@ -145,6 +148,16 @@ impl Net {
     /// larger ones are unrolled again for the weight gradient (less memory, one more im2col).
     pub fn set_keep_unrolled_max_bytes(&mut self, bytes: usize) {
         self.keep_unrolled_max_bytes = bytes;
+    }
+
+    /// The precision of the convolutions' products; the caller checks that the CPU supports it
+    /// ([`Precision::check_supported`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn input_side(&self) -> usize {
@@ -210,7 +223,7 @@ impl Net {
             trace_span!("conv_forward").in_scope(|| match block.kind {
                 ConvKind::Conv => {
                     let cols = if block.keeps_unrolled { &mut block.cols } else { &mut self.scratch };
-                    conv::conv2d_forward(&block.shape, batch, block.in_side, x, w, cols, &mut block.out)
+                    conv::conv2d_forward(&block.shape, batch, block.in_side, x, w, cols, &mut block.out, self.precision)
                 }
                 ConvKind::Transposed => conv::conv_transpose2d_forward(
                     &block.shape,
@@ -220,6 +233,7 @@ impl Net {
                     w,
                     &mut self.scratch,
                     &mut block.out,
+                    self.precision,
                 ),
             });
             if let Some(bn) = &mut block.bn {
@@ -314,6 +328,7 @@ impl Net {
                     gw,
                     dx,
                     &mut self.scratch,
+                    self.precision,
                 ),
                 ConvKind::Transposed => conv::conv_transpose2d_backward(
                     &block.shape,
@@ -325,6 +340,7 @@ impl Net {
                     gw,
                     dx,
                     &mut self.scratch,
+                    self.precision,
                 ),
             }
             if !need_dx {

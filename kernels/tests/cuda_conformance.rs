@@ -18,7 +18,7 @@ use kernels::ops::conv::{self, ConvShape, Unrolled};
 use kernels::ops::im2col::{self, Geometry};
 use kernels::ops::loss;
 use kernels::ops::matmul::{self, Layout};
-use kernels::{Gan, ModelConfig, OptimConfig, SingleProcess, Tensor, TrainingState, rng};
+use kernels::{Gan, ModelConfig, OptimConfig, Precision, SingleProcess, Tensor, TrainingState, rng};
 
 const GPU: &str = "needs an NVIDIA GPU with CUDA: run scripts/gpu-check.sh";
 const TOL: f64 = 1e-4;
@@ -136,7 +136,7 @@ fn convolution_forward_and_backward_match_the_cpu() {
         let gw0 = randn(seed + 3, s.weight_len());
 
         let (mut cols, mut y) = (Vec::new(), vec![0.0; dy.len()]);
-        conv::conv2d_forward(&s, batch, side, &x, &w, &mut cols, &mut y);
+        conv::conv2d_forward(&s, batch, side, &x, &w, &mut cols, &mut y, Precision::F32);
         let (mut gw, mut dx, mut scratch) = (gw0.clone(), vec![0.0; x.len()], Vec::new());
         conv::conv2d_backward(
             &s,
@@ -148,6 +148,7 @@ fn convolution_forward_and_backward_match_the_cpu() {
             Some(&mut gw),
             Some(&mut dx),
             &mut scratch,
+            Precision::F32,
         );
 
         let (dx_, dw_, ddy) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
@@ -204,9 +205,20 @@ fn transposed_convolution_forward_and_backward_match_the_cpu() {
         let gw0 = randn(seed + 3, s.weight_len());
 
         let (mut scratch, mut y) = (Vec::new(), vec![0.0; dy.len()]);
-        conv::conv_transpose2d_forward(&s, batch, side, &x, &w, &mut scratch, &mut y);
+        conv::conv_transpose2d_forward(&s, batch, side, &x, &w, &mut scratch, &mut y, Precision::F32);
         let (mut gw, mut dx) = (gw0.clone(), vec![0.0; x.len()]);
-        conv::conv_transpose2d_backward(&s, batch, side, &dy, &w, &x, Some(&mut gw), Some(&mut dx), &mut scratch);
+        conv::conv_transpose2d_backward(
+            &s,
+            batch,
+            side,
+            &dy,
+            &w,
+            &x,
+            Some(&mut gw),
+            Some(&mut dx),
+            &mut scratch,
+            Precision::F32,
+        );
 
         let (dx_, dw_, ddy) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
         let mut dscratch = gpu.zeros(g.rows() * g.cols()).unwrap();

@@ -1,6 +1,7 @@
 //! Finite-difference checks of every operation's backward: for a random projection
 //! L = <f(x), r>, the analytic dL/dx (and dL/dw) must match central differences.
 
+use kernels::Precision;
 use kernels::ops::activation::Activation;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
 use kernels::ops::conv::{self, ConvShape, Unrolled};
@@ -49,14 +50,25 @@ fn conv2d_gradients() {
     let r = values(3 * n * out * out, 3);
     let forward = |x: &[f32], w: &[f32]| {
         let mut y = vec![0.0; r.len()];
-        conv::conv2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y);
+        conv::conv2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y, Precision::F32);
         dot(&y, &r)
     };
     let mut cols = Vec::new();
     let mut y = vec![0.0; r.len()];
-    conv::conv2d_forward(&s, n, side, &x, &w, &mut cols, &mut y);
+    conv::conv2d_forward(&s, n, side, &x, &w, &mut cols, &mut y, Precision::F32);
     let (mut gw, mut gx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    conv::conv2d_backward(&s, n, side, &r, &w, Unrolled::Kept(&cols), Some(&mut gw), Some(&mut gx), &mut Vec::new());
+    conv::conv2d_backward(
+        &s,
+        n,
+        side,
+        &r,
+        &w,
+        Unrolled::Kept(&cols),
+        Some(&mut gw),
+        Some(&mut gx),
+        &mut Vec::new(),
+        Precision::F32,
+    );
     check("conv2d dx", &x, &gx, &mut |xp| forward(xp, &w));
     check("conv2d dw", &w, &gw, &mut |wp| forward(&x, wp));
 }
@@ -71,11 +83,22 @@ fn conv_transpose2d_gradients() {
     let r = values(2 * n * out * out, 6);
     let forward = |x: &[f32], w: &[f32]| {
         let mut y = vec![0.0; r.len()];
-        conv::conv_transpose2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y);
+        conv::conv_transpose2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y, Precision::F32);
         dot(&y, &r)
     };
     let (mut gw, mut gx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    conv::conv_transpose2d_backward(&s, n, side, &r, &w, &x, Some(&mut gw), Some(&mut gx), &mut Vec::new());
+    conv::conv_transpose2d_backward(
+        &s,
+        n,
+        side,
+        &r,
+        &w,
+        &x,
+        Some(&mut gw),
+        Some(&mut gx),
+        &mut Vec::new(),
+        Precision::F32,
+    );
     check("conv_transpose2d dx", &x, &gx, &mut |xp| forward(xp, &w));
     check("conv_transpose2d dw", &w, &gw, &mut |wp| forward(&x, wp));
 }

@@ -3,16 +3,25 @@
 mod common;
 
 use common::{Fixture, assert_close, swap01};
-use kernels::OptimConfig;
 use kernels::ops::activation::Activation;
 use kernels::ops::adam::Adam;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
 use kernels::ops::conv::{self, ConvShape, Unrolled};
 use kernels::ops::loss::bce_with_logits;
+use kernels::{OptimConfig, Precision};
 
 const TOL: f64 = 1e-4;
 
+/// bf16 keeps 8 bits of mantissa: each operand is within 2^-9 of its fp32 value, so the products
+/// differ from PyTorch's fp32 ones by about 2^-8 relative (checked against the largest value).
+const BF16_TOL: f64 = 1e-2;
+
 fn conv_case(name: &str, transposed: bool) {
+    conv_case_in(name, transposed, Precision::F32, TOL);
+}
+
+/// The layer in `precision` against PyTorch's fp32 results, within `tol`.
+fn conv_case_in(name: &str, transposed: bool, precision: Precision, tol: f64) {
     let f = Fixture::open(name);
     let (xs, ws, ys) = (f.shape("x").to_vec(), f.shape("w").to_vec(), f.shape("y").to_vec());
     let (n, side) = (xs[0], xs[2]);
@@ -32,11 +41,22 @@ fn conv_case(name: &str, transposed: bool) {
     let mut gx = vec![0.0; x.len()];
     let mut scratch = Vec::new();
     if transposed {
-        conv::conv_transpose2d_forward(&shape, n, side, &x, w, &mut scratch, &mut y);
-        conv::conv_transpose2d_backward(&shape, n, side, &gy, w, &x, Some(&mut gw), Some(&mut gx), &mut scratch);
+        conv::conv_transpose2d_forward(&shape, n, side, &x, w, &mut scratch, &mut y, precision);
+        conv::conv_transpose2d_backward(
+            &shape,
+            n,
+            side,
+            &gy,
+            w,
+            &x,
+            Some(&mut gw),
+            Some(&mut gx),
+            &mut scratch,
+            precision,
+        );
     } else {
         let mut cols = Vec::new();
-        conv::conv2d_forward(&shape, n, side, &x, w, &mut cols, &mut y);
+        conv::conv2d_forward(&shape, n, side, &x, w, &mut cols, &mut y, precision);
         conv::conv2d_backward(
             &shape,
             n,
@@ -47,15 +67,46 @@ fn conv_case(name: &str, transposed: bool) {
             Some(&mut gw),
             Some(&mut gx),
             &mut scratch,
+            precision,
         );
         // Unrolling the input again (what a large layer does) gives the same weight gradient.
         let mut again = vec![0.0; w.len()];
-        conv::conv2d_backward(&shape, n, side, &gy, w, Unrolled::Recompute(&x), Some(&mut again), None, &mut scratch);
+        conv::conv2d_backward(
+            &shape,
+            n,
+            side,
+            &gy,
+            w,
+            Unrolled::Recompute(&x),
+            Some(&mut again),
+            None,
+            &mut scratch,
+            precision,
+        );
         assert_eq!(again, gw, "{name}: weight gradient from the unrolling kept and from one made again");
     }
-    assert_close(&format!("{name} y"), &swap01(&y, ys[1], n), f.get("y"), TOL);
-    assert_close(&format!("{name} gx"), &swap01(&gx, in_c, n), f.get("gx"), TOL);
-    assert_close(&format!("{name} gw"), &gw, f.get("gw"), TOL);
+    assert_close(&format!("{name} {precision} y"), &swap01(&y, ys[1], n), f.get("y"), tol);
+    assert_close(&format!("{name} {precision} gx"), &swap01(&gx, in_c, n), f.get("gx"), tol);
+    assert_close(&format!("{name} {precision} gw"), &gw, f.get("gw"), tol);
+}
+
+/// Every convolution layer with bf16 products, where the CPU has them (elsewhere the mode is
+/// refused, which `ops::bf16`'s tests check).
+#[test]
+fn bf16_convolutions_match_pytorch_within_bf16_rounding() {
+    if let Err(refusal) = Precision::Bf16.check_supported() {
+        assert!(refusal.to_string().contains("AVX512-BF16"), "{refusal}");
+        eprintln!("no AVX512-BF16 on this CPU: checked the refusal, bf16 layers not compared");
+        return;
+    }
+    for (name, transposed) in [
+        ("conv2d_s2p1", false),
+        ("conv2d_s1p0", false),
+        ("conv_transpose2d_s2p1", true),
+        ("conv_transpose2d_s1p0", true),
+    ] {
+        conv_case_in(name, transposed, Precision::Bf16, BF16_TOL);
+    }
 }
 
 #[test]

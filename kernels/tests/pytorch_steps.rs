@@ -9,7 +9,7 @@ mod export_generator;
 
 use common::{Fixture, assert_close, relative_error};
 use kernels::checkpoint::GENERATOR_FILE;
-use kernels::{Gan, ModelConfig, OptimConfig, SingleProcess, Tensor, TrainingState};
+use kernels::{Gan, ModelConfig, OptimConfig, Precision, SingleProcess, Tensor, TrainingState};
 use safetensors::SafeTensors;
 
 const TOL: f64 = 1e-4;
@@ -154,4 +154,47 @@ fn rust_generator_loads_in_pytorch_and_generates_the_same_images() {
         let (a, b) = (st.tensor(n).unwrap(), ours.tensor(n).unwrap());
         assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{n}");
     }
+}
+
+/// The first step of DCGAN-32 with bf16 products, against PyTorch's fp32 step. Rounding the
+/// products' operands to bf16 (8 bits of mantissa) moves the gradients by up to about 10% of
+/// their largest value at this fixture's batch of 4 (BatchNorm's backward subtracts nearly
+/// equal terms); PyTorch's own bf16 step (CPU autocast, `step_dcgan32_bf16`) moves them as far,
+/// so each gradient may be at most twice PyTorch's bf16 distance from the fp32 one.
+#[test]
+fn dcgan32_step_in_bf16_is_as_close_to_fp32_as_pytorch_bf16() {
+    if let Err(refusal) = Precision::Bf16.check_supported() {
+        assert!(refusal.to_string().contains("AVX512-BF16"), "{refusal}");
+        eprintln!("no AVX512-BF16 on this CPU: checked the refusal, the bf16 step not compared");
+        return;
+    }
+    let f = Fixture::open("step_dcgan32");
+    let torch_bf16 = Fixture::open("step_dcgan32_bf16");
+    let cfg = ModelConfig {
+        image_size: f.shape("real1")[2],
+        nc: f.shape("real1")[1],
+        nz: f.shape("noise1")[1],
+        ngf: f.shape("g.main.9.weight")[0],
+        ndf: f.shape("d.main.0.weight")[0],
+    };
+    let mut gan = Gan::new(cfg, OptimConfig::default(), 0).unwrap();
+    gan.load_generator_state(&f.state_dict_file("g"), "fixture g").unwrap();
+    gan.load_discriminator_state(&f.state_dict_file("d"), "fixture d").unwrap();
+    gan.set_precision(Precision::Bf16).unwrap();
+    let st = gan.train_step(&tensor(&f, "real1"), &tensor(&f, "noise1"), 1.0, &mut SingleProcess).unwrap();
+    for (what, got) in [("errD", st.loss_d), ("errG", st.loss_g), ("D_x", st.d_x), ("D_G_z1", st.d_g_z1)] {
+        let want = f.scalar(&format!("{what}1"));
+        assert!(((got - want) / want).abs() <= 1e-2, "step 1 {what}: {got} vs {want}");
+    }
+    let ours = gan.discriminator_gradients_named().into_iter().map(|(n, g)| (format!("gradD1.{n}"), g.to_vec()));
+    let ours =
+        ours.chain(gan.generator_gradients_named().into_iter().map(|(n, g)| (format!("gradG1.{n}"), g.to_vec())));
+    let mut largest = 0.0f64;
+    for (key, got) in ours.collect::<Vec<_>>() {
+        let fp32 = f.get(&key);
+        let (e, torch_e) = (relative_error(&got, fp32), relative_error(torch_bf16.get(&key), fp32));
+        assert!(e <= 2.0 * torch_e + 5e-3, "{key}: {e:.3e} from fp32, PyTorch's bf16 step {torch_e:.3e}");
+        largest = largest.max(e);
+    }
+    assert!(largest > 1e-3, "the bf16 step's gradients equal the fp32 ones ({largest:.1e}): bf16 is not in use");
 }

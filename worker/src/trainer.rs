@@ -77,14 +77,29 @@ impl Trainer {
         let mut gan = self.build_gan()?;
         gan.set_sync_batch_norm(self.config.sync_bn);
         let c = self.config.clone();
+        // An empty field is a coordinator from before the setting: fp32.
+        let precision: kernels::Precision = match c.precision.as_str() {
+            "" => kernels::Precision::F32,
+            given => given.parse().context("the run's precision")?,
+        };
         let mut engine = match self.device {
+            kernels::Device::Cuda(ordinal) if precision == kernels::Precision::Bf16 => {
+                bail!(
+                    "the run asks for --precision bf16, a CPU mode, and this worker trains on cuda:{ordinal}; \
+                     run the workers with --device cpu, or the coordinator with --precision f32"
+                )
+            }
             kernels::Device::Cuda(ordinal) => {
                 // The largest share of a step: the last step of an epoch also takes the remainder.
                 let global = c.batch_size as usize;
                 let max_batch = global + (c.dataset_len as usize % global);
                 Engine::on_gpu(&gan, ordinal, max_batch, self.rank, self.world, &self.nccl_id)?
             }
-            _ => Engine::Cpu { gan: Box::new(gan), collective: self.cpu_collective()? },
+            _ => {
+                gan.set_precision(precision).context("the run's --precision")?;
+                tracing::info!(%precision, "convolution products");
+                Engine::Cpu { gan: Box::new(gan), collective: self.cpu_collective()? }
+            }
         };
         self.train(&pool, &mut engine, c)
     }

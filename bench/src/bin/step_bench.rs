@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use kernels::{Gan, ModelConfig, OptimConfig, SingleProcess, Tensor};
+use kernels::{Gan, ModelConfig, OptimConfig, Precision, SingleProcess, Tensor};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Model {
@@ -41,6 +41,10 @@ struct Args {
     /// backward-weight of every layer, BatchNorm, activations, all-reduce, Adam).
     #[arg(long)]
     profile: bool,
+    /// The convolutions' products: f32, or bf16 (operands rounded to bf16, fp32 accumulation;
+    /// needs AVX512-BF16).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 fn gemm_peak_gflops() -> f64 {
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
         Model::Dcgan32 => ModelConfig::dcgan32_gray(),
     };
     let mut gan = Gan::new(cfg.clone(), OptimConfig::default(), 1)?;
+    gan.set_precision(args.precision)?;
     let s = cfg.image_size;
     let real_len = args.batch * cfg.nc * s * s;
     let real =
@@ -116,6 +121,7 @@ fn main() -> Result<()> {
         "model": format!("{:?}", args.model).to_lowercase(),
         "batch": args.batch,
         "threads": args.threads,
+        "precision": args.precision.to_string(),
         "step_seconds_median": step_s,
         "images_per_sec": args.batch as f64 / step_s,
         "gflops": flops / step_s / 1e9,

@@ -3,8 +3,10 @@
 //! Weights keep PyTorch's layouts: Conv2d `[out, in, k, k]`, ConvTranspose2d `[in, out, k, k]`,
 //! so checkpoints need no reshuffling. Activations are channel-major (C, N, H, W).
 
+use super::bf16;
 use super::im2col::{Geometry, col2im, col2im_images, folds_by_images, im2col};
-use super::matmul::{Layout, matmul, matmul_column_block, matmul_nt_split_k};
+use super::matmul::Layout;
+use crate::config::Precision;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use tracing::trace_span;
@@ -37,6 +39,7 @@ impl ConvShape {
 
 /// Conv2d forward: `y (OC, N*OH*OW) = W (OC, IC*k*k) x im2col(x)`; `cols` keeps the unrolled
 /// input for the weight gradient.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward(
     s: &ConvShape,
     batch: usize,
@@ -45,11 +48,12 @@ pub fn conv2d_forward(
     w: &[f32],
     cols: &mut Vec<f32>,
     y: &mut [f32],
+    precision: Precision,
 ) {
     let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
     cols.resize(g.rows() * g.cols(), 0.0);
     im2col(&g, x, cols);
-    matmul(s.out_channels, g.cols(), g.rows(), w, Layout::Normal, cols, Layout::Normal, y, false);
+    precision.matmul(s.out_channels, g.cols(), g.rows(), w, Layout::Normal, cols, Layout::Normal, y, false);
 }
 
 /// Where a convolution's backward finds the unrolled input its weight gradient reads.
@@ -74,6 +78,7 @@ pub fn conv2d_backward(
     gw: Option<&mut [f32]>,
     dx: Option<&mut [f32]>,
     scratch: &mut Vec<f32>,
+    precision: Precision,
 ) {
     let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
     if let Some(gw) = gw {
@@ -82,24 +87,25 @@ pub fn conv2d_backward(
         match unrolled {
             Unrolled::Kept(cols) => {
                 scratch.resize(tmp_len, 0.0);
-                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch);
+                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch, precision);
             }
             Unrolled::Recompute(x) => {
                 let cols_len = g.rows() * g.cols();
                 scratch.resize(cols_len + tmp_len, 0.0);
                 let (cols, tmp) = scratch.split_at_mut(cols_len);
                 im2col(&g, x, cols);
-                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, tmp);
+                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, tmp, precision);
             }
         }
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
-        fold_product(&g, s.out_channels, w, dy, dx, scratch);
+        fold_product(&g, s.out_channels, w, dy, dx, scratch, precision);
     }
 }
 
 /// ConvTranspose2d forward: `y = col2im(W^T (OC*k*k, IC) x x (IC, N*H*W))`.
+#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_forward(
     s: &ConvShape,
     batch: usize,
@@ -108,9 +114,10 @@ pub fn conv_transpose2d_forward(
     w: &[f32],
     scratch: &mut Vec<f32>,
     y: &mut [f32],
+    precision: Precision,
 ) {
     let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
-    fold_product(&g, s.in_channels, w, x, y, scratch);
+    fold_product(&g, s.in_channels, w, x, y, scratch, precision);
 }
 
 /// `big = col2im(W^T x X)`, with W stored (inner x rows) and X (inner x cols): a convolution's
@@ -119,12 +126,20 @@ pub fn conv_transpose2d_forward(
 /// it is still in the core's cache instead of making a round trip through memory (64 MB at
 /// DCGAN-64's 64->128 layer, batch 64); the result is the same, bit for bit. Elsewhere, one
 /// product over the whole batch into `scratch`, then one fold.
-fn fold_product(g: &Geometry, inner: usize, w: &[f32], x: &[f32], big: &mut [f32], scratch: &mut Vec<f32>) {
+fn fold_product(
+    g: &Geometry,
+    inner: usize,
+    w: &[f32],
+    x: &[f32],
+    big: &mut [f32],
+    scratch: &mut Vec<f32>,
+    precision: Precision,
+) {
     match images_per_fold_block(g, inner) {
-        Some(images) => fold_product_by_blocks(g, inner, w, x, big, images),
+        Some(images) => fold_product_by_blocks(g, inner, w, x, big, images, precision),
         None => {
             scratch.resize(g.rows() * g.cols(), 0.0);
-            matmul(g.rows(), g.cols(), inner, w, Layout::Transposed, x, Layout::Normal, scratch, false);
+            precision.matmul(g.rows(), g.cols(), inner, w, Layout::Transposed, x, Layout::Normal, scratch, false);
             col2im(g, scratch, big);
         }
     }
@@ -149,7 +164,15 @@ fn images_per_fold_block(g: &Geometry, inner: usize) -> Option<usize> {
     Some((FOLD_BLOCK_BYTES / image_bytes.max(1)).clamp(1, g.batch.max(1)))
 }
 
-fn fold_product_by_blocks(g: &Geometry, inner: usize, w: &[f32], x: &[f32], big: &mut [f32], images: usize) {
+fn fold_product_by_blocks(
+    g: &Geometry,
+    inner: usize,
+    w: &[f32],
+    x: &[f32],
+    big: &mut [f32],
+    images: usize,
+    precision: Precision,
+) {
     thread_local! {
         /// A block's unrolled product and the fold's phase planes, reused from call to call.
         static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -166,7 +189,16 @@ fn fold_product_by_blocks(g: &Geometry, inner: usize, w: &[f32], x: &[f32], big:
         // borrow BLOCK) before this one returns.
         BLOCK.with_borrow_mut(|(cols, split)| {
             cols.resize(g.rows() * width, 0.0);
-            matmul_column_block(g.rows(), width, inner, w, Layout::Transposed, &x[first * segment..], g.cols(), cols);
+            precision.matmul_column_block(
+                g.rows(),
+                width,
+                inner,
+                w,
+                Layout::Transposed,
+                &x[first * segment..],
+                g.cols(),
+                cols,
+            );
             // SAFETY: `out` is `big`, of `g`'s shape (asserted); the blocks' images are disjoint.
             unsafe { col2im_images(g, cols, width, first, count, out.get(), split) }
         });
@@ -199,6 +231,7 @@ pub fn conv_transpose2d_backward(
     gw: Option<&mut [f32]>,
     dx: Option<&mut [f32]>,
     scratch: &mut Vec<f32>,
+    precision: Precision,
 ) {
     let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
     // The unrolled gradient, then room for the weight gradient's transposed product.
@@ -208,11 +241,11 @@ pub fn conv_transpose2d_backward(
     trace_span!("conv_backward_im2col").in_scope(|| im2col(&g, dy, dcols));
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
-        add_weight_gradient(s.in_channels, g.rows(), g.cols(), x, dcols, gw, tmp);
+        add_weight_gradient(s.in_channels, g.rows(), g.cols(), x, dcols, gw, tmp, precision);
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
-        matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, dcols, Layout::Normal, dx, false);
+        precision.matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, dcols, Layout::Normal, dx, false);
     }
 }
 
@@ -220,16 +253,31 @@ pub fn conv_transpose2d_backward(
 /// output pixel of the batch) is long and whose m x n is small. The `gemm` crate runs such a
 /// product 1.3-2x faster with the larger side as its rows (measured on DCGAN's layers, e.g.
 /// 113 against 228 GFLOP/s for 128 x 1024 x 16384 on one core), so when `n > m` the transposed
-/// product goes to `tmp` (at least n x m) and its transpose is added. Both products split `k`
-/// between the threads ([`matmul_nt_split_k`]).
-fn add_weight_gradient(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], gw: &mut [f32], tmp: &mut [f32]) {
-    if n <= m {
-        matmul_nt_split_k(m, n, k, a, b, gw);
+/// product goes to `tmp` (at least n x m) and its transpose is added; the bf16 products choose
+/// by their own tile padding ([`bf16::transposed_product_is_cheaper`]). Both products split `k`
+/// between the threads ([`super::matmul::matmul_nt_split_k`]).
+#[allow(clippy::too_many_arguments)]
+fn add_weight_gradient(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    gw: &mut [f32],
+    tmp: &mut [f32],
+    precision: Precision,
+) {
+    let transposed = match precision {
+        Precision::F32 => n > m,
+        Precision::Bf16 => bf16::transposed_product_is_cheaper(m, n),
+    };
+    if !transposed {
+        precision.matmul_nt_split_k(m, n, k, a, b, gw);
         return;
     }
     let tmp = &mut tmp[..n * m];
     tmp.fill(0.0);
-    matmul_nt_split_k(n, m, k, b, a, tmp);
+    precision.matmul_nt_split_k(n, m, k, b, a, tmp);
     // gw[i][j] += tmp[j][i], in tiles that stay in L1 on both sides, rows of gw in parallel.
     const TILE: usize = 32;
     let tmp = &*tmp;
@@ -248,6 +296,7 @@ fn add_weight_gradient(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], gw: &
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul::matmul;
     use super::*;
 
     /// The block-by-block product and fold gives the whole-batch one's result bit for bit: with
@@ -269,7 +318,7 @@ mod tests {
             col2im(&g, &cols, &mut whole);
             for (blocks, threads_note) in [(images, "as chosen"), (3, "three images a block")] {
                 let mut blocked = vec![f32::NAN; g.big_len()];
-                pool.install(|| fold_product_by_blocks(&g, inner, &w, &x, &mut blocked, blocks));
+                pool.install(|| fold_product_by_blocks(&g, inner, &w, &x, &mut blocked, blocks, Precision::F32));
                 assert!(
                     whole.iter().zip(&blocked).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{g:?}, {threads_note}: blocked fold differs"

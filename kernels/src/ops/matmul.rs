@@ -1,5 +1,7 @@
 //! Row-major matrix products on the `gemm` crate, with transposes expressed as strides.
 
+use super::bf16;
+use crate::config::Precision;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -132,6 +134,65 @@ pub fn matmul_column_block(
     }
     // SAFETY: the asserts above keep every index the strides reach inside the slices.
     unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_stride, 1, c, false, Parallelism::None) }
+}
+
+/// The products of a convolution in the chosen precision: fp32 on the `gemm` crate, or bf16
+/// operands with fp32 accumulation ([`super::bf16`]). Products with a dimension of 1 (D's last
+/// layer) stay fp32 in both: they are vector loops bound by memory, where bf16 saves nothing.
+impl Precision {
+    /// [`matmul`] in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_layout: Layout,
+        b: &[f32],
+        b_layout: Layout,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        if self.uses_bf16(m, n, k) {
+            bf16::matmul(m, n, k, a, a_layout, b, b_layout, c, accumulate);
+        } else {
+            matmul(m, n, k, a, a_layout, b, b_layout, c, accumulate);
+        }
+    }
+
+    /// [`matmul_column_block`] in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_column_block(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_layout: Layout,
+        b: &[f32],
+        b_stride: usize,
+        c: &mut [f32],
+    ) {
+        if self.uses_bf16(m, n, k) {
+            bf16::matmul_column_block(m, n, k, a, a_layout, b, b_stride, c);
+        } else {
+            matmul_column_block(m, n, k, a, a_layout, b, b_stride, c);
+        }
+    }
+
+    /// [`matmul_nt_split_k`] in this precision.
+    pub fn matmul_nt_split_k(self, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        if self.uses_bf16(m, n, k) {
+            bf16::matmul_nt_split_k(m, n, k, a, b, c);
+        } else {
+            matmul_nt_split_k(m, n, k, a, b, c);
+        }
+    }
+
+    fn uses_bf16(self, m: usize, n: usize, k: usize) -> bool {
+        self == Precision::Bf16 && m > 1 && n > 1 && k > 1
+    }
 }
 
 /// Shortest slice of `k` worth a thread of its own in [`matmul_nt_split_k`]; shorter ones are

@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod adam;
 pub mod batchnorm;
+pub mod bf16;
 pub mod conv;
 pub mod im2col;
 pub mod loss;
