@@ -74,6 +74,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
 
     RunConfig::check_cli(&cli, 3)?;
+    if cli.precision == kernels::Precision::Bf16.to_string() && !cli.external_workers {
+        if let Some(warning) = kernels::ops::isa_rate::bf16_slowdown_warning() {
+            tracing::warn!("{warning}");
+        }
+    }
     let gpus = !cli.external_workers && launch_on_gpus(&cli.device, cli.workers)?;
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {

@@ -98,6 +98,11 @@ impl Trainer {
             _ => {
                 gan.set_precision(precision).context("the run's --precision")?;
                 tracing::info!(%precision, "convolution products");
+                if precision == kernels::Precision::Bf16 {
+                    if let Some(warning) = kernels::ops::isa_rate::bf16_slowdown_warning() {
+                        tracing::warn!("{warning}");
+                    }
+                }
                 Engine::Cpu { gan: Box::new(gan), collective: self.cpu_collective()? }
             }
         };

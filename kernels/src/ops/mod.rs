@@ -9,5 +9,6 @@ pub mod batchnorm;
 pub mod bf16;
 pub mod conv;
 pub mod im2col;
+pub mod isa_rate;
 pub mod loss;
 pub mod matmul;
