@@ -1,11 +1,14 @@
 //! Times the pieces of D's strided convolutions on their own, at DCGAN's shapes: the unrolling
 //! (`im2col`), the fold (`col2im`), the forward product, and the weight gradient's product
 //! split by the `gemm` crate over its output against split by `k` between the threads
-//! (`matmul_nt_split_k`). `step_bench --profile` shows where a step's time goes; this shows
-//! how fast each piece runs, to choose how to build it.
+//! (`matmul_nt_split_k`); where the CPU has AVX512-BF16, also the forward and weight-gradient
+//! products with bf16 operands (`--precision bf16`). `step_bench --profile` shows where a step's
+//! time goes; this shows how fast each piece runs, to choose how to build it.
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use kernels::Precision;
+use kernels::ops::bf16;
 use kernels::ops::im2col::{Geometry, col2im, im2col};
 use kernels::ops::matmul::{Layout, matmul, matmul_nt_split_k};
 use std::time::Instant;
@@ -40,9 +43,17 @@ fn time_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads).build().context("building the thread pool")?;
+    let with_bf16 = bf16::supported();
     println!(
-        "{:<24} {:>10} {:>10} {:>12} {:>16} {:>16}",
-        "layer (in->out, side)", "im2col ms", "col2im ms", "fwd GFLOP/s", "dW gemm GFLOP/s", "dW split-k GF/s"
+        "{:<24} {:>10} {:>10} {:>12} {:>16} {:>16} {:>14} {:>16}",
+        "layer (in->out, side)",
+        "im2col ms",
+        "col2im ms",
+        "fwd GFLOP/s",
+        "dW gemm GFLOP/s",
+        "dW split-k GF/s",
+        "fwd bf16 GF/s",
+        "dW bf16 GF/s"
     );
     // D's stride-2 4x4 layers of DCGAN-32 (grayscale) and DCGAN-64.
     for (ic, oc, side) in [(1, 64, 32), (64, 128, 16), (128, 256, 8), (3, 64, 64), (64, 128, 32), (256, 512, 8)] {
@@ -59,7 +70,7 @@ fn main() -> Result<()> {
         let mut dw = vec![0.0; rows * oc];
         let flops = 2.0 * (oc * rows * cols_n) as f64;
         let rate = |ms: f64| flops / ms / 1e6;
-        let (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split) = pool.install(|| {
+        let (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split, bf16_times) = pool.install(|| {
             let t_im2col = time_ms(args.repeats, || im2col(&g, &x, &mut cols));
             let t_col2im = time_ms(args.repeats, || col2im(&g, &cols, &mut back));
             let t_fwd = time_ms(args.repeats, || {
@@ -70,16 +81,35 @@ fn main() -> Result<()> {
                 matmul(m, n, cols_n, lhs, Layout::Normal, rhs, Layout::Transposed, &mut dw, false)
             });
             let t_dw_split = time_ms(args.repeats, || matmul_nt_split_k(m, n, cols_n, lhs, rhs, &mut dw));
-            (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split)
+            // bf16: the same products, the weight gradient in the orientation its tiles prefer.
+            let bf16_times = with_bf16.then(|| {
+                let t_fwd = time_ms(args.repeats, || {
+                    Precision::Bf16.matmul(oc, cols_n, rows, &w, Layout::Normal, &cols, Layout::Normal, &mut y, false)
+                });
+                let (m, n, lhs, rhs) = if bf16::transposed_product_is_cheaper(oc, rows) {
+                    (rows, oc, &cols, &dy)
+                } else {
+                    (oc, rows, &dy, &cols)
+                };
+                let t_dw = time_ms(args.repeats, || Precision::Bf16.matmul_nt_split_k(m, n, cols_n, lhs, rhs, &mut dw));
+                (t_fwd, t_dw)
+            });
+            (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split, bf16_times)
         });
+        let (bf16_fwd, bf16_dw) = match bf16_times {
+            Some((f, d)) => (format!("{:.0}", rate(f)), format!("{:.0}", rate(d))),
+            None => ("-".to_string(), "-".to_string()),
+        };
         println!(
-            "{:<24} {:>10.2} {:>10.2} {:>12.0} {:>16.0} {:>16.0}",
+            "{:<24} {:>10.2} {:>10.2} {:>12.0} {:>16.0} {:>16.0} {:>14} {:>16}",
             format!("{ic}->{oc}, {side}->{}", side / 2),
             t_im2col,
             t_col2im,
             rate(t_fwd),
             rate(t_dw_gemm),
-            rate(t_dw_split)
+            rate(t_dw_split),
+            bf16_fwd,
+            bf16_dw
         );
     }
     Ok(())
