@@ -12,7 +12,7 @@
 //! micro-kernel broadcasts an A pair against 16 B columns, for an MR x NR tile of C in 24 zmm
 //! registers. Where a pair is short (odd k) its second half is zero.
 
-use super::matmul::Layout;
+use super::matmul::{Layout, product_left, window_fits};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -74,6 +74,11 @@ impl<'a> Strided<'a> {
         }
     }
 
+    /// The transpose, without moving anything.
+    fn transposed(self) -> Self {
+        Self { row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
     /// The same matrix from row `r` and column `c` on.
     fn offset(self, r: usize, c: usize) -> Self {
         Self { data: &self.data[r * self.row_stride + c * self.col_stride..], ..self }
@@ -95,23 +100,14 @@ pub fn matmul(
     accumulate: bool,
 ) {
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
-    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
-    assert!(b.len() >= k * n, "rhs too short for {k}x{n}");
-    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if !product_left(m, n, k, a, b.len() >= k * n, c, accumulate) {
         return;
     }
     let (a, b) = (Strided::new(a, m, k, a_layout), Strided::new(b, k, n, b_layout));
     let out = OutPtr(c.as_mut_ptr());
     let threads = rayon::current_num_threads();
     if threads == 1 || m * n * k < PARALLEL_THRESHOLD {
-        // SAFETY: the asserts above keep every operand element and every write in bounds.
+        // SAFETY: the checks above keep every operand element and every write in bounds.
         unsafe { product_on_this_thread(m, n, k, a, b, out.get(), n, accumulate) };
     } else if n >= m {
         // One slice of columns per thread: each packs its own part of B and all of A.
@@ -159,19 +155,12 @@ pub fn matmul_column_block(
     c: &mut [f32],
 ) {
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
-    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
-    assert!(n <= b_stride && (k == 0 || b.len() >= (k - 1) * b_stride + n), "rhs window too short for {k}x{n}");
-    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c[..m * n].fill(0.0);
+    if !product_left(m, n, k, a, window_fits(n, k, b, b_stride), c, false) {
         return;
     }
     let a = Strided::new(a, m, k, a_layout);
     let b = Strided { data: b, row_stride: b_stride, col_stride: 1 };
-    // SAFETY: the asserts above keep every operand element and every write in bounds.
+    // SAFETY: the checks above keep every operand element and every write in bounds.
     unsafe { product_on_this_thread(m, n, k, a, b, c.as_mut_ptr(), n, false) }
 }
 
@@ -259,10 +248,10 @@ unsafe fn product_on_this_thread(
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 // SAFETY (all three): the caller's contract, and the blocks lie inside m x n x k.
-                unsafe { x86::pack_b(b.offset(pc, jc), kc, nc, b_panels) };
+                unsafe { x86::pack_panels(b.offset(pc, jc), kc, nc, NR, b_panels) };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    unsafe { x86::pack_a(a.offset(ic, pc), mc, kc, a_panels) };
+                    unsafe { x86::pack_panels(a.offset(ic, pc).transposed(), kc, mc, MR, a_panels) };
                     for jr in (0..nc).step_by(NR) {
                         for ir in (0..mc).step_by(MR) {
                             unsafe {
@@ -360,69 +349,35 @@ mod x86 {
         }
     }
 
-    /// Packs k values `0..kc` and columns `0..nc` of `b` (k x n) into panels of NR columns.
+    /// Packs k values `0..kc` and columns `0..width` of `m` (a k x n view) into panels of
+    /// `slots` columns, zero-padded: B's panels (NR) from B, A's (MR) from A's transpose.
     ///
     /// # Safety
-    /// `b` must hold that block through its strides; the CPU must have AVX512-BF16.
+    /// `m` must hold that block through its strides; the CPU must have AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn pack_b(b: Strided<'_>, kc: usize, nc: usize, out: &mut Vec<u32>) {
+    pub(super) unsafe fn pack_panels(m: Strided<'_>, kc: usize, width: usize, slots: usize, out: &mut Vec<u32>) {
         let pairs = kc.div_ceil(2);
-        out.resize(nc.div_ceil(NR) * pairs * NR, 0);
-        let src = b.data.as_ptr();
-        for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-            let width = NR.min(nc - j0);
-            let dst = unsafe { out.as_mut_ptr().add(panel * pairs * NR) };
+        out.resize(width.div_ceil(slots) * pairs * slots, 0);
+        let src = m.data.as_ptr();
+        for (panel, j0) in (0..width).step_by(slots).enumerate() {
+            let used = slots.min(width - j0);
+            let dst = unsafe { out.as_mut_ptr().add(panel * pairs * slots) };
             // SAFETY: the caller's contract; the panel lies inside `out`.
             unsafe {
-                if b.col_stride == 1 {
-                    // Rows of B are contiguous: a pair's halves are two rows.
+                if m.col_stride == 1 {
+                    // Rows are contiguous: a pair's halves are two rows.
                     for q in 0..pairs {
-                        let row = |p: usize| src.wrapping_add(p * b.row_stride + j0);
+                        let row = |p: usize| src.wrapping_add(p * m.row_stride + j0);
                         let second = (2 * q + 1 < kc).then(|| row(2 * q + 1));
-                        interleave_rows(row(2 * q), second, width, dst.add(q * NR), NR);
+                        interleave_rows(row(2 * q), second, used, dst.add(q * slots), slots);
                     }
                 } else {
-                    // Columns are contiguous (B stored transposed): each column is a run of pairs.
-                    for j in 0..NR {
-                        if j < width {
-                            scatter_pairs(src.add((j0 + j) * b.col_stride), kc, dst.add(j), NR);
+                    // Columns are contiguous: each column is a run of pairs.
+                    for j in 0..slots {
+                        if j < used {
+                            scatter_pairs(src.add((j0 + j) * m.col_stride), kc, dst.add(j), slots);
                         } else {
-                            (0..pairs).for_each(|q| *dst.add(q * NR + j) = 0);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Packs rows `0..mc` and k values `0..kc` of `a` (m x k) into panels of MR rows.
-    ///
-    /// # Safety
-    /// `a` must hold that block through its strides; the CPU must have AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn pack_a(a: Strided<'_>, mc: usize, kc: usize, out: &mut Vec<u32>) {
-        let pairs = kc.div_ceil(2);
-        out.resize(mc.div_ceil(MR) * pairs * MR, 0);
-        let src = a.data.as_ptr();
-        for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-            let height = MR.min(mc - i0);
-            let dst = unsafe { out.as_mut_ptr().add(panel * pairs * MR) };
-            // SAFETY: the caller's contract; the panel lies inside `out`.
-            unsafe {
-                if a.row_stride == 1 {
-                    // Columns of A are contiguous (A stored transposed): a pair's halves are two
-                    // of them.
-                    for q in 0..pairs {
-                        let column = |p: usize| src.wrapping_add(p * a.col_stride + i0);
-                        let second = (2 * q + 1 < kc).then(|| column(2 * q + 1));
-                        interleave_rows(column(2 * q), second, height, dst.add(q * MR), MR);
-                    }
-                } else {
-                    for i in 0..MR {
-                        if i < height {
-                            scatter_pairs(src.add((i0 + i) * a.row_stride), kc, dst.add(i), MR);
-                        } else {
-                            (0..pairs).for_each(|q| *dst.add(q * MR + i) = 0);
+                            (0..pairs).for_each(|q| *dst.add(q * slots + j) = 0);
                         }
                     }
                 }

@@ -31,16 +31,7 @@ pub fn matmul(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
-    assert!(b.len() >= k * n, "rhs too short for {k}x{n}");
-    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if !product_left(m, n, k, a, b.len() >= k * n, c, accumulate) {
         return;
     }
     if degenerate(m, n, k, a, a_layout, b, b_layout, c, accumulate) {
@@ -53,8 +44,40 @@ pub fn matmul(
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 && m * n * k >= PARALLEL_THRESHOLD { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    // SAFETY: the checks above keep every index the strides reach inside the slices.
     unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_rs, b_cs, c, accumulate, parallelism) }
+}
+
+/// Checks the operands of `c (m x n) = a (m x k) x b` (`b_fits`: whether `b` holds its k x n
+/// values) and does the products that need no multiplication: none when `c` is empty, zeros
+/// (unless `accumulate`) when k is 0. Returns whether a product is left to compute.
+pub(super) fn product_left(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b_fits: bool,
+    c: &mut [f32],
+    accumulate: bool,
+) -> bool {
+    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
+    assert!(b_fits, "rhs too short for {k}x{n}");
+    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
+    if m == 0 || n == 0 {
+        return false;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return false;
+    }
+    true
+}
+
+/// Whether `b` holds a window of `n` columns and `k` rows lying `b_stride` apart.
+pub(super) fn window_fits(n: usize, k: usize, b: &[f32], b_stride: usize) -> bool {
+    n <= b_stride && (k == 0 || b.len() >= (k - 1) * b_stride + n)
 }
 
 /// One call of the `gemm` crate: `c (m x n, row-major) = a x b`, plus the old `c` when
@@ -122,17 +145,10 @@ pub fn matmul_column_block(
     b_stride: usize,
     c: &mut [f32],
 ) {
-    assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
-    assert!(n <= b_stride && (k == 0 || b.len() >= (k - 1) * b_stride + n), "rhs window too short for {k}x{n}");
-    assert!(c.len() >= m * n, "dst too short for {m}x{n}");
-    if m == 0 || n == 0 {
+    if !product_left(m, n, k, a, window_fits(n, k, b, b_stride), c, false) {
         return;
     }
-    if k == 0 {
-        c[..m * n].fill(0.0);
-        return;
-    }
-    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    // SAFETY: the checks above keep every index the strides reach inside the slices.
     unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_stride, 1, c, false, Parallelism::None) }
 }
 
