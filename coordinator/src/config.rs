@@ -236,6 +236,7 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         workers => "workers", dataset => "dataset", image_size => "image-size", nz => "nz",
         ngf => "ngf", ndf => "ndf", lr => "lr", beta1 => "beta1", seed => "seed",
         batch_size => "batch-size", sync_bn => "sync-bn", data_limit => "data-limit",
+        precision => "precision",
     );
     if !conflicts.is_empty() {
         return Err(ConfigError::Invalid(format!(
@@ -256,7 +257,6 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         checkpoint_every <- previous.checkpoint_every,
         keep_checkpoints <- previous.keep_checkpoints,
         checksum_every <- previous.checksum_every,
-        precision <- previous.precision.clone(),
         external_workers <- previous.external_workers,
         workers_local_data <- previous.workers_local_data,
         worker_threads <- Some(previous.worker_threads),
@@ -313,9 +313,22 @@ mod tests {
         let (mut c, explicit) = cli(&["--max-steps", "8"]);
         merge_for_resume(&mut c, &explicit, &prev).unwrap();
         assert_eq!((c.ngf, c.max_steps), (16, Some(8)));
-        let (mut c, explicit) = cli(&["--ngf", "32", "--seed", "1"]);
+        assert_eq!(c.precision, "f32");
+        let (mut c, explicit) = cli(&["--ngf", "32", "--seed", "1", "--precision", "bf16"]);
         let e = merge_for_resume(&mut c, &explicit, &prev).unwrap_err().to_string();
-        assert!(e.contains("--ngf 32") && e.contains("--seed 1"), "{e}");
+        assert!(e.contains("--ngf 32") && e.contains("--seed 1") && e.contains("--precision \"bf16\""), "{e}");
+    }
+
+    /// A run.json written before `--precision` existed reads as an fp32 run.
+    #[test]
+    fn run_json_without_a_precision_is_fp32() {
+        let (c, _) = cli(&[]);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap().to_json())
+                .unwrap();
+        json.as_object_mut().unwrap().remove("precision");
+        let back: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.precision, "f32");
     }
 
     #[test]
