@@ -12,7 +12,7 @@
 //! micro-kernel broadcasts an A pair against 16 B columns, for an MR x NR tile of C in 24 zmm
 //! registers. Where a pair is short (odd k) its second half is zero.
 
-use super::matmul::{Layout, product_left, window_fits};
+use super::matmul::{Layout, PARALLEL_THRESHOLD, add_k_slices, product_left, split_k_pays, window_fits};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -28,10 +28,6 @@ const KC: usize = 256;
 const MC: usize = 192;
 /// Columns of B packed at a time (512 KiB, in the 2 MiB L2).
 const NC: usize = 1024;
-/// Below this many multiply-adds a product runs on the calling thread (as in `matmul`).
-const PARALLEL_THRESHOLD: usize = 1 << 18;
-/// Shortest slice of k worth a thread of its own in [`matmul_nt_split_k`].
-const MIN_K_SLICE: usize = 1024;
 
 /// Whether this CPU has the instructions the bf16 products use.
 pub fn supported() -> bool {
@@ -167,9 +163,6 @@ pub fn matmul_column_block(
 /// `c (m x n) += a (m x k) x b^T`, with `b` stored n x k: the bf16 twin of
 /// [`super::matmul::matmul_nt_split_k`], which says why the threads split `k`.
 pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    thread_local! {
-        static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "operands too short for {m}x{n}x{k}");
     if m == 0 || n == 0 || k == 0 {
@@ -177,30 +170,14 @@ pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: 
     }
     let a = Strided { data: a, row_stride: k, col_stride: 1 };
     let b = Strided { data: b, row_stride: 1, col_stride: k };
-    let threads = rayon::current_num_threads();
-    if threads == 1 || m * n * k < PARALLEL_THRESHOLD || k < threads * MIN_K_SLICE {
+    if !split_k_pays(m, n, k) {
         // SAFETY: the assert above keeps every operand element and every write in bounds.
         unsafe { product_on_this_thread(m, n, k, a, b, c.as_mut_ptr(), n, true) };
         return;
     }
-    PARTIALS.with_borrow_mut(|partials| {
-        partials.resize(threads * m * n, 0.0);
-        let slice = k.div_ceil(threads);
-        partials.par_chunks_mut(m * n).enumerate().for_each(|(t, part)| {
-            let k0 = (t * slice).min(k);
-            let len = slice.min(k - k0);
-            if len == 0 {
-                part.fill(0.0);
-            } else {
-                // SAFETY: columns k0..k0+len of both operands are in bounds; `part` is m x n.
-                unsafe {
-                    product_on_this_thread(m, n, len, a.offset(0, k0), b.offset(k0, 0), part.as_mut_ptr(), n, false)
-                }
-            }
-        });
-        for part in partials.chunks_exact(m * n) {
-            c[..m * n].iter_mut().zip(part).for_each(|(c, p)| *c += p);
-        }
+    add_k_slices(m, n, k, c, |k0, len, part| {
+        // SAFETY: columns k0..k0+len of both operands are in bounds; `part` is m x n.
+        unsafe { product_on_this_thread(m, n, len, a.offset(0, k0), b.offset(k0, 0), part.as_mut_ptr(), n, false) }
     });
 }
 

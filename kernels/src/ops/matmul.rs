@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
 /// more than it saves.
-const PARALLEL_THRESHOLD: usize = 1 << 18;
+pub(super) const PARALLEL_THRESHOLD: usize = 1 << 18;
 
 /// How an operand is stored: as the (rows, cols) matrix the product needs, or as its transpose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,38 +222,12 @@ const MIN_K_SLICE: usize = 1024;
 /// slices of `k` instead and their partial products are summed. The partials live in a
 /// per-thread buffer reused from call to call.
 pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    thread_local! {
-        static PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let threads = rayon::current_num_threads();
-    if threads == 1 || m * n * k < PARALLEL_THRESHOLD || k < threads * MIN_K_SLICE {
+    if !split_k_pays(m, n, k) {
         matmul(m, n, k, a, Layout::Normal, b, Layout::Transposed, c, true);
         return;
     }
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "operands too short for {m}x{n}x{k}");
-    PARTIALS.with_borrow_mut(|partials| split_k_into(m, n, k, a, b, c, threads, partials));
-}
-
-#[allow(clippy::too_many_arguments)]
-fn split_k_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    threads: usize,
-    partials: &mut Vec<f32>,
-) {
-    partials.resize(threads * m * n, 0.0);
-    let slice = k.div_ceil(threads);
-    partials.par_chunks_mut(m * n).enumerate().for_each(|(t, part)| {
-        let k0 = (t * slice).min(k);
-        let len = slice.min(k - k0);
-        if len == 0 {
-            part.fill(0.0);
-            return;
-        }
+    add_k_slices(m, n, k, c, |k0, len, part| {
         // SAFETY: columns k0..k0+len of a (m x k, row stride k) and b (n x k, row stride k) are
         // in bounds (checked above); `part` is m x n, row-major.
         unsafe {
@@ -280,9 +254,45 @@ fn split_k_into(
             );
         }
     });
-    for part in partials.chunks_exact(m * n) {
-        c[..m * n].iter_mut().zip(part).for_each(|(c, p)| *c += p);
+}
+
+/// Whether an m x n x k product is worth splitting by `k` between this pool's threads.
+pub(super) fn split_k_pays(m: usize, n: usize, k: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && m * n * k >= PARALLEL_THRESHOLD && k >= threads * MIN_K_SLICE
+}
+
+/// `c (m x n) += ` the sum of one partial product per thread, each over its own slice of `k`:
+/// `product(k0, len, part)` writes slice `k0..k0+len`'s m x n product into `part` (overwriting
+/// it). The partials live in a per-thread buffer reused from call to call; the fp32 and bf16
+/// weight gradients share this.
+pub(super) fn add_k_slices(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    product: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    thread_local! {
+        static PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let threads = rayon::current_num_threads();
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize(threads * m * n, 0.0);
+        let slice = k.div_ceil(threads);
+        partials.par_chunks_mut(m * n).enumerate().for_each(|(t, part)| {
+            let k0 = (t * slice).min(k);
+            let len = slice.min(k - k0);
+            if len == 0 {
+                part.fill(0.0);
+            } else {
+                product(k0, len, part);
+            }
+        });
+        for part in partials.chunks_exact(m * n) {
+            c[..m * n].iter_mut().zip(part).for_each(|(c, p)| *c += p);
+        }
+    });
 }
 
 /// Products with one dimension of 1 (D's last layer, one output channel: a row times a matrix,
