@@ -1,7 +1,7 @@
 //! `dcgan`: the DCGAN paper's experiments and FID, as commands on any checkpoint.
 
 use clap::{Parser, Subcommand};
-use dcgan_cli::{ablate, arithmetic, convert, evaluate, generate, interpolate, nearest, visualize};
+use dcgan_cli::{ablate, arithmetic, convert, evaluate, generate, interpolate, nearest, prepare, visualize};
 
 #[derive(Parser, Debug)]
 #[command(name = "dcgan", version, about = "Research tool for DCGAN checkpoints: the paper's experiments and FID")]
@@ -30,6 +30,9 @@ enum Command {
     Evaluate(evaluate::EvaluateCommand),
     /// PyTorch .pth <-> safetensors (needs python3 with torch).
     Convert(convert::ConvertArgs),
+    /// A data set (MNIST, CIFAR-10, an image folder, a tar, LSUN's LMDB; or --download one) to
+    /// packed u8 shards at the training size, that training reads from disk.
+    Prepare(prepare::PrepareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Nearest(a) => nearest::run(a),
         Command::Evaluate(c) => evaluate::run(c),
         Command::Convert(a) => convert::run(a),
+        Command::Prepare(a) => prepare::run(a),
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::cli::{Cli, Explicit};
-use crate::config::{DatasetFacts, RunConfig, merge_for_resume};
+use crate::config::{RunConfig, merge_for_resume};
 use crate::evaluation::{self, EvalRecord, EvalRequest, EvalSettings};
 use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
@@ -88,20 +88,12 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         bail!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
 
-    // The dataset is read and checked before anything else starts.
+    // The dataset is opened (prepared first if it is a raw source) and checked before anything
+    // else starts. Only its shape and its shard files are held, never its pixels.
     let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
-    let (image_size, limit) = (cli.image_size as usize, cli.data_limit.map(|l| l as usize));
-    tracing::info!(dataset = %spec, image_size, "loading dataset");
-    let load_spec = spec.clone();
-    let dataset = tokio::task::spawn_blocking(move || load_spec.load(image_size, limit))
-        .await
-        .context("dataset loader panicked")?
-        .with_context(|| format!("cannot load dataset {spec}"))?;
-    if dataset.len == 0 {
-        bail!("dataset {spec} has no samples");
-    }
-    tracing::info!(name = %dataset.name, samples = dataset.len, nc = dataset.nc, "dataset loaded");
-    let facts = DatasetFacts { name: dataset.name.clone(), len: dataset.len as u64, nc: dataset.nc as u32 };
+    let cache_root = cli.data_cache.clone().unwrap_or_else(data::prepared::cache::default_cache_root);
+    let dataset = crate::dataset::open(&spec, cli.image_size as usize, cli.data_limit, &cache_root).await?;
+    let facts = crate::dataset::facts(&dataset)?;
 
     let config = match &previous {
         None => {
@@ -111,6 +103,15 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         Some(prev) => {
             let mut c = RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())?;
             c.generation = prev.generation + 1;
+            let changed_samples = !prev.data_id.is_empty() && !c.data_id.is_empty() && c.data_id != prev.data_id;
+            if changed_samples {
+                bail!(
+                    "dataset {spec} is not the data set run.json recorded (its prepared samples' id is {}, run.json has \
+                     {}): it cannot be resumed exactly",
+                    c.data_id,
+                    prev.data_id
+                );
+            }
             if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
                 bail!(
                     "dataset {spec} now has {} samples of {} channels, run.json recorded {} of {}: it cannot be resumed exactly",
@@ -165,7 +166,6 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     store.remove_partial()?;
     let mut resume_from = if previous.is_some() { resume_point(&store, &config, false)? } else { None };
 
-    let dataset = Arc::new(dataset);
     if !dir.samples().join("real.png").exists() {
         let (d, samples_dir, seed) = (Arc::clone(&dataset), dir.samples(), config.seed);
         tokio::task::spawn_blocking(move || samples::write_real(&samples_dir, &d, seed))
@@ -264,7 +264,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             let (d, seed) = (Arc::clone(&dataset), config.seed);
             let distance = tokio::task::spawn_blocking(move || samples::real_diversity(&d, seed))
                 .await
-                .context("sample diversity panicked")?;
+                .context("sample diversity panicked")??;
             run.set_real_sample_distance(distance);
         }
         tracing::info!(
@@ -336,7 +336,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 world: world as usize,
                 threads: config.worker_threads,
                 gpus,
-                local_data: config.workers_local_data.then(|| format!("local:{}", config.dataset)),
+                data: config.worker_data,
                 logs: dir.logs(),
                 // Workers serve theirs on the coordinator's metrics host, each on a free port.
                 metrics_listen: metrics_addr.map(|a| SocketAddr::new(a.ip(), 0)),

@@ -21,8 +21,10 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: u32,
 
-    /// Training data: `shapes` (built in, needs no file), `mnist:PATH`, `fashion-mnist:PATH`,
-    /// `cifar10:PATH` or `folder:PATH` (PNG/JPEG images).
+    /// Training data: `shapes` (built in, needs no file), `prepared:DIR` (made by `dcgan prepare`),
+    /// or a source that is prepared into --data-cache the first time: `mnist:PATH`,
+    /// `fashion-mnist:PATH`, `cifar10:PATH` (binary or torchvision's python batches),
+    /// `folder:PATH` (PNG/JPEG/WebP images), `tar:FILE` (WebDataset) or `lsun:DIR` (LMDB).
     #[arg(long, env = "DCGAN_DATASET", default_value = "shapes")]
     pub dataset: String,
 
@@ -118,10 +120,17 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_DATA_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub data_limit: Option<u64>,
 
-    /// Launched workers read the dataset themselves (`--data local:SPEC`) instead of receiving
-    /// their shards over gRPC.
-    #[arg(long, env = "DCGAN_WORKERS_LOCAL_DATA")]
-    pub workers_local_data: bool,
+    /// How launched workers get their samples (their --data): `auto` and `disk` read the
+    /// prepared shards where the coordinator has them (`auto` falls back to gRPC), `stream`
+    /// receives them over gRPC, `memory` has each worker decode the source into memory itself.
+    #[arg(long, env = "DCGAN_WORKER_DATA", value_enum, default_value_t = crate::config::WorkerData::Auto)]
+    pub worker_data: crate::config::WorkerData,
+
+    /// Where sources other than `prepared:DIR` are prepared (decoded once into u8 shards at the
+    /// run's image size, reused by later runs while the source is unchanged)
+    /// [default: $XDG_CACHE_HOME/dcgan/prepared or ~/.cache/dcgan/prepared].
+    #[arg(long, env = "DCGAN_DATA_CACHE")]
+    pub data_cache: Option<PathBuf>,
 
     /// A worker silent for this many seconds fails the run.
     #[arg(long, env = "DCGAN_HEARTBEAT_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]

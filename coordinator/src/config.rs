@@ -61,7 +61,17 @@ pub struct RunConfig {
     #[serde(default = "default_precision")]
     pub precision: String,
     pub external_workers: bool,
-    pub workers_local_data: bool,
+    /// How launched workers get their samples; older run.json files have none (auto).
+    #[serde(default)]
+    pub worker_data: WorkerData,
+    /// The prepared data set's directory (absolute), empty for the built-in set; older
+    /// run.json files have none.
+    #[serde(default)]
+    pub prepared_dir: String,
+    /// The prepared set's content id ([`data::prepared::Manifest::content_id`]): a resumed
+    /// run refuses a set whose samples changed.
+    #[serde(default)]
+    pub data_id: String,
     pub worker_threads: u32,
     pub heartbeat_timeout_secs: u64,
     /// FID every this many epochs (0: never); older run.json files have none.
@@ -82,12 +92,42 @@ fn default_precision() -> String {
     kernels::Precision::F32.to_string()
 }
 
+/// How launched workers get their samples (their `--data`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerData {
+    /// The prepared shards where the coordinator has them if the worker sees them, else over
+    /// gRPC.
+    #[default]
+    Auto,
+    /// The prepared shards from disk, or fail: no pixels cross the network.
+    Disk,
+    /// Receive every batch from the coordinator over gRPC (workers that cannot see the data).
+    Stream,
+    /// Decode the source into memory, each worker on its own (the path before prepared sets;
+    /// bit-identical batches).
+    Memory,
+}
+
+impl std::fmt::Display for WorkerData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerData::Auto => "auto",
+            WorkerData::Disk => "disk",
+            WorkerData::Stream => "stream",
+            WorkerData::Memory => "memory",
+        })
+    }
+}
+
 /// What the dataset contributes to the configuration.
 #[derive(Clone, Debug)]
 pub struct DatasetFacts {
     pub name: String,
     pub len: u64,
     pub nc: u32,
+    /// The prepared directory and its content id, where the samples come from one.
+    pub prepared: Option<(String, String)>,
 }
 
 impl RunConfig {
@@ -164,7 +204,9 @@ impl RunConfig {
             sync_bn: cli.sync_bn,
             precision: cli.precision.clone(),
             external_workers: cli.external_workers,
-            workers_local_data: cli.workers_local_data,
+            worker_data: cli.worker_data,
+            prepared_dir: data.prepared.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+            data_id: data.prepared.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
             worker_threads: cli.worker_threads.unwrap_or((cores / cli.workers).max(1)),
             heartbeat_timeout_secs: cli.heartbeat_timeout,
             eval_every: cli.eval_every,
@@ -205,6 +247,8 @@ impl RunConfig {
             sync_bn: self.sync_bn,
             data_limit: self.data_limit.unwrap_or(0),
             precision: self.precision.clone(),
+            prepared_dir: self.prepared_dir.clone(),
+            data_id: self.data_id.clone(),
         }
     }
 
@@ -258,7 +302,7 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         keep_checkpoints <- previous.keep_checkpoints,
         checksum_every <- previous.checksum_every,
         external_workers <- previous.external_workers,
-        workers_local_data <- previous.workers_local_data,
+        worker_data <- previous.worker_data,
         worker_threads <- Some(previous.worker_threads),
         heartbeat_timeout <- previous.heartbeat_timeout_secs,
         eval_every <- previous.eval_every,
@@ -272,7 +316,7 @@ mod tests {
     use super::*;
 
     fn facts() -> DatasetFacts {
-        DatasetFacts { name: "shapes".into(), len: 1000, nc: 3 }
+        DatasetFacts { name: "shapes".into(), len: 1000, nc: 3, prepared: None }
     }
 
     fn cli(args: &[&str]) -> (Cli, Explicit) {

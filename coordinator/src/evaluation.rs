@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use data::Dataset;
+use data::SampleStore;
+
+/// Samples the FID classifier learns from (the first ones of the set): all of MNIST or
+/// CIFAR-10, and a bounded amount of a large set, which the coordinator otherwise never holds.
+pub const CLASSIFIER_SAMPLES: usize = 60_000;
 use dcgan_cli::fid_score::{ClassifierOptions, FidReference};
 use kernels::{CheckpointFiles, Gan};
 use serde::{Deserialize, Serialize};
@@ -75,15 +79,15 @@ impl EvalSettings {
     }
 
     /// Refuses, before the run starts, a dataset FID cannot be computed on.
-    pub fn check(&self, dataset: &Dataset) -> anyhow::Result<()> {
-        if dataset.labels.is_none() {
+    pub fn check(&self, dataset: &SampleStore) -> anyhow::Result<()> {
+        if !dataset.has_labels() {
             bail!(
                 "--eval-every needs a labelled dataset (its FID classifier learns the labels); {} has none",
                 self.dataset
             );
         }
-        if dataset.len < self.count {
-            bail!("--eval-count {} is more than the {} images of dataset {}", self.count, dataset.len, self.dataset);
+        if dataset.len() < self.count {
+            bail!("--eval-count {} is more than the {} images of dataset {}", self.count, dataset.len(), self.dataset);
         }
         Ok(())
     }
@@ -93,13 +97,14 @@ impl EvalSettings {
 pub async fn evaluate(
     run: Arc<Run>,
     settings: EvalSettings,
-    dataset: Arc<Dataset>,
+    samples: Arc<SampleStore>,
     mut log: MetricsLog<EvalRecord>,
     mut requests: mpsc::UnboundedReceiver<EvalRequest>,
 ) -> anyhow::Result<()> {
     let prepared = {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || {
+            let dataset = samples.head(Some(CLASSIFIER_SAMPLES.max(s.count)))?;
             let labels = dataset.labels.as_deref().context("the dataset has no labels")?;
             FidReference::prepare(
                 &s.dataset,

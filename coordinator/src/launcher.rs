@@ -51,8 +51,8 @@ pub struct LaunchSpec {
     pub threads: u32,
     /// Launched workers train on GPU `rank` (`--device cuda:RANK`) rather than the CPU.
     pub gpus: bool,
-    /// `--data local:SPEC` for workers that read the dataset themselves.
-    pub local_data: Option<String>,
+    /// The workers' `--data` (`auto`, `disk`, `stream`, `memory`).
+    pub data: crate::config::WorkerData,
     pub logs: PathBuf,
     /// `--metrics-listen` for each worker (a port-0 address), when the coordinator serves metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -136,9 +136,7 @@ impl Launcher {
             if let Some(ca) = &spec.tls_ca {
                 cmd.arg("--tls-ca").arg(ca).arg("--tls-domain").arg(&spec.tls_domain);
             }
-            if let Some(d) = &spec.local_data {
-                cmd.arg("--data").arg(d);
-            }
+            cmd.arg("--data").arg(spec.data.to_string());
             // The coordinator's own DCGAN_METRICS_LISTEN (a fixed port) must not reach the
             // workers, who would all try to bind it.
             cmd.env_remove("DCGAN_METRICS_LISTEN");

@@ -13,6 +13,7 @@ pub mod app;
 pub mod checkpoint_store;
 pub mod cli;
 pub mod config;
+pub mod dataset;
 pub mod evaluation;
 pub mod health;
 pub mod launcher;

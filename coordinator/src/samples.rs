@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use data::Dataset;
+use data::SampleStore;
 use kernels::{CheckpointFiles, Gan};
 
 /// Images per grid and per row, as the PyTorch example's `save_image` calls use.
@@ -28,23 +28,26 @@ pub enum SampleError {
 }
 
 /// `samples/real.png`: the first samples of the first epoch's order (what the first steps train on).
-pub fn write_real(dir: &Path, dataset: &Dataset, seed: u64) -> Result<PathBuf, SampleError> {
-    let order = data::epoch_order(seed, 0, dataset.len);
-    let n = GRID_IMAGES.min(order.len());
-    let mut pixels = Vec::new();
-    dataset.gather(&order[..n], &mut pixels);
+pub fn write_real(dir: &Path, samples: &SampleStore, seed: u64) -> Result<PathBuf, SampleError> {
+    let (pixels, n) = first_of_epoch(samples, seed)?;
     let path = dir.join("real.png");
-    data::save_grid(&path, &pixels, n, dataset.nc, dataset.image_size, GRID_ROW)?;
+    data::save_grid(&path, &pixels, n, samples.nc(), samples.image_size(), GRID_ROW)?;
     Ok(path)
 }
 
-/// The mean pairwise distance of the real grid's samples: the yardstick of mode collapse.
-pub fn real_diversity(dataset: &Dataset, seed: u64) -> f64 {
-    let order = data::epoch_order(seed, 0, dataset.len);
+/// The first grid's worth of samples of the first epoch's order, and how many there are.
+fn first_of_epoch(samples: &SampleStore, seed: u64) -> Result<(Vec<f32>, usize), data::DataError> {
+    let order = data::epoch_order(seed, 0, samples.len());
     let n = GRID_IMAGES.min(order.len());
     let mut pixels = Vec::new();
-    dataset.gather(&order[..n], &mut pixels);
-    crate::health::mean_pairwise_distance(&pixels, n)
+    samples.gather(&order[..n], &mut pixels)?;
+    Ok((pixels, n))
+}
+
+/// The mean pairwise distance of the real grid's samples: the yardstick of mode collapse.
+pub fn real_diversity(samples: &SampleStore, seed: u64) -> Result<f64, data::DataError> {
+    let (pixels, n) = first_of_epoch(samples, seed)?;
+    Ok(crate::health::mean_pairwise_distance(&pixels, n))
 }
 
 /// A fake grid as drawn: where, its size, and its mean pairwise distance (see [`crate::health`]).

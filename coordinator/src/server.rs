@@ -113,7 +113,14 @@ impl Coordinator for CoordinatorService {
                     let _ = tx.blocking_send(Err(Status::aborted("the run is over")));
                     return;
                 }
-                let chunks = shards.step_chunks(&order, req.epoch, step, rank);
+                let chunks = match shards.step_chunks(&order, req.epoch, step, rank) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!("cannot read the samples of epoch {} step {step}: {e}", req.epoch);
+                        let _ = tx.blocking_send(Err(Status::internal(format!("cannot read the samples: {e}"))));
+                        return;
+                    }
+                };
                 tracing::debug!(rank, epoch = req.epoch, step, indices = ?shards.indices(&order, step, rank), "serving shard step");
                 for chunk in chunks {
                     if tx.blocking_send(Ok(chunk)).is_err() {

@@ -1,13 +1,15 @@
-//! Which samples each rank trains on, and how they travel to it.
+//! Which samples each rank trains on, and, for a worker that cannot read the prepared data
+//! set itself, how they travel to it.
 //!
 //! The order of an epoch and the split into steps and ranks are `data::shard`'s (the same
-//! functions a worker reading a local copy uses, so both ways give the same batches). This
-//! module turns one rank's step into [`ShardChunk`]s of whole samples, each at most
-//! [`proto::CHUNK_BYTES`] of pixels, so that any image size fits the message limit.
+//! functions a worker reading the shards itself uses, so both ways give the same batches).
+//! This module turns one rank's step into [`ShardChunk`]s of whole samples, each at most
+//! [`proto::CHUNK_BYTES`] of pixels, so that any image size fits the message limit. Samples
+//! are read from disk for each request: the coordinator never holds the data set.
 
 use std::sync::{Arc, Mutex};
 
-use data::Dataset;
+use data::SampleStore;
 use proto::framing::encode_f32_le;
 use proto::v1::ShardChunk;
 
@@ -20,9 +22,9 @@ pub enum ShardRequestError {
     StepOutOfRange { step: u64, steps: u64 },
 }
 
-/// Serves the ranks' shards of one run from the dataset held in memory.
+/// Serves the ranks' shards of one run from the run's samples.
 pub struct ShardServer {
-    dataset: Arc<Dataset>,
+    dataset: Arc<SampleStore>,
     seed: u64,
     global_batch: usize,
     world: usize,
@@ -35,13 +37,13 @@ pub struct ShardServer {
 }
 
 impl ShardServer {
-    pub fn new(dataset: Arc<Dataset>, seed: u64, global_batch: usize, world: usize, total_steps: u64) -> Self {
-        let steps_per_epoch = data::steps_per_epoch(dataset.len, global_batch).unwrap_or(0) as u64;
+    pub fn new(dataset: Arc<SampleStore>, seed: u64, global_batch: usize, world: usize, total_steps: u64) -> Self {
+        let steps_per_epoch = data::steps_per_epoch(dataset.len(), global_batch).unwrap_or(0) as u64;
         let epochs = if steps_per_epoch == 0 { 0 } else { total_steps.div_ceil(steps_per_epoch) };
         Self { dataset, seed, global_batch, world, steps_per_epoch, epochs, cache: Mutex::new(Vec::new()) }
     }
 
-    pub fn dataset(&self) -> &Dataset {
+    pub fn dataset(&self) -> &SampleStore {
         &self.dataset
     }
 
@@ -55,7 +57,7 @@ impl ShardServer {
         if let Some((_, o)) = cache.iter().find(|(e, _)| *e == epoch) {
             return Arc::clone(o);
         }
-        let order = Arc::new(data::epoch_order(self.seed, epoch, self.dataset.len));
+        let order = Arc::new(data::epoch_order(self.seed, epoch, self.dataset.len()));
         cache.push((epoch, Arc::clone(&order)));
         if cache.len() > 2 {
             cache.remove(0);
@@ -83,7 +85,13 @@ impl ShardServer {
 
     /// The chunks carrying `rank`'s batch at `step`: whole samples, at most
     /// [`proto::CHUNK_BYTES`] of pixels each (at least one sample), the last one flagged.
-    pub fn step_chunks(&self, order: &[u32], epoch: u64, step: u64, rank: usize) -> Vec<ShardChunk> {
+    pub fn step_chunks(
+        &self,
+        order: &[u32],
+        epoch: u64,
+        step: u64,
+        rank: usize,
+    ) -> Result<Vec<ShardChunk>, data::DataError> {
         let indices = self.indices(order, step, rank);
         let sample_bytes = self.dataset.sample_len() * 4;
         let per_chunk = (proto::CHUNK_BYTES / sample_bytes.max(1)).max(1);
@@ -92,7 +100,7 @@ impl ShardServer {
         let mut out = Vec::with_capacity(n_chunks);
         for (i, part) in indices.chunks(per_chunk).enumerate() {
             let mut bytes = Vec::with_capacity(part.len() * sample_bytes);
-            self.dataset.gather(part, &mut pixels);
+            self.dataset.gather(part, &mut pixels)?;
             encode_f32_le(&pixels, &mut bytes);
             out.push(ShardChunk {
                 epoch,
@@ -103,7 +111,7 @@ impl ShardServer {
                 step_batch: indices.len() as u32,
             });
         }
-        out
+        Ok(out)
     }
 }
 
@@ -111,16 +119,16 @@ impl ShardServer {
 mod tests {
     use super::*;
 
-    fn dataset(len: usize, size: usize) -> Arc<Dataset> {
+    fn dataset(len: usize, size: usize) -> Arc<SampleStore> {
         let sample = 3 * size * size;
-        Arc::new(Dataset {
+        Arc::new(SampleStore::Memory(data::Dataset {
             name: "t".into(),
             nc: 3,
             image_size: size,
             len,
             pixels: (0..len * sample).map(|i| (i / sample) as f32).collect(),
             labels: None,
-        })
+        }))
     }
 
     #[test]
@@ -131,7 +139,7 @@ mod tests {
         for rank in 0..world {
             let order = s.order(1);
             for step in 0..s.steps_per_epoch() {
-                for c in s.step_chunks(&order, 1, step, rank) {
+                for c in s.step_chunks(&order, 1, step, rank).unwrap() {
                     assert!(c.last_in_step);
                     let mut px = Vec::new();
                     proto::framing::decode_f32_le(&c.pixels, &mut px).unwrap();
@@ -152,7 +160,7 @@ mod tests {
         // 3 x 128 x 128 x 4 bytes = 192 KiB per sample: 21 samples per 4 MiB chunk.
         let s = ShardServer::new(dataset(64, 128), 5, 64, 1, 1);
         let order = s.order(0);
-        let chunks = s.step_chunks(&order, 0, 0, 0);
+        let chunks = s.step_chunks(&order, 0, 0, 0).unwrap();
         assert_eq!(chunks.len(), 4);
         assert!(chunks.iter().all(|c| c.pixels.len() <= proto::CHUNK_BYTES && c.step_batch == 64));
         assert_eq!(chunks.iter().filter(|c| c.last_in_step).count(), 1);

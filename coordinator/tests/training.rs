@@ -139,19 +139,68 @@ fn three_workers_train_on_an_mnist_file() {
     train_mnist(3);
 }
 
-/// Workers that read the dataset themselves train on exactly the batches the coordinator would
-/// have streamed: same losses, same parameters.
+/// Workers that draw the built-in set themselves train on exactly the batches the coordinator
+/// would have streamed, or that a copy decoded into memory gives: same losses, same parameters.
 #[test]
 fn local_data_gives_the_same_run_as_streamed_shards() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (a_dir, b_dir) = (tmp.path().join("streamed"), tmp.path().join("local"));
-    run_coordinator(&args(2, &a_dir, &["--max-steps", "5", "--checksum-every", "1"]), TIMEOUT).assert_success();
-    run_coordinator(&args(2, &b_dir, &["--max-steps", "5", "--checksum-every", "1", "--workers-local-data"]), TIMEOUT)
-        .assert_success();
-    let (a, b) = (metrics(&a_dir), metrics(&b_dir));
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x["parameter_checksum"], y["parameter_checksum"], "{x}\n{y}");
-        assert_eq!(x["loss_d"], y["loss_d"]);
+    let dirs = ["drawn", "streamed", "memory"].map(|d| tmp.path().join(d));
+    for (dir, mode) in dirs.iter().zip(["auto", "stream", "memory"]) {
+        let a = args(2, dir, &["--max-steps", "5", "--checksum-every", "1", "--worker-data", mode]);
+        run_coordinator(&a, TIMEOUT).assert_success();
+    }
+    let runs = dirs.each_ref().map(|d| metrics(d));
+    for other in &runs[1..] {
+        assert_eq!(other.len(), runs[0].len());
+        for (x, y) in runs[0].iter().zip(other) {
+            assert_eq!(x["parameter_checksum"], y["parameter_checksum"], "{x}\n{y}");
+            assert_eq!(x["loss_d"], y["loss_d"]);
+        }
+    }
+}
+
+/// The data-at-scale equivalence: a run reading prepared u8 shards from disk (the default for
+/// a raw source, prepared on the fly) takes bit-identical steps to the same run on the
+/// in-memory path (each worker decodes the source into f32 itself) and to one whose batches
+/// stream from the coordinator, which reads them from the shards.
+#[test]
+fn prepared_shards_give_the_same_steps_as_the_in_memory_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idx = tmp.path().join("digits-images-idx3-ubyte");
+    write_mnist(&idx, 160);
+    let dataset = format!("mnist:{}", idx.display());
+    let cache = tmp.path().join("cache");
+    let dirs = ["disk", "memory", "stream"].map(|d| tmp.path().join(d));
+    for (dir, mode) in dirs.iter().zip(["disk", "memory", "stream"]) {
+        let mut a = args(2, dir, &["--dataset", &dataset, "--max-steps", "6", "--checksum-every", "1"]);
+        a.extend(["--worker-data", mode, "--data-cache", cache.to_str().expect("utf-8 path")].map(String::from));
+        let f = run_coordinator(&a, TIMEOUT);
+        f.assert_success();
+        let logs = std::fs::read_dir(dir.join("logs"))
+            .expect("worker logs")
+            .map(|e| std::fs::read_to_string(e.expect("log entry").path()).unwrap_or_default())
+            .collect::<String>();
+        let expected = match mode {
+            "disk" => "reading samples from prepared shards in",
+            "memory" => "decoded into memory",
+            _ => "",
+        };
+        assert!(logs.contains(expected), "{mode}: {logs}");
+    }
+    let prepared = std::fs::read_dir(&cache).expect("the cache").count();
+    assert_eq!(prepared, 1, "the source is prepared once and reused");
+    let runs = dirs.each_ref().map(|d| metrics(d));
+    assert_eq!(runs[0].len(), 6);
+    for other in &runs[1..] {
+        for (x, y) in runs[0].iter().zip(other) {
+            assert_eq!(x["parameter_checksum"], y["parameter_checksum"], "{x}\n{y}");
+            assert_eq!((&x["loss_d"], &x["loss_g"]), (&y["loss_d"], &y["loss_g"]), "{x}\n{y}");
+        }
+    }
+    for file in ["generator.safetensors", "discriminator.safetensors"] {
+        let bytes =
+            dirs.each_ref().map(|d| std::fs::read(d.join("checkpoints/step_00000006").join(file)).expect("checkpoint"));
+        assert!(bytes[0] == bytes[1] && bytes[0] == bytes[2], "{file} differs between the three data paths");
     }
 }
 
@@ -231,4 +280,49 @@ fn two_workers_train_with_bf16_products() {
     assert_eq!(run["precision"], "bf16");
     let log = std::fs::read_to_string(run_dir.join("logs/worker-1.log")).expect("worker log");
     assert!(log.contains("precision=bf16"), "{log}");
+}
+
+/// A folder of PNGs written here, `n` images of `w x h`.
+fn write_png_folder(dir: &Path, n: usize, w: usize, h: usize) {
+    std::fs::create_dir_all(dir).expect("image folder");
+    for i in 0..n {
+        // A one-image grid (with make_grid's 2-pixel border) is as good a PNG as any.
+        let px: Vec<f32> = (0..3 * w * h).map(|p| ((p * 7 + i * 31) % 200) as f32 / 100.0 - 1.0).collect();
+        assert_eq!(w, h, "save_grid draws square images");
+        data::save_grid(&dir.join(format!("img{i:04}.png")), &px, 1, 3, w, 1).expect("write png");
+    }
+}
+
+/// A set made by `prepare` trains as `prepared:DIR`; run.json records where and which samples;
+/// a shard changed on disk afterwards stops the next run before any training, naming the file.
+#[test]
+fn trains_on_a_prepared_directory_and_refuses_a_changed_shard() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = tmp.path().join("images");
+    write_png_folder(&images, 60, 20, 20);
+    let prepared = tmp.path().join("prepared");
+    let opts = data::prepared::PrepareOptions { image_size: 32, shard_images: Some(25), ..Default::default() };
+    data::prepared::prepare(&data::DatasetSpec::Folder(images), &prepared, &opts, &data::prepared::Quiet)
+        .expect("prepare");
+    let dataset = format!("prepared:{}", prepared.display());
+    let run_dir = tmp.path().join("run");
+    let a = args(2, &run_dir, &["--dataset", &dataset, "--image-size", "32", "--max-steps", "3", "--data-limit", "48"]);
+    run_coordinator(&a, TIMEOUT).assert_success();
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).expect("run.json")).expect("json");
+    let canonical = std::fs::canonicalize(&prepared).expect("canonical");
+    assert_eq!(run_json["prepared_dir"], canonical.display().to_string());
+    assert_eq!(run_json["data_id"].as_str().map(str::len), Some(64));
+    assert_eq!(run_json["dataset_len"], 48);
+    assert_eq!(metrics(&run_dir).len(), 3);
+
+    let shard = prepared.join("shard-000001.u8");
+    let mut bytes = std::fs::read(&shard).expect("shard");
+    bytes[100] ^= 0x40;
+    std::fs::write(&shard, bytes).expect("write shard");
+    let f =
+        run_coordinator(&args(2, &tmp.path().join("run2"), &["--dataset", &dataset, "--image-size", "32"]), TIMEOUT);
+    assert!(!f.status.success(), "a changed shard must stop the run");
+    assert!(f.stderr.contains("shard-000001.u8") && f.stderr.contains("sha256"), "{}", f.stderr);
+    assert!(!tmp.path().join("run2/metrics.jsonl").exists(), "nothing trained");
 }

@@ -9,19 +9,23 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::DataError;
+use crate::cifar_py;
+use crate::dataset::Decoded;
 use crate::read::{Source, find_with_suffixes};
-use crate::resize::resize_planar_into;
-use crate::{DataError, Dataset};
+use crate::resize::{PixelOut, resize_planar_into};
 
 const SIDE: usize = 32;
 const RECORD: usize = 1 + 3 * SIDE * SIDE;
 const TRAIN_BATCHES: usize = 5;
-/// Where the official archive and our shared copy put the batches, relative to the spec path.
-const SUBDIRS: [&str; 2] = ["cifar-10-batches-bin", "cifar-10"];
+/// Where the official archives (binary and python versions) and our shared copy put the
+/// batches, relative to the spec path.
+const SUBDIRS: [&str; 3] = ["cifar-10-batches-bin", "cifar-10", "cifar-10-batches-py"];
 
 /// The training batch files for a spec path: the file itself, or `data_batch_1.bin` ..
-/// `data_batch_5.bin` (each plain, `.gz` or `.xz`) in `path` or one of [`SUBDIRS`]. Batches
-/// must be consecutive from 1 so that a missing file is noticed rather than silently skipped.
+/// `data_batch_5.bin` in `path` or one of [`SUBDIRS`], or else torchvision's pickled
+/// `data_batch_1` .. `data_batch_5` (no extension), each plain, `.gz` or `.xz`. Batches must be
+/// consecutive from 1 so that a missing file is noticed rather than silently skipped.
 pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
@@ -29,9 +33,12 @@ pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     if !path.is_dir() {
         return Err(DataError::NotFound { path: path.to_path_buf(), msg: "no such file or directory".into() });
     }
-    for dir in std::iter::once(path.to_path_buf()).chain(SUBDIRS.iter().map(|s| path.join(s))) {
+    let dirs = std::iter::once(path.to_path_buf()).chain(SUBDIRS.iter().map(|s| path.join(s)));
+    // The binary version's names first, then the python version's (read_records tells them
+    // apart by content).
+    for (dir, ext) in dirs.flat_map(|d| [(d.clone(), ".bin"), (d, "")]) {
         let found: Vec<Option<PathBuf>> =
-            (1..=TRAIN_BATCHES).map(|k| find_with_suffixes(&dir, &format!("data_batch_{k}.bin"))).collect();
+            (1..=TRAIN_BATCHES).map(|k| find_with_suffixes(&dir, &format!("data_batch_{k}{ext}"))).collect();
         if found[0].is_none() {
             continue;
         }
@@ -40,7 +47,7 @@ pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
             return Err(DataError::NotFound {
                 path: dir.clone(),
                 msg: format!(
-                    "data_batch_{}.bin (plain, .gz or .xz) is missing but {} is present",
+                    "data_batch_{}{ext} (plain, .gz or .xz) is missing but {} is present",
                     present + 1,
                     later.display()
                 ),
@@ -50,12 +57,19 @@ pub(crate) fn locate(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     Err(DataError::NotFound {
         path: path.to_path_buf(),
-        msg: format!("no data_batch_1.bin (plain, .gz or .xz) found here or in {}", SUBDIRS.join(", ")),
+        msg: format!(
+            "no data_batch_1.bin (plain, .gz or .xz), nor torchvision's pickled data_batch_1, found here or in {}",
+            SUBDIRS.join(", ")
+        ),
     })
 }
 
-/// Reads up to `max_records` (default: all) records of one file and validates them.
+/// Reads up to `max_records` (default: all) records of one file and validates them. A pickled
+/// batch of the python version (recognised by its first bytes) is converted to the same records.
 pub(crate) fn read_records(path: &Path, max_records: Option<usize>) -> Result<Vec<u8>, DataError> {
+    if cifar_py::looks_like_pickle(&Source::open(path)?.read_up_to(2)?) {
+        return cifar_py::read_batch(path, max_records);
+    }
     let mut src = Source::open(path)?;
     let data = match max_records {
         Some(m) => src.read_up_to(m.saturating_mul(RECORD) as u64)?,
@@ -89,7 +103,7 @@ pub(crate) fn read_records(path: &Path, max_records: Option<usize>) -> Result<Ve
 }
 
 /// Loads the CIFAR-10 training set: 3 channels, resized and centre-cropped to `image_size`.
-pub(crate) fn load(path: &Path, image_size: usize, limit: Option<usize>) -> Result<Dataset, DataError> {
+pub(crate) fn load<T: PixelOut>(path: &Path, image_size: usize, limit: Option<usize>) -> Result<Decoded<T>, DataError> {
     let files = locate(path)?;
     let chunks: Vec<Vec<u8>> = match limit {
         // Read only as far as needed: a quick run should not decompress 150 MB.
@@ -119,7 +133,7 @@ pub(crate) fn load(path: &Path, image_size: usize, limit: Option<usize>) -> Resu
         });
     }
     let sample = 3 * image_size * image_size;
-    let mut pixels = vec![0.0f32; len * sample];
+    let mut pixels = vec![T::default(); len * sample];
     let mut labels = Vec::with_capacity(len);
     let mut rest = pixels.as_mut_slice();
     for chunk in &chunks {
@@ -128,5 +142,5 @@ pub(crate) fn load(path: &Path, image_size: usize, limit: Option<usize>) -> Resu
         labels.extend(chunk.chunks_exact(RECORD).map(|r| r[0]));
         rest = tail;
     }
-    Ok(Dataset { name: "cifar10".into(), nc: 3, image_size, len, pixels, labels: Some(labels) })
+    Ok(Decoded { name: "cifar10".into(), nc: 3, image_size, len, pixels, labels: Some(labels) })
 }

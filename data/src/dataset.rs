@@ -58,6 +58,25 @@ impl Dataset {
     }
 }
 
+/// Samples as a loader decodes them: bytes (what a prepared set stores, see
+/// [`crate::prepared`]) or their normalised `f32` values (a [`Dataset`]). One loader serves both,
+/// so the two are the same pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Decoded<T> {
+    pub name: String,
+    pub nc: usize,
+    pub image_size: usize,
+    pub len: usize,
+    pub pixels: Vec<T>,
+    pub labels: Option<Vec<u8>>,
+}
+
+impl From<Decoded<f32>> for Dataset {
+    fn from(d: Decoded<f32>) -> Dataset {
+        Dataset { name: d.name, nc: d.nc, image_size: d.image_size, len: d.len, pixels: d.pixels, labels: d.labels }
+    }
+}
+
 /// A byte's value `v / 255 * 2 - 1`: the PyTorch example's `ToTensor()` followed by
 /// `Normalize(0.5, 0.5)`. Takes the byte as `f32` so that loops over many pixels vectorise.
 #[inline]

@@ -59,8 +59,8 @@ pub enum DataError {
     #[error("{}: cannot decode image: {source}", .path.display())]
     Decode { path: PathBuf, source: image::ImageError },
 
-    /// A folder dataset holds no PNG or JPEG file.
-    #[error("{}: no PNG or JPEG images found (searched recursively)", .path.display())]
+    /// A folder dataset holds no PNG, JPEG or WebP file.
+    #[error("{}: no PNG, JPEG or WebP images found (searched recursively)", .path.display())]
     NoImages { path: PathBuf },
 
     /// An image could not be encoded.
@@ -72,9 +72,30 @@ pub enum DataError {
     #[error("{}: {msg}", .path.display())]
     InvalidArgument { path: PathBuf, msg: String },
 
+    /// Encoded images of a set prepared with `--channels auto` disagree on their channel count.
+    #[error(
+        "{name}: has {found} channel(s) but the images before it have {expected}: mixed channel counts \
+         (pass --channels rgb or --channels gray to convert every image)"
+    )]
+    MixedChannels { name: String, found: usize, expected: usize },
+
+    /// An image could not be decoded and the preparation was asked to stop at such images.
+    #[error("{name}: cannot decode image: {reason} (without --strict it would be skipped and listed)")]
+    BadImage { name: String, reason: String },
+
+    /// A prepared data set's file does not hold what its manifest says.
+    #[error("{}: {msg}", .path.display())]
+    Corrupt { path: PathBuf, msg: String },
+
     /// A dataset spec string could not be parsed.
     #[error("invalid dataset spec '{spec}': {msg}")]
     InvalidSpec { spec: String, msg: String },
+
+    /// A file of a structured format (a pickled CIFAR batch) parses, but what it holds is not
+    /// what the dataset needs (an array of the wrong type or shape, a label out of range).
+    /// There is no single byte offset to point at, so the message says which value is wrong.
+    #[error("{}: {msg}", .path.display())]
+    BadContent { path: PathBuf, msg: String },
 }
 
 impl DataError {

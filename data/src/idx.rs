@@ -7,9 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::DataError;
+use crate::dataset::Decoded;
 use crate::read::{Source, find_with_suffixes, strip_compressed_suffix};
-use crate::resize::resize_planar_into;
-use crate::{DataError, Dataset};
+use crate::resize::{PixelOut, resize_planar_into};
 
 /// `0x00000803`: unsigned bytes, 3 dimensions.
 pub(crate) const IMAGES_MAGIC: u32 = 2051;
@@ -187,13 +188,13 @@ pub(crate) fn locate(path: &Path, subdirs: &[&str]) -> Result<(PathBuf, Option<P
 
 /// Loads an MNIST-like IDX data set as `name`: 1 channel, resized and centre-cropped to
 /// `image_size`, labels if a labels file sits beside the images.
-pub(crate) fn load(
+pub(crate) fn load<T: PixelOut>(
     name: &str,
     path: &Path,
     subdirs: &[&str],
     image_size: usize,
     limit: Option<usize>,
-) -> Result<Dataset, DataError> {
+) -> Result<Decoded<T>, DataError> {
     let (images_path, labels_path) = locate(path, subdirs)?;
     let images = read_images(&images_path, limit)?;
     let len = images.data.len() / (images.rows * images.cols);
@@ -216,7 +217,7 @@ pub(crate) fn load(
         }
         None => None,
     };
-    let mut pixels = vec![0.0f32; len * image_size * image_size];
+    let mut pixels = vec![T::default(); len * image_size * image_size];
     resize_planar_into(
         &images.data,
         images.rows * images.cols,
@@ -227,5 +228,5 @@ pub(crate) fn load(
         image_size,
         &mut pixels,
     );
-    Ok(Dataset { name: name.to_string(), nc: 1, image_size, len, pixels, labels })
+    Ok(Decoded { name: name.to_string(), nc: 1, image_size, len, pixels, labels })
 }

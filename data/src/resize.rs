@@ -12,6 +12,28 @@ use rayon::prelude::*;
 
 use crate::dataset::byte_to_unit;
 
+/// What a resized pixel is stored as: its byte (prepared shards) or the byte's normalised value
+/// (in-memory sets). Both paths run the same filter and rounding, so a prepared set read back
+/// through [`byte_to_unit`] is bit-identical to the in-memory one.
+pub(crate) trait PixelOut: Copy + Default + Send + Sync {
+    /// `byte` is a whole number in [0, 255] (already rounded).
+    fn from_rounded(byte: f32) -> Self;
+}
+
+impl PixelOut for f32 {
+    #[inline]
+    fn from_rounded(byte: f32) -> f32 {
+        byte_to_unit(byte)
+    }
+}
+
+impl PixelOut for u8 {
+    #[inline]
+    fn from_rounded(byte: f32) -> u8 {
+        byte as u8
+    }
+}
+
 /// The taps of one axis: output `o` reads `k` source samples from `starts[o]` with weights
 /// `weights[o * k..(o + 1) * k]` (zero-padded to the common width `k`).
 #[derive(Debug, Clone)]
@@ -115,9 +137,9 @@ impl ResizeCrop {
 
     /// Resizes and crops one channel. `src` holds the channel's first pixel at index 0 and the
     /// pixel `(x, y)` at `(y * src_w + x) * stride` (stride 1 for planar data, 3 for RGB).
-    /// Writes `size * size` values, rounded to bytes like an 8-bit image and then normalised
-    /// to [-1, 1], into `out`. `scratch` is reused between calls.
-    pub(crate) fn run(&self, src: &[u8], stride: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
+    /// Writes `size * size` values, rounded to bytes like an 8-bit image (and, for `f32`,
+    /// normalised to [-1, 1]), into `out`. `scratch` is reused between calls.
+    pub(crate) fn run<T: PixelOut>(&self, src: &[u8], stride: usize, scratch: &mut Vec<f32>, out: &mut [T]) {
         let size = self.size;
         let cw = self.col_hi - self.col_lo;
         let nrows = self.row_hi - self.row_lo;
@@ -161,7 +183,7 @@ impl ResizeCrop {
             }
             for (o, a) in out_row.iter_mut().zip(acc.iter()) {
                 // Computed, not looked up in a table, so that this loop vectorises.
-                *o = byte_to_unit(round_byte(*a));
+                *o = T::from_rounded(round_byte(*a));
             }
         }
     }
@@ -202,7 +224,7 @@ fn horizontal_any(line: &[f32], starts: &[usize], weights: &[f32], k: usize, lo:
 /// Sample `i` is at `raw[i * record_len + skip..]`, its channel `c` `c * w * h` bytes further
 /// (IDX: `record_len = w * h`, `skip = 0`; CIFAR: `record_len = 3073`, `skip = 1` for the label).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn resize_planar_into(
+pub(crate) fn resize_planar_into<T: PixelOut>(
     raw: &[u8],
     record_len: usize,
     skip: usize,
@@ -210,7 +232,7 @@ pub(crate) fn resize_planar_into(
     w: usize,
     h: usize,
     size: usize,
-    out: &mut [f32],
+    out: &mut [T],
 ) {
     let plan = ResizeCrop::new(w, h, size);
     let plane = size * size;
@@ -229,7 +251,7 @@ mod tests {
     use super::*;
 
     fn run_plain(rc: &ResizeCrop, src: &[u8], stride: usize) -> Vec<u8> {
-        let mut out = vec![0.0; rc.size * rc.size];
+        let mut out = vec![0.0f32; rc.size * rc.size];
         rc.run(src, stride, &mut Vec::new(), &mut out);
         out.iter().map(|v| ((v + 1.0) / 2.0 * 255.0).round() as u8).collect()
     }
@@ -300,7 +322,7 @@ mod tests {
         // A 2x2 RGB image: take the green channel.
         let src = [10, 20, 30, 11, 21, 31, 12, 22, 32, 13, 23, 33];
         let rc = ResizeCrop::new(2, 2, 2);
-        let mut out = vec![0.0; 4];
+        let mut out = vec![0.0f32; 4];
         rc.run(&src[1..], 3, &mut Vec::new(), &mut out);
         let want: Vec<f32> = [20.0, 21.0, 22.0, 23.0].map(byte_to_unit).to_vec();
         assert_eq!(out, want);

@@ -135,7 +135,7 @@ fn direction(rng: &mut StdRng) -> (f32, f32) {
 }
 
 /// Draws sample `index` into `out` (CHW, `3 * size * size`, values in [-1, 1]); returns its label.
-fn render(index: usize, size: usize, out: &mut [f32]) -> u8 {
+pub(crate) fn render(index: usize, size: usize, out: &mut [f32]) -> u8 {
     let mut rng = StdRng::seed_from_u64(splitmix64(SEED ^ splitmix64(index as u64)));
     let s = size as f32;
     let bg = colour(&mut rng);

@@ -19,14 +19,23 @@ pub enum DatasetSpec {
     FashionMnist(PathBuf),
     /// `cifar10:PATH`: a directory with `data_batch_{1..5}.bin[.gz|.xz]`, or one such file.
     Cifar10(PathBuf),
-    /// `folder:PATH`: every PNG/JPEG under a directory.
+    /// `folder:PATH`: every PNG/JPEG/WebP under a directory.
     Folder(PathBuf),
+    /// `tar:PATH`: the images of a tar file (`.tar`, `.tar.gz`), WebDataset style: a `.cls`
+    /// member beside an image is its label.
+    Tar(PathBuf),
+    /// `lsun:PATH`: an LSUN category's LMDB directory (`bedroom_train_lmdb`), as the PyTorch
+    /// example reads it.
+    Lsun(PathBuf),
+    /// `prepared:PATH`: a directory made by `dcgan prepare`.
+    Prepared(PathBuf),
     /// `shapes` (also `builtin`, `builtin:shapes`): the procedural dataset; needs no file.
     #[default]
     Shapes,
 }
 
-const KINDS: &str = "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, folder:PATH, shapes";
+const KINDS: &str =
+    "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, folder:PATH, tar:PATH, lsun:PATH, prepared:PATH, shapes";
 
 impl DatasetSpec {
     /// The kind's canonical name, also used as [`Dataset::name`].
@@ -36,6 +45,9 @@ impl DatasetSpec {
             DatasetSpec::FashionMnist(_) => "fashion-mnist",
             DatasetSpec::Cifar10(_) => "cifar10",
             DatasetSpec::Folder(_) => "folder",
+            DatasetSpec::Tar(_) => "tar",
+            DatasetSpec::Lsun(_) => "lsun",
+            DatasetSpec::Prepared(_) => "prepared",
             DatasetSpec::Shapes => "shapes",
         }
     }
@@ -43,15 +55,27 @@ impl DatasetSpec {
     /// The path the spec points at (none for the built-in dataset).
     pub fn path(&self) -> Option<&Path> {
         match self {
-            DatasetSpec::Mnist(p) | DatasetSpec::FashionMnist(p) | DatasetSpec::Cifar10(p) | DatasetSpec::Folder(p) => {
-                Some(p)
-            }
+            DatasetSpec::Mnist(p)
+            | DatasetSpec::FashionMnist(p)
+            | DatasetSpec::Cifar10(p)
+            | DatasetSpec::Folder(p)
+            | DatasetSpec::Tar(p)
+            | DatasetSpec::Lsun(p)
+            | DatasetSpec::Prepared(p) => Some(p),
             DatasetSpec::Shapes => None,
         }
     }
 
-    /// Reads (or generates) the dataset with every sample resized and centre-cropped to
-    /// `image_size x image_size`, keeping only the first `limit` samples if given.
+    /// Whether the samples come from files that `dcgan prepare` turns into shards (every kind
+    /// but the built-in set, which is drawn on demand, and a set that is prepared already).
+    pub fn is_preparable(&self) -> bool {
+        !matches!(self, DatasetSpec::Shapes | DatasetSpec::Prepared(_))
+    }
+
+    /// Reads (or generates) the whole dataset into memory with every sample resized and
+    /// centre-cropped to `image_size x image_size`, keeping only the first `limit` samples if
+    /// given. Training reads samples through [`crate::SampleStore`] instead; this serves what
+    /// needs a set at once (an FID classifier, nearest neighbours) and small sets.
     pub fn load(&self, image_size: usize, limit: Option<usize>) -> Result<Dataset, DataError> {
         if image_size == 0 {
             return Err(DataError::InvalidArgument {
@@ -60,12 +84,21 @@ impl DatasetSpec {
             });
         }
         match self {
-            DatasetSpec::Mnist(p) => crate::idx::load("mnist", p, &["mnist", "MNIST/raw"], image_size, limit),
-            DatasetSpec::FashionMnist(p) => {
-                crate::idx::load("fashion-mnist", p, &["fashion-mnist", "FashionMNIST/raw"], image_size, limit)
+            DatasetSpec::Mnist(p) => {
+                crate::idx::load::<f32>("mnist", p, &["mnist", "MNIST/raw"], image_size, limit).map(Dataset::from)
             }
-            DatasetSpec::Cifar10(p) => crate::cifar::load(p, image_size, limit),
-            DatasetSpec::Folder(p) => crate::folder::load(p, image_size, limit),
+            DatasetSpec::FashionMnist(p) => {
+                crate::idx::load::<f32>("fashion-mnist", p, &["fashion-mnist", "FashionMNIST/raw"], image_size, limit)
+                    .map(Dataset::from)
+            }
+            DatasetSpec::Cifar10(p) => crate::cifar::load::<f32>(p, image_size, limit).map(Dataset::from),
+            DatasetSpec::Folder(p) => crate::folder::load::<f32>(p, image_size, limit).map(Dataset::from),
+            DatasetSpec::Tar(_) | DatasetSpec::Lsun(_) => crate::prepared::load_stream(self, image_size, limit),
+            DatasetSpec::Prepared(p) => {
+                let set = crate::PreparedSet::open(p)?.with_limit(limit);
+                crate::store::check_prepared_size(&set, image_size)?;
+                set.head(None)
+            }
             DatasetSpec::Shapes => {
                 let len = limit.map_or(crate::shapes::DEFAULT_LEN, |l| l.min(crate::shapes::DEFAULT_LEN));
                 Ok(crate::shapes::generate(len, image_size))
@@ -93,6 +126,9 @@ impl FromStr for DatasetSpec {
             "fashion-mnist" | "fashion_mnist" | "fashionmnist" => with_path(DatasetSpec::FashionMnist),
             "cifar10" | "cifar-10" => with_path(DatasetSpec::Cifar10),
             "folder" => with_path(DatasetSpec::Folder),
+            "tar" => with_path(DatasetSpec::Tar),
+            "lsun" | "lmdb" => with_path(DatasetSpec::Lsun),
+            "prepared" => with_path(DatasetSpec::Prepared),
             "shapes" | "builtin" => match path {
                 None => Ok(DatasetSpec::Shapes),
                 Some("shapes") if kind == "builtin" => Ok(DatasetSpec::Shapes),
@@ -126,6 +162,9 @@ mod tests {
             ("fashion-mnist:rel/dir", DatasetSpec::FashionMnist("rel/dir".into())),
             ("cifar10:/d/cifar-10", DatasetSpec::Cifar10("/d/cifar-10".into())),
             ("folder:/x:y", DatasetSpec::Folder("/x:y".into())),
+            ("tar:/d/faces.tar", DatasetSpec::Tar("/d/faces.tar".into())),
+            ("lsun:/d/bedroom_train_lmdb", DatasetSpec::Lsun("/d/bedroom_train_lmdb".into())),
+            ("prepared:/p/celeba64", DatasetSpec::Prepared("/p/celeba64".into())),
             ("shapes", DatasetSpec::Shapes),
         ];
         for (text, spec) in cases {

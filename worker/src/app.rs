@@ -43,7 +43,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
     let stop_request = Arc::new(StopRequest::default());
     let signals = crate::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
     tokio::spawn(crate::signals::watch(signals, Arc::clone(&stop_request)));
-    let local = cli.local_data()?;
     // The metrics port is taken first, so a busy one fails the start before anything joins.
     let metrics_listener = match cli.metrics_listen {
         Some(addr) => Some(MetricsListener::bind(addr).await?),
@@ -130,10 +129,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         // From here on, whatever goes wrong is told to the coordinator before exiting.
         let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
         crate::telemetry::adopt_context(&span, &parent);
-        let result =
-            train(&cli, device, &client, &joined, threads, local.clone(), Arc::clone(&stop), Arc::clone(&stop_request))
-                .instrument(span)
-                .await;
+        let result = train(&cli, device, &client, &joined, threads, Arc::clone(&stop), Arc::clone(&stop_request))
+            .instrument(span)
+            .await;
         match result {
             Ok(Outcome { final_step, checksum, stopped: None }) => {
                 client.finish(Ending::Completed { final_step, checksum }).await?;
@@ -194,7 +192,6 @@ async fn train(
     client: &Client,
     joined: &v1::JoinResponse,
     threads: usize,
-    local: Option<data::DatasetSpec>,
     stop: Arc<Stop>,
     stop_request: Arc<StopRequest>,
 ) -> anyhow::Result<Outcome> {
@@ -248,8 +245,12 @@ async fn train(
         sample_len,
     };
     let (batch_tx, batch_rx) = mpsc::channel(PREFETCH_STEPS);
-    let data_task = match local {
-        None => {
+    let (choice, cfg) = (cli.data.clone(), config.clone());
+    let source = tokio::task::spawn_blocking(move || batches::choose(&choice, &cfg))
+        .await
+        .context("opening the data panicked")??;
+    let data_task = match source {
+        batches::Source::Stream => {
             let (c, p, s) = (client.clone(), plan, Arc::clone(&stop));
             tokio::spawn(
                 async move {
@@ -260,11 +261,10 @@ async fn train(
                 .in_current_span(),
             )
         }
-        Some(spec) => {
-            let (cfg, s) = (config.clone(), Arc::clone(&stop));
+        batches::Source::Store(store) => {
+            let s = Arc::clone(&stop);
             tokio::task::spawn_blocking(move || {
-                let r = batches::load_local(&spec, &cfg).and_then(|d| batches::from_local(Arc::new(d), plan, batch_tx));
-                if let Err(e) = r {
+                if let Err(e) = batches::from_store(store, plan, batch_tx) {
                     s.set(format!("local data: {e:#}"));
                 }
             })

@@ -47,10 +47,13 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_RANK")]
     pub rank: Option<u32>,
 
-    /// Read the dataset locally (`local:SPEC`, e.g. `local:mnist:/data/mnist`) instead of
-    /// receiving the shard over gRPC. The copy must match the coordinator's.
-    #[arg(long, env = "DCGAN_WORKER_DATA")]
-    pub data: Option<String>,
+    /// Where the samples come from: `auto` (the coordinator's prepared directory if this worker
+    /// sees it, else over gRPC), `disk` (that directory, or fail), `stream` (over gRPC),
+    /// `memory` (decode the coordinator's source into memory), a prepared directory mounted
+    /// elsewhere (`prepared:DIR`), or another copy of the source (`local:SPEC`, decoded into
+    /// memory). A directory or copy must hold the coordinator's samples.
+    #[arg(long, env = "DCGAN_WORKER_DATA", default_value = "auto")]
+    pub data: crate::batches::DataChoice,
 
     /// Compute device: `auto` (the first GPU if a CUDA driver sees one, else the CPU), `cpu`,
     /// `cuda` (GPU 0) or `cuda:N`. On GPUs the ranks average gradients over NCCL.
@@ -90,19 +93,4 @@ pub struct Cli {
     /// neither this nor OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-}
-
-impl Cli {
-    /// The dataset spec of `--data local:SPEC`, if given.
-    pub fn local_data(&self) -> anyhow::Result<Option<data::DatasetSpec>> {
-        match &self.data {
-            None => Ok(None),
-            Some(d) => {
-                let spec = d.strip_prefix("local:").ok_or_else(|| {
-                    anyhow::anyhow!("--data {d:?}: expected local:SPEC, e.g. local:mnist:/data/mnist")
-                })?;
-                Ok(Some(spec.parse().map_err(|e| anyhow::anyhow!("--data: {e}"))?))
-            }
-        }
-    }
 }

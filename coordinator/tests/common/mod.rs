@@ -141,9 +141,17 @@ impl Finished {
     }
 }
 
+/// The coordinator binary, with the data sets a test prepares kept in one cache under the
+/// system's temporary directory instead of the user's `~/.cache`.
+pub fn coordinator_command() -> Command {
+    let mut cmd = Command::new(coordinator_bin());
+    cmd.env("DCGAN_DATA_CACHE", std::env::temp_dir().join("dcgan-test-data-cache"));
+    cmd
+}
+
 /// Runs the coordinator to its end (killing it after `timeout`).
 pub fn run_coordinator(args: &[String], timeout: Duration) -> Finished {
-    let child = Command::new(coordinator_bin())
+    let child = coordinator_command()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -192,7 +200,7 @@ pub struct Running {
 impl Running {
     /// Starts the coordinator and waits until it has written its address.
     pub fn start(args: &[String], run_dir: &Path) -> Self {
-        let child = Command::new(coordinator_bin())
+        let child = coordinator_command()
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -52,7 +52,7 @@ pub fn render(overlay: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Builds `coordinator` and `worker` with the profile of this test executable and returns the
+/// Builds `coordinator`, `worker` and `dcgan` with the profile of this test executable and returns the
 /// directory that holds them. Every target of the workspace is asked for, as `cargo test
 /// --workspace` builds them, so that the features resolve the same and nothing is recompiled.
 pub fn binaries_dir() -> PathBuf {
@@ -64,7 +64,7 @@ pub fn binaries_dir() -> PathBuf {
         _ => "test",
     };
     build_workspace(profile);
-    for bin in ["coordinator", "worker"] {
+    for bin in ["coordinator", "worker", "dcgan"] {
         let p = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
         assert!(p.is_file(), "no {bin} binary at {}", p.display());
     }
@@ -112,8 +112,13 @@ pub struct Help {
 
 impl Help {
     pub fn of(binary: &Path) -> Self {
-        let out = Command::new(binary).arg("--help").output().expect("run --help");
-        assert!(out.status.success(), "{} --help failed", binary.display());
+        Self::of_command(binary, &[])
+    }
+
+    /// The help of a subcommand: `binary SUBCOMMAND... --help` (`dcgan prepare --help`).
+    pub fn of_command(binary: &Path, subcommand: &[&str]) -> Self {
+        let out = Command::new(binary).args(subcommand).arg("--help").output().expect("run --help");
+        assert!(out.status.success(), "{} {} --help failed", binary.display(), subcommand.join(" "));
         Self::parse(&String::from_utf8_lossy(&out.stdout))
     }
 
@@ -150,6 +155,101 @@ pub fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
         .as_sequence()
         .and_then(|cs| cs.iter().find(|c| c["name"].as_str() == Some(name)))
         .unwrap_or_else(|| panic!("no container {name} in {:?}", workload["metadata"]["name"]))
+}
+
+/// The pod template's init containers of a Deployment or Job.
+pub fn init_containers(workload: &Value) -> Vec<&Value> {
+    workload["spec"]["template"]["spec"]["initContainers"].as_sequence().map(|s| s.iter().collect()).unwrap_or_default()
+}
+
+/// How a path inside a container is stored: the volume mounted at the longest `mountPath`
+/// that holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mounted {
+    pub mount_path: String,
+    pub volume: String,
+    /// `persistentVolumeClaim.claimName`, for a claim.
+    pub claim: Option<String>,
+    pub sub_path: Option<String>,
+    /// The mount's `readOnly`, or the claim's.
+    pub read_only: bool,
+}
+
+/// The volume that holds the absolute `path` in `container` of `workload`'s pods, if any.
+pub fn mount_of(workload: &Value, container: &Value, path: &str) -> Option<Mounted> {
+    let mount = container["volumeMounts"]
+        .as_sequence()?
+        .iter()
+        .filter(|m| m["mountPath"].as_str().is_some_and(|p| path_is_under(path, p)))
+        .max_by_key(|m| m["mountPath"].as_str().map_or(0, str::len))?;
+    let name = mount["name"].as_str().expect("a mount names its volume");
+    let volume = workload["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .and_then(|vs| vs.iter().find(|v| v["name"].as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("{:?} mounts {name}, which is no volume of its pod", container["name"]));
+    let claim = &volume["persistentVolumeClaim"];
+    Some(Mounted {
+        mount_path: mount["mountPath"].as_str().unwrap_or_default().to_string(),
+        volume: name.to_string(),
+        claim: claim["claimName"].as_str().map(str::to_string),
+        sub_path: mount["subPath"].as_str().map(str::to_string),
+        read_only: mount["readOnly"].as_bool() == Some(true) || claim["readOnly"].as_bool() == Some(true),
+    })
+}
+
+/// Whether the absolute `path` is `dir` or inside it.
+pub fn path_is_under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path == dir || dir.is_empty() || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The value given to `flag` in `args`: `--flag VALUE` or `--flag=VALUE`.
+pub fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(flag).and_then(|r| r.strip_prefix('='))
+        }
+    })
+}
+
+/// The names `$(NAME)` refers to in a container's `args`, which Kubernetes replaces with the
+/// container's environment variables.
+pub fn references(arg: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find("$(") {
+        rest = &rest[i + 2..];
+        if let Some(end) = rest.find(')') {
+            names.push(rest[..end].to_string());
+            rest = &rest[end + 1..];
+        }
+    }
+    names
+}
+
+/// Kubernetes' expansion of `$(NAME)` in `args` from the container's environment (a name it
+/// does not define stays as written, as in Kubernetes).
+pub fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find("$(") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find(')').and_then(|end| env.get(&after[..end]).map(|v| (end, v))) {
+            Some((end, value)) => {
+                out.push_str(value);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A container's `args` as strings.
@@ -262,5 +362,20 @@ mod tests {
         assert_eq!(port_of("http://dcgan-coordinator:50051"), 50051);
         assert_eq!(host_of("http://dcgan-coordinator:50051"), "dcgan-coordinator");
         assert_eq!(port_of("0.0.0.0:9090"), 9090);
+    }
+
+    #[test]
+    fn flag_values_references_and_paths() {
+        let args: Vec<String> =
+            ["dcgan", "prepare", "--out", "/data/p", "--image-size=64", "--threads", "$(N)"].map(String::from).into();
+        assert_eq!(flag_value(&args, "--out"), Some("/data/p"));
+        assert_eq!(flag_value(&args, "--image-size"), Some("64"));
+        assert_eq!(flag_value(&args, "--image"), None);
+        assert_eq!(references("$(N) and $(M)x"), ["N", "M"]);
+        let env = BTreeMap::from([("N".to_string(), "8".to_string())]);
+        assert_eq!(expand("--threads=$(N) $(M)", &env), "--threads=8 $(M)");
+        assert!(path_is_under("/data/prepared/x", "/data"));
+        assert!(path_is_under("/data", "/data/"));
+        assert!(!path_is_under("/database", "/data"));
     }
 }

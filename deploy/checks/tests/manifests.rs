@@ -1,17 +1,15 @@
 //! The rendered overlays against the real binaries: flags and variables exist, ports and names
 //! agree, and the cpu-smoke overlay's containers train to completion as local processes.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use deploy_checks::*;
 use serde_yaml::Value;
-
-const COORDINATOR: &str = "dcgan-coordinator";
-const WORKERS: &str = "dcgan-workers";
-const SERVICE: &str = "dcgan-coordinator";
 
 fn is_true(v: &str) -> bool {
     matches!(v, "true" | "1" | "yes" | "on")
@@ -165,193 +163,12 @@ fn service_ports_and_names_agree_with_the_coordinator_and_the_workers() {
     }
 }
 
-/// A process of the dry run with its output in a file, so a failure can show it.
-struct Proc {
-    name: String,
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-fn spawn(name: &str, args: &[String], env: &BTreeMap<String, String>, path: &str, logs: &Path) -> Proc {
-    let log = logs.join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).expect("create log");
-    let mut cmd = Command::new(&args[0]);
-    cmd.args(&args[1..]).stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file);
-    for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("DCGAN_")) {
-        cmd.env_remove(k);
-    }
-    cmd.envs(env).env("PATH", path);
-    Proc { name: name.to_string(), child: cmd.spawn().unwrap_or_else(|e| panic!("start {name} ({args:?}): {e}")), log }
-}
-
-fn wait_all(procs: &mut [Proc], limit: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    let mut failed = None;
-    loop {
-        let mut running = false;
-        for p in procs.iter_mut() {
-            match p.child.try_wait().expect("wait") {
-                Some(s) if !s.success() && failed.is_none() => {
-                    failed = Some(format!("{} exited with {s}", p.name));
-                }
-                Some(_) => {}
-                None => running = true,
-            }
-        }
-        if failed.is_some() || !running || start.elapsed() > limit {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let timed_out = procs.iter_mut().any(|p| p.child.try_wait().ok().flatten().is_none());
-    for p in procs.iter_mut() {
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-    }
-    match (failed, timed_out) {
-        (None, false) => Ok(()),
-        (f, _) => {
-            let logs: String = procs
-                .iter()
-                .map(|p| format!("--- {}:\n{}\n", p.name, std::fs::read_to_string(&p.log).unwrap_or_default()))
-                .collect();
-            Err(format!("{}\n{logs}", f.unwrap_or_else(|| format!("not done after {limit:?}"))))
-        }
-    }
-}
-
-/// The cpu-smoke overlay's coordinator and worker containers, ready to run as processes here:
-/// their exact args and environment from the rendered YAML, with the Service's name replaced by
-/// 127.0.0.1, the listening ports by free ones, the volumes' paths by a temporary directory and
-/// the downward-API values (rank, pod IP, CPU limit) by what Kubernetes would fill in.
-struct SmokePods {
-    tmp: tempfile::TempDir,
-    path: String,
-    run_dir: std::path::PathBuf,
-    cargs: Vec<String>,
-    cenv: BTreeMap<String, String>,
-    wargs: Vec<String>,
-    /// Each rank's environment, but for the coordinator's address (known once it listens).
-    wenvs: Vec<BTreeMap<String, String>>,
-}
-
-impl SmokePods {
-    /// `overrides` replace coordinator variables (a longer run for the SIGTERM test).
-    fn render(overrides: &[(&str, &str)]) -> Self {
-        let bins = binaries_dir();
-        let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
-        let deployment = find(&objects, "Deployment", COORDINATOR);
-        let job = find(&objects, "Job", WORKERS);
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let volume_root = "/var/lib/dcgan";
-        let local = |v: &str| -> String {
-            if let Some(rest) = v.strip_prefix(volume_root) {
-                format!("{}{rest}", tmp.path().display())
-            } else if v.starts_with("0.0.0.0:") {
-                "127.0.0.1:0".to_string()
-            } else {
-                v.to_string()
-            }
-        };
-        let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
-
-        let c = container(deployment, "coordinator");
-        let mut cenv: BTreeMap<String, String> = environment(&objects, c)
-            .into_iter()
-            .map(|(k, v)| match v {
-                EnvSource::Literal(v) => (k, local(&v)),
-                other => panic!("coordinator env {k}: {other:?} has no local stand-in"),
-            })
-            .collect();
-        for (k, v) in overrides {
-            assert!(cenv.contains_key(*k), "{k} is not in the coordinator's environment");
-            cenv.insert(k.to_string(), v.to_string());
-        }
-        let run_dir = Path::new(&cenv["DCGAN_RUN_DIR"]).to_path_buf();
-        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
-            std::fs::create_dir_all(local(m["mountPath"].as_str().unwrap())).unwrap();
-        }
-        let cargs: Vec<String> = args(c).iter().map(|a| local(a)).collect();
-
-        let w = container(job, "worker");
-        let workers = job["spec"]["parallelism"].as_u64().expect("parallelism");
-        let wargs: Vec<String> = args(w).iter().map(|a| local(a)).collect();
-        let wenvs = (0..workers)
-            .map(|index| {
-                let mut env: BTreeMap<String, String> = environment(&objects, w)
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let value = match v {
-                            EnvSource::Literal(v) if k == "DCGAN_COORDINATOR" => {
-                                assert_eq!(host_of(&v), SERVICE, "the workers' coordinator address");
-                                v
-                            }
-                            EnvSource::Literal(v) => local(&v),
-                            EnvSource::Field(f) if f.contains("job-completion-index") => index.to_string(),
-                            EnvSource::Field(f) if f == "status.podIP" => "127.0.0.1".to_string(),
-                            EnvSource::Resource(r) if r == "limits.cpu" => "1".to_string(),
-                            other => panic!("worker env {k}: {other:?} has no local stand-in"),
-                        };
-                        (k, value)
-                    })
-                    .collect();
-                env.insert("JOB_COMPLETION_INDEX".into(), index.to_string());
-                env
-            })
-            .collect();
-        Self { tmp, path, run_dir, cargs, cenv, wargs, wenvs }
-    }
-
-    fn coordinator(&self, name: &str) -> Proc {
-        spawn(name, &self.cargs, &self.cenv, &self.path, self.tmp.path())
-    }
-
-    /// Waits for the coordinator's bound address (port 0 here, 50051 in the pod).
-    fn address(&self, procs: &mut [Proc]) -> String {
-        let addr_file = self.run_dir.join("coordinator.addr");
-        let start = Instant::now();
-        loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                if a.ends_with('\n') {
-                    return a.trim().to_string();
-                }
-            }
-            if let Err(e) = wait_all_if_exited(procs) {
-                panic!("{e}");
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "no {} after 2 minutes", addr_file.display());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// One process per completion index, told the coordinator's local address.
-    fn workers(&self, addr: &str, suffix: &str) -> Vec<Proc> {
-        self.wenvs
-            .iter()
-            .enumerate()
-            .map(|(index, env)| {
-                let mut env = env.clone();
-                env.insert("DCGAN_COORDINATOR".into(), format!("http://{addr}"));
-                spawn(&format!("worker-{index}{suffix}"), &self.wargs, &env, &self.path, self.tmp.path())
-            })
-            .collect()
-    }
-
-    fn metrics_steps(&self) -> Vec<u64> {
-        std::fs::read_to_string(self.run_dir.join("metrics.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["step"].as_u64().expect("step"))
-            .collect()
-    }
-}
-
 #[test]
 fn cpu_smoke_overlay_trains_to_completion_as_local_processes() {
     if !kubectl_available("cpu_smoke_overlay_trains_to_completion_as_local_processes") {
         return;
     }
-    let pods = SmokePods::render(&[]);
+    let pods = Pods::render("cpu-smoke", &[], &[]);
     let mut procs = vec![pods.coordinator("coordinator")];
     let addr = pods.address(&mut procs);
     procs.extend(pods.workers(&addr, ""));
@@ -383,7 +200,7 @@ fn cpu_smoke_overlay_stops_on_sigterm_within_the_grace_period_and_resumes() {
         return;
     }
     // More epochs than the overlay's one, so that there is a run to stop.
-    let pods = SmokePods::render(&[("DCGAN_EPOCHS", "400")]);
+    let pods = Pods::render("cpu-smoke", &[("DCGAN_EPOCHS", "400")], &[]);
     let grace = {
         let objects = render(&repo_root().join("deploy/k8s/overlays/cpu-smoke"));
         let seconds = |kind, name| {
@@ -442,12 +259,4 @@ fn cpu_smoke_overlay_stops_on_sigterm_within_the_grace_period_and_resumes() {
     wait_all(&mut procs, Duration::from_secs(300)).unwrap_or_else(|e| panic!("the resumed run failed: {e}"));
     assert_eq!(pods.metrics_steps(), (1..=k + 2).collect::<Vec<_>>(), "every step once after the restart");
     assert!(pods.run_dir.join("COMPLETE").is_file());
-}
-
-/// Fails with the logs when a process of the dry run has already failed.
-fn wait_all_if_exited(procs: &mut [Proc]) -> Result<(), String> {
-    if procs.iter_mut().any(|p| p.child.try_wait().ok().flatten().is_some_and(|s| !s.success())) {
-        return wait_all(procs, Duration::ZERO);
-    }
-    Ok(())
 }
