@@ -110,6 +110,13 @@ impl SampleStore {
         }
     }
 
+    /// Asks for the samples `indices` to be read ahead from disk (see [`PreparedSet::will_need`]).
+    pub fn will_need(&self, indices: &[u32]) {
+        if let SampleStore::Prepared(p) = self {
+            p.will_need(indices);
+        }
+    }
+
     /// Copies the samples `indices` (in that order) into `out` as an NCHW batch in [-1, 1].
     /// The same images give the same values from every variant.
     pub fn gather(&self, indices: &[u32], out: &mut Vec<f32>) -> Result<(), DataError> {

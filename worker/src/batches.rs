@@ -19,6 +19,9 @@ use crate::client::Client;
 /// Steps of data buffered ahead of the compute thread.
 pub const PREFETCH_STEPS: usize = 3;
 
+/// Steps whose samples a worker reading shards asks the disk for ahead of reading them.
+const READ_AHEAD_STEPS: usize = 4;
+
 /// One step's local batch.
 #[derive(Debug)]
 pub struct Batch {
@@ -230,9 +233,15 @@ pub fn from_store(store: Arc<SampleStore>, plan: Plan, tx: mpsc::Sender<Batch>) 
         let Some((_, o)) = order.as_ref() else {
             continue;
         };
-        let indices =
-            data::rank_batch(o, (step % plan.steps_per_epoch) as usize, plan.global_batch, plan.world, plan.rank)
-                .to_vec();
+        let in_epoch = (step % plan.steps_per_epoch) as usize;
+        // The disk reads the next steps' samples in the background while this one is copied.
+        let ahead = if step == plan.start_step { 0..=READ_AHEAD_STEPS } else { READ_AHEAD_STEPS..=READ_AHEAD_STEPS };
+        for k in ahead {
+            if in_epoch + k < plan.steps_per_epoch as usize {
+                store.will_need(data::rank_batch(o, in_epoch + k, plan.global_batch, plan.world, plan.rank));
+            }
+        }
+        let indices = data::rank_batch(o, in_epoch, plan.global_batch, plan.world, plan.rank).to_vec();
         let mut pixels = Vec::new();
         store.gather(&indices, &mut pixels).with_context(|| format!("samples of step {step}"))?;
         if tx.blocking_send(Batch { step, indices, pixels }).is_err() {

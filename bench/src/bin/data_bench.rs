@@ -52,6 +52,10 @@ struct Args {
     /// instead of one reused buffer.
     #[arg(long)]
     fresh_vec: bool,
+    /// Ask the disk for the samples of this many steps ahead (`will_need`), as the worker does
+    /// (4); 0: no read-ahead.
+    #[arg(long, default_value_t = 4)]
+    read_ahead: usize,
 }
 
 /// The shard files of `set`.
@@ -147,6 +151,12 @@ fn pass(
     for step in 0..steps {
         let t = Instant::now();
         let indices = data::rank_batch(&order, step, args.batch, args.world, args.rank);
+        if args.read_ahead > 0 {
+            let ahead = if step == 0 { 0..=args.read_ahead } else { args.read_ahead..=args.read_ahead };
+            for k in ahead.filter(|k| step + k < steps) {
+                set.will_need(data::rank_batch(&order, step + k, args.batch, args.world, args.rank));
+            }
+        }
         if args.fresh_vec {
             *out = Vec::new();
         }

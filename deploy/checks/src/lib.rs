@@ -130,8 +130,10 @@ impl Help {
                 // `[env: NAME=value]`, or `[env: NAME]` for a variable whose value is hidden.
                 help.envs.insert(rest.split(['=', ']']).next().unwrap_or_default().to_string());
             }
-            // Option lines: `-q, --quiet` or `--workers <WORKERS>`.
-            let line = line.split_once(", ").filter(|(s, _)| s.starts_with('-')).map_or(line, |(_, l)| l);
+            // Option lines: `-q, --quiet` or `--workers <WORKERS>` (whose description may
+            // hold ", " too).
+            let short = |s: &str| s.len() == 2 && s.starts_with('-') && s != "--";
+            let line = line.split_once(", ").filter(|(s, _)| short(s)).map_or(line, |(_, l)| l);
             if let Some(flag) = line.strip_prefix("--") {
                 let name: String = flag.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
                 help.flags.insert(format!("--{name}"));
@@ -352,9 +354,9 @@ mod tests {
     #[test]
     fn help_lines_and_script_words() {
         let h = Help::parse(
-            "  -q, --quiet\n          [env: DCGAN_QUIET=]\n      --run-dir <RUN_DIR>\n          [env: DCGAN_TOKEN]\n",
+            "  -q, --quiet\n          [env: DCGAN_QUIET=]\n      --run-dir <RUN_DIR>\n          [env: DCGAN_TOKEN]\n      --source <SOURCE>  `a:PATH`, `b:PATH`\n",
         );
-        assert_eq!(h.flags, BTreeSet::from(["--quiet".to_string(), "--run-dir".to_string()]));
+        assert_eq!(h.flags, BTreeSet::from(["--quiet".to_string(), "--run-dir".to_string(), "--source".to_string()]));
         assert_eq!(h.envs, BTreeSet::from(["DCGAN_QUIET".to_string(), "DCGAN_TOKEN".to_string()]));
         let (f, v) = flags_and_vars("x=\"$DCGAN_RUN_DIR\"; coordinator --resume -- ; export DCGAN_RESUME=true");
         assert_eq!(f, BTreeSet::from(["--resume".to_string()]));
