@@ -20,6 +20,25 @@ fn scratch() -> &'static PathBuf {
     })
 }
 
+/// A fresh, empty directory `name` in the scratch directory. Each harness has its own, so the
+/// regression test's harnesses can run on parallel threads.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = scratch().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fuzz input directory");
+    dir
+}
+
+/// What every loaded [`data::Dataset`] must satisfy, however strange its file was.
+fn check_dataset(d: &data::Dataset, limit: Option<usize>) {
+    assert!(limit.is_none_or(|l| d.len <= l), "the limit is honoured");
+    assert_eq!(d.pixels.len(), d.len * d.sample_len(), "samples and pixels agree");
+    assert!(d.pixels.iter().all(|v| (-1.0..=1.0).contains(v)), "pixels are normalised");
+    if let Some(labels) = &d.labels {
+        assert_eq!(labels.len(), d.len, "one label per sample");
+    }
+}
+
 /// Compressed inputs go through the decompressors too: the file is named after its magic.
 fn suffix(bytes: &[u8]) -> &'static str {
     match bytes {
@@ -32,16 +51,12 @@ fn suffix(bytes: &[u8]) -> &'static str {
 /// Loads `bytes` as the file `name` of a dataset of kind `kind`, small limits so that one input
 /// stays fast; the result is only checked for consistency.
 fn load_as(kind: &str, name: &str, bytes: &[u8]) {
-    let dir = scratch().join(kind);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("fuzz dataset directory");
+    let dir = fresh_dir(kind);
     let path = dir.join(format!("{name}{}", suffix(bytes)));
     std::fs::write(&path, bytes).expect("write the fuzz input");
     let spec: data::DatasetSpec = format!("{kind}:{}", path.display()).parse().expect("a valid spec");
     if let Ok(d) = spec.load(16, Some(64)) {
-        assert!(d.len <= 64, "the limit is honoured");
-        assert_eq!(d.pixels.len(), d.len * d.sample_len(), "samples and pixels agree");
-        assert!(d.pixels.iter().all(|v| (-1.0..=1.0).contains(v)), "pixels are normalised");
+        check_dataset(&d, Some(64));
     }
 }
 
@@ -53,6 +68,68 @@ pub fn idx(bytes: &[u8]) {
 /// A CIFAR-10 binary batch.
 pub fn cifar(bytes: &[u8]) {
     load_as("cifar10", "data_batch_1.bin", bytes);
+}
+
+/// A torchvision CIFAR-10 python batch (a pickle): the file `data_batch_1` of a directory,
+/// loaded through the directory as `cifar10:DIR` finds it, whole and at the native size. Input
+/// that is not a pickle is read as binary records, as a user's file would be.
+pub fn cifar_py(bytes: &[u8]) {
+    let dir = fresh_dir("cifar10-py");
+    std::fs::write(dir.join("data_batch_1"), bytes).expect("write the fuzz input");
+    if let Ok(d) = data::DatasetSpec::Cifar10(dir).load(32, None) {
+        check_dataset(&d, None);
+        assert_eq!((d.nc, d.image_size), (3, 32), "CIFAR-10's shape");
+        let labels = d.labels.as_deref().expect("CIFAR-10 has labels");
+        assert!(labels.iter().all(|&l| l < 10), "labels are classes 0-9");
+    }
+}
+
+/// The shard files every `manifest` input is read beside, as `prepare` would have left them:
+/// three samples of 3x4x4 bytes in two shards, each with its labels file. The seed
+/// `corpus/manifest/valid` describes exactly these (sha256s included); fuzzed manifests may
+/// describe them as other shapes, name the same file twice, or name `manifest.json` itself.
+pub fn prepared_files() -> [(&'static str, Vec<u8>); 4] {
+    [
+        ("shard-000000.u8", (0..48u8).collect()),
+        ("shard-000000.labels", vec![3]),
+        ("shard-000001.u8", (0..96u8).map(|b| 255 - b).collect()),
+        ("shard-000001.labels", vec![7, 1]),
+    ]
+}
+
+/// Writes `manifest.json` with `bytes` beside [`prepared_files`] in a fresh directory.
+pub fn prepared_dir(bytes: &[u8]) -> PathBuf {
+    let dir = fresh_dir("prepared");
+    for (name, content) in prepared_files() {
+        std::fs::write(dir.join(name), content).expect("write a shard file");
+    }
+    std::fs::write(dir.join(data::prepared::MANIFEST_FILE), bytes).expect("write the fuzz input");
+    dir
+}
+
+/// A prepared data set's `manifest.json`: opened as a trainer opens it, then a few samples
+/// gathered and the labels read; whatever opens must read consistently or fail cleanly.
+pub fn manifest(bytes: &[u8]) {
+    let dir = prepared_dir(bytes);
+    let Ok(set) = data::PreparedSet::open(&dir) else { return };
+    let _ = set.manifest().content_id();
+    let len = set.len();
+    let mut indices: Vec<u32> = [0, 1, len / 2, len.saturating_sub(1)]
+        .into_iter()
+        .filter(|&i| i < len)
+        .filter_map(|i| u32::try_from(i).ok())
+        .collect();
+    indices.dedup();
+    if !indices.is_empty() {
+        let mut out = Vec::new();
+        if set.gather(&indices, &mut out).is_ok() {
+            assert_eq!(out.len(), indices.len() * set.sample_len(), "one sample per index");
+            assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)), "pixels are normalised");
+        }
+    }
+    if let Ok(Some(labels)) = set.labels() {
+        assert_eq!(labels.len(), len, "one label per sample");
+    }
 }
 
 /// A valid checkpoint of a small model, the base every checkpoint input mutates.
