@@ -35,7 +35,11 @@ struct Array<'a> {
 /// binary version's layout.
 pub(crate) fn read_batch(path: &Path, max_records: Option<usize>) -> Result<Vec<u8>, DataError> {
     let bytes = Source::open(path)?.read_all()?;
-    let (root, _) = pickle::parse(&bytes, &Limits::default()).map_err(|e| e.into_data_error(path))?;
+    // A batch's strings are its own bytes, each used once; the default output bound (8 GiB) would
+    // let a small file that shares one string a million times allocate gigabytes first.
+    let max_output_bytes = (bytes.len() as u64).saturating_mul(2).saturating_add(1 << 20);
+    let limits = Limits { max_output_bytes, ..Limits::default() };
+    let (root, _) = pickle::parse(&bytes, &limits).map_err(|e| e.into_data_error(path))?;
     drop(bytes);
     let bad = |msg: String| DataError::BadContent { path: path.to_path_buf(), msg };
     if !matches!(root, Value::Dict(_)) {

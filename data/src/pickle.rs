@@ -430,7 +430,7 @@ impl<'a> Machine<'a> {
                 offset: self.op_pos as u64,
                 opcode: self.op,
                 kind: ErrorKind::Truncated {
-                    needed: (self.pos - self.op_pos) as u64 + n,
+                    needed: ((self.pos - self.op_pos) as u64).saturating_add(n),
                     available: (data.len() - self.op_pos) as u64,
                 },
             });
@@ -624,7 +624,7 @@ impl<'a> Machine<'a> {
                         return Err(PickleError {
                             offset: self.op_pos as u64,
                             opcode: self.op,
-                            kind: ErrorKind::Truncated { needed: 9 + len, available: 9 + available },
+                            kind: ErrorKind::Truncated { needed: len.saturating_add(9), available: 9 + available },
                         });
                     }
                 }

@@ -97,9 +97,10 @@ pub fn prepared_files() -> [(&'static str, Vec<u8>); 4] {
     ]
 }
 
-/// Writes `manifest.json` with `bytes` beside [`prepared_files`] in a fresh directory.
-pub fn prepared_dir(bytes: &[u8]) -> PathBuf {
-    let dir = fresh_dir("prepared");
+/// Writes `manifest.json` with `bytes` beside [`prepared_files`] in the fresh scratch directory
+/// `name`.
+pub fn prepared_dir(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = fresh_dir(name);
     for (name, content) in prepared_files() {
         std::fs::write(dir.join(name), content).expect("write a shard file");
     }
@@ -110,7 +111,7 @@ pub fn prepared_dir(bytes: &[u8]) -> PathBuf {
 /// A prepared data set's `manifest.json`: opened as a trainer opens it, then a few samples
 /// gathered and the labels read; whatever opens must read consistently or fail cleanly.
 pub fn manifest(bytes: &[u8]) {
-    let dir = prepared_dir(bytes);
+    let dir = prepared_dir("prepared", bytes);
     let Ok(set) = data::PreparedSet::open(&dir) else { return };
     let _ = set.manifest().content_id();
     let len = set.len();

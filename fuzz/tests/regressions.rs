@@ -34,3 +34,30 @@ fn cifar_inputs() {
 fn checkpoint_inputs() {
     replay("checkpoint", dcgan_fuzz::checkpoint);
 }
+
+#[test]
+fn cifar_py_inputs() {
+    replay("cifar_py", dcgan_fuzz::cifar_py);
+}
+
+#[test]
+fn manifest_inputs() {
+    replay("manifest", dcgan_fuzz::manifest);
+}
+
+/// The seeds that should load do, so that mutating them starts deep in the loaders rather than
+/// at their first check.
+#[test]
+fn seeds_reach_the_loaders() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let loading = [("protocol-2", 4), ("protocol-4", 4), ("protocol-5", 4), ("protocol-4-small-1-records", 1)];
+    for (seed, records) in loading {
+        let d = data::DatasetSpec::Cifar10(corpus.join("cifar_py").join(seed)).load(32, None).expect(seed);
+        assert_eq!(d.len, records, "{seed}");
+    }
+    let valid = std::fs::read(corpus.join("manifest/valid")).expect("the valid manifest seed");
+    let set = data::PreparedSet::open(&dcgan_fuzz::prepared_dir("prepared-seed", &valid)).expect("it opens");
+    assert_eq!((set.len(), set.nc(), set.image_size()), (3, 3, 4));
+    set.verify(&|_| {}).expect("its sha256s are those of dcgan_fuzz::prepared_files");
+    assert_eq!(set.labels().expect("labels"), Some(vec![3, 7, 1]));
+}

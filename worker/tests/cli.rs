@@ -32,9 +32,10 @@ fn an_unreachable_coordinator_is_reported() {
 fn bad_flags_are_reported() {
     let out =
         worker().args(["--coordinator", "http://127.0.0.1:1", "--data", "mnist:/x"]).output().expect("run worker");
-    assert_eq!(out.status.code(), Some(1));
+    // A value --data cannot take is a usage error, refused by the parser before anything starts.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("expected local:SPEC"), "{err}");
+    assert!(err.contains("'mnist:/x'") && err.contains("prepared:DIR or local:SPEC"), "{err}");
 
     let out = worker().args(["--coordinator", "not a url"]).output().expect("run worker");
     assert_eq!(out.status.code(), Some(1));

@@ -117,9 +117,19 @@ impl Manifest {
         if !matches!(self.channels, 1 | 3) || self.image_size == 0 {
             return Err(bad(format!("impossible shape {}x{}x{}", self.channels, self.image_size, self.image_size)));
         }
-        let total: u64 = self.shards.iter().map(|s| s.count).sum();
-        if total != self.count {
+        let total = self.shards.iter().try_fold(0u64, |t, s| t.checked_add(s.count));
+        if total != Some(self.count) {
+            let total = total.map_or("more than 2^64".into(), |t| t.to_string());
             return Err(bad(format!("its shards hold {total} samples but it declares {}", self.count)));
+        }
+        // Every byte offset in the set, and sample_bytes even with no samples, fits in a file offset.
+        let side = u64::from(self.image_size);
+        let bytes = [side, u64::from(self.channels), self.count.max(1)].iter().try_fold(side, |b, &f| b.checked_mul(f));
+        if bytes.is_none_or(|b| b > i64::MAX as u64) {
+            return Err(bad(format!(
+                "{} samples of {}x{side}x{side} bytes are more than a file holds",
+                self.count, self.channels
+            )));
         }
         for s in &self.shards {
             let names = std::iter::once(s.file.as_str()).chain(s.labels_file.as_deref());
