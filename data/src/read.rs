@@ -49,6 +49,11 @@ impl Source {
         Ok(out)
     }
 
+    /// The uncompressed stream itself, for a reader that parses as it goes (a tar).
+    pub(crate) fn into_reader(self) -> Box<dyn Read + Send> {
+        self.reader
+    }
+
     /// Reads everything that is left.
     pub(crate) fn read_all(&mut self) -> Result<Vec<u8>, DataError> {
         self.read_up_to(u64::MAX)

@@ -13,16 +13,13 @@
 //! not hold) and hands images over through a small bounded queue, which also overlaps
 //! decompression with the caller's decoding.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::DataError;
 use crate::encoded::is_image_name;
 
-const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
-const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
 /// Largest image member read; anything bigger is a corrupt size field or not a training image.
 const MAX_IMAGE: u64 = 256 << 20;
 /// Largest `.cls` member read (a label is a few digits).
@@ -59,16 +56,7 @@ impl TarImages {
     /// Opens the tar file at `path` (compression recognised by its first bytes) and starts
     /// reading it in the background.
     pub(crate) fn open(path: &Path) -> Result<Self, DataError> {
-        let file = File::open(path).map_err(|e| DataError::io(path, "open", e))?;
-        let mut buf = BufReader::with_capacity(1 << 16, file);
-        let head = buf.fill_buf().map_err(|e| DataError::io(path, "read", e))?;
-        let reader: Box<dyn Read + Send> = if head.starts_with(GZIP_MAGIC) {
-            Box::new(flate2::read::MultiGzDecoder::new(buf))
-        } else if head.starts_with(XZ_MAGIC) {
-            Box::new(xz2::read::XzDecoder::new_multi_decoder(buf))
-        } else {
-            Box::new(buf)
-        };
+        let reader = crate::read::Source::open(path)?.into_reader();
         let (tx, rx) = sync_channel(QUEUE);
         let owned = path.to_path_buf();
         std::thread::Builder::new()
