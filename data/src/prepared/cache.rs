@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, hex};
-use super::writer::{PrepareOptions, Prepared, Progress, fingerprint, prepare};
+use super::writer::{PrepareOptions, Prepared, Progress, fingerprint, prepare_with_fingerprint};
 use crate::{DataError, DatasetSpec};
 
 /// The default cache root: `$XDG_CACHE_HOME/dcgan/prepared`, else `$HOME/.cache/dcgan/prepared`,
@@ -49,14 +49,15 @@ pub fn prepare_cached(
     progress: &dyn Progress,
 ) -> Result<Prepared, DataError> {
     let dir = cache_dir(root, spec, image_size, limit);
+    let source = fingerprint(spec)?;
     if let Ok(m) = Manifest::read(&dir)
-        && (m.source.fingerprint != fingerprint(spec)? || m.image_size as usize != image_size)
+        && (m.source.fingerprint != source || m.image_size as usize != image_size)
     {
         progress.note(&format!("{spec} changed since it was prepared into {}: preparing it again", dir.display()));
         std::fs::remove_dir_all(&dir).map_err(|e| DataError::io(&dir, "remove", e))?;
     }
     let opts = PrepareOptions { image_size, limit, ..PrepareOptions::default() };
-    let result = prepare(spec, &dir, &opts, progress);
+    let result = prepare_with_fingerprint(spec, &source, &dir, &opts, progress);
     if result.is_err() && !dir.join(super::writer::STATE_FILE).exists() && !dir.join(super::MANIFEST_FILE).exists() {
         // Nothing was prepared (the source could not be read): leave no empty entry behind.
         let _ = std::fs::remove_dir_all(&dir);

@@ -109,6 +109,18 @@ pub fn prepare(
     opts: &PrepareOptions,
     progress: &dyn Progress,
 ) -> Result<Prepared, DataError> {
+    prepare_with_fingerprint(spec, &fingerprint(spec)?, out, opts, progress)
+}
+
+/// [`prepare`] with the source's [`fingerprint`] already taken (the cache takes it to decide
+/// whether its entry is stale; walking a large folder twice would double the start-up).
+pub(crate) fn prepare_with_fingerprint(
+    spec: &DatasetSpec,
+    fingerprint: &str,
+    out: &Path,
+    opts: &PrepareOptions,
+    progress: &dyn Progress,
+) -> Result<Prepared, DataError> {
     if opts.image_size == 0 {
         return Err(DataError::InvalidArgument {
             path: out.to_path_buf(),
@@ -124,7 +136,6 @@ pub fn prepare(
     std::fs::create_dir_all(out).map_err(|e| DataError::io(out, "create directory", e))?;
     let _lock = DirLock::acquire(out, progress)?;
 
-    let fingerprint = fingerprint(spec)?;
     if out.join(MANIFEST_FILE).exists() {
         let manifest = Manifest::read(out)?;
         let same = manifest.source.spec == spec.to_string()
@@ -154,7 +165,7 @@ pub fn prepare(
         channels: opts.channels.map_or_else(|| "source".to_string(), |c| c.to_string()),
         limit: opts.limit.map(|l| l as u64),
         shard_images: shard_images as u64,
-        fingerprint: fingerprint.clone(),
+        fingerprint: fingerprint.to_string(),
     };
     let state_path = out.join(STATE_FILE);
     let mut state = match read_state(&state_path)? {
@@ -234,7 +245,7 @@ pub fn prepare(
         source: SourceInfo {
             spec: spec.to_string(),
             kind: spec.kind().into(),
-            fingerprint,
+            fingerprint: fingerprint.to_string(),
             items: state.items,
             skipped: state.skipped.len() as u64,
         },
