@@ -183,6 +183,11 @@ impl PreparedSet {
     pub fn gather(&self, indices: &[u32], out: &mut Vec<f32>) -> Result<(), DataError> {
         let n = self.sample_len();
         out.clear();
+        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= self.len) {
+            // Refused before anything is reserved for the batch.
+            let mut probe = [0u8; 0];
+            return self.read_bytes(bad as usize, &mut probe);
+        }
         out.reserve(indices.len() * n);
         let mut buf = vec![0u8; n];
         for &i in indices {
