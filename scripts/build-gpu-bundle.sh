@@ -71,6 +71,12 @@ cp scripts/gpu-check.sh "$bundle/scripts/"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"
     echo "packages: $packages"
 } >"$bundle/MANIFEST"
+# The bundle travels to every GPU machine checked: keep it small (gpu-check.sh's lease is short).
+size_kib=$(du -sk "$bundle" | cut -f1)
+if ((size_kib > 60 * 1024)); then
+    echo "the bundle is $((size_kib / 1024)) MiB, over the 60 MiB budget: something unstripped got in" >&2
+    exit 1
+fi
 du -sh "$bundle" >&2
 ls -l "$bundle"/bin "$bundle"/tests >&2
 echo "$bundle"

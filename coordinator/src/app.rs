@@ -80,6 +80,12 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
     }
     let gpus = !cli.external_workers && launch_on_gpus(&cli.device, cli.workers)?;
+    if gpus {
+        let precision = cli.precision.parse().context("--precision")?;
+        if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(&cli, precision)) {
+            bail!("{why}");
+        }
+    }
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {
         bail!("--min-workers {min_workers} is more than --workers {}", cli.workers);

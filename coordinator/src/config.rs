@@ -153,19 +153,23 @@ impl RunConfig {
         optim.validate().map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
         let precision: kernels::Precision =
             cli.precision.parse().map_err(|e| ConfigError::Invalid(format!("--precision: {e}")))?;
-        if precision == kernels::Precision::Bf16 {
-            if cli.device == "cuda" {
-                return Err(ConfigError::Invalid(
-                    "--precision bf16 is a CPU mode: GPU workers compute in fp32; use --device cpu or --precision f32"
-                        .into(),
-                ));
-            }
-            // Launched workers run on this machine's CPU; external ones check their own.
-            if !cli.external_workers {
-                precision.check_supported().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Launched workers asked onto GPUs must be able to train this run there (with
+        // `--device auto` the coordinator asks again once it knows whether there are GPUs).
+        if let Ok(device @ kernels::Device::Cuda(_)) = cli.device.parse::<kernels::Device>() {
+            if let Some(why) = device.refusal(&Self::demands(cli, precision)) {
+                return Err(ConfigError::Invalid(why));
             }
         }
+        // Launched workers run on this machine's CPU; external ones check their own.
+        if precision == kernels::Precision::Bf16 && !cli.external_workers {
+            precision.check_supported().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// What the run asks of each rank's device, for [`kernels::Device::refusal`].
+    pub fn demands(cli: &Cli, precision: kernels::Precision) -> kernels::RunDemands {
+        kernels::RunDemands { precision, sync_batch_norm: cli.sync_bn, world: cli.workers as usize }
     }
 
     /// Builds and checks the configuration of a fresh run.

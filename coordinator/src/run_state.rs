@@ -403,6 +403,19 @@ impl Run {
     }
 
     /// Gives a worker a rank: the one it asks for, or the lowest free one.
+    /// Why a worker on `device` (as it reported it at join) cannot train this run: the same
+    /// rule the coordinator applies before launching GPU workers, for workers it did not launch.
+    fn device_refusal(&self, device: &str) -> Option<String> {
+        let device: kernels::Device = device.parse().ok()?;
+        let precision = match self.config.precision.as_str() {
+            "" => kernels::Precision::F32,
+            given => given.parse().ok()?,
+        };
+        let demands =
+            kernels::RunDemands { precision, sync_batch_norm: self.config.sync_bn, world: self.world() as usize };
+        device.refusal(&demands)
+    }
+
     pub fn join(&self, req: &v1::JoinRequest) -> Result<v1::JoinResponse, RunError> {
         self.refuse_if_over()?;
         if *self.phase.borrow() != Phase::WaitingForWorkers {
@@ -422,6 +435,13 @@ impl Run {
         } else {
             inner.workers.iter().position(Option::is_none).ok_or(RunError::WorldFull(world))? as u32
         };
+        if let Some(why) = self.device_refusal(&req.device) {
+            drop(inner);
+            // Not a restartable failure: every new generation would be refused the same way.
+            let reason = format!("rank {rank} (host {}) cannot train this run: {why}", req.hostname);
+            self.fail(reason.clone());
+            return Err(RunError::Over(format!("failed: {reason}")));
+        }
         inner.workers[rank as usize] = Some(WorkerSlot {
             hostname: req.hostname.clone(),
             pid: req.pid,

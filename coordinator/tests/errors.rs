@@ -147,3 +147,12 @@ fn bf16_on_gpus_is_refused_before_anything_starts() {
     assert_fails_with(&f, &["--precision bf16 is a CPU mode", "--device cpu"]);
     assert!(!run_dir.join("logs").exists(), "no worker was launched");
 }
+
+#[test]
+fn sync_bn_over_several_gpus_is_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let f = run(&run_dir, &["--sync-bn", "--device", "cuda"]);
+    assert_fails_with(&f, &["--sync-bn is not implemented on GPUs and this run has 2 ranks", "--device cpu"]);
+    assert!(!run_dir.join("logs").exists(), "no worker was launched");
+}

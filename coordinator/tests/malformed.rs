@@ -6,6 +6,8 @@ mod common;
 use common::*;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{self, WorkerId, checkpoint_chunk::Chunk};
+use std::time::Duration;
+
 use tonic::Code;
 
 fn join(rank: i32) -> v1::JoinRequest {
@@ -120,4 +122,25 @@ async fn malformed_and_out_of_order_requests_get_errors_and_the_server_keeps_ser
     let status = c.get_status(v1::GetStatusRequest {}).await.expect("status after all that").into_inner();
     assert_eq!(status.state, v1::RunState::Running as i32, "{status:?}");
     assert_eq!(status.workers.len(), 2);
+}
+
+/// An external GPU worker joining a run it cannot train (sync-BN over several ranks) is refused
+/// at once with the reason, and the run fails once, clearly, without spending a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_worker_that_cannot_train_the_run_fails_it_at_join_without_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let flags = ["--data-limit", "48", "--external-workers", "--sync-bn", "--max-restarts", "3"];
+    let args = with_flags(small_run(2, &run_dir), &flags);
+    let mut coordinator = Running::start(&args, &run_dir);
+    let mut c = CoordinatorClient::connect(coordinator.url()).await.expect("connect");
+    let mut gpu = join(-1);
+    gpu.device = "cuda:0".into();
+    let message = expect(c.join(gpu).await, Code::Aborted, "a GPU worker in a sync-BN run of 2");
+    assert!(message.contains("--sync-bn is not implemented on GPUs and this run has 2 ranks"), "{message}");
+    let f = coordinator.child.take().map(|child| wait_output(child, Duration::from_secs(120))).expect("child");
+    assert_eq!(f.status.code(), Some(1), "a failed run exits 1:\n{}{}", f.stdout, f.stderr);
+    let all = format!("{}{}", f.stdout, f.stderr);
+    assert!(all.contains("rank 0 (host test) cannot train this run: --sync-bn is not implemented on GPUs"), "{all}");
+    assert!(!all.contains("(--max-restarts)"), "no restart was spent:\n{all}");
 }

@@ -31,6 +31,6 @@ pub use encoded::Channels;
 pub use error::DataError;
 pub use grid::{grid_image, grid_size, save_grid};
 pub use prepared::PreparedSet;
-pub use shard::{ShardError, epoch_order, rank_batch, rank_shard, steps_per_epoch};
+pub use shard::{ShardError, epoch_order, max_rank_batch, rank_batch, rank_shard, steps_per_epoch};
 pub use spec::DatasetSpec;
 pub use store::SampleStore;

@@ -83,6 +83,16 @@ pub fn rank_batch(order: &[u32], step_in_epoch: usize, global_batch: usize, worl
     &order[start + offset..start + offset + len]
 }
 
+/// The largest batch any rank gets at any step of an epoch of `n` samples: its part of the
+/// last step, which also takes the remainder. A GPU rank sizes its buffers by it (each rank
+/// holds its share of the global batch, not the whole). 0 for an epoch without steps.
+pub fn max_rank_batch(n: usize, global_batch: usize, world: usize) -> usize {
+    match steps_per_epoch(n, global_batch) {
+        Ok(_) if world > 0 => (global_batch + n % global_batch).div_ceil(world),
+        _ => 0,
+    }
+}
+
 /// Everything rank `rank` trains on in the epoch: its batches of every step, concatenated.
 /// Empty if the epoch has no step (fewer samples than one global batch).
 ///
@@ -108,6 +118,26 @@ mod tests {
         assert_ne!(a, epoch_order(43, 0, 1000));
         assert_ne!(a, sorted);
         assert!(epoch_order(1, 2, 0).is_empty());
+    }
+
+    #[test]
+    fn max_rank_batch_is_the_largest_part_of_any_step() {
+        for n in [7, 64, 100, 1000, 1003] {
+            for global in [1, 3, 7, 64] {
+                for world in 1..=9 {
+                    let order: Vec<u32> = (0..n as u32).collect();
+                    let steps = steps_per_epoch(n, global).unwrap_or(0);
+                    let largest = (0..steps)
+                        .flat_map(|s| (0..world).map(move |r| (s, r)))
+                        .map(|(s, r)| rank_batch(&order, s, global, world, r).len())
+                        .max()
+                        .unwrap_or(0);
+                    assert_eq!(max_rank_batch(n, global, world), largest, "n {n} global {global} world {world}");
+                }
+            }
+        }
+        // The gpu overlay's batch 1024 over 8 GPUs on CIFAR-10: 128 + a share of the remainder.
+        assert_eq!(max_rank_batch(50_000, 1024, 8), (1024usize + 50_000 % 1024).div_ceil(8));
     }
 
     #[test]

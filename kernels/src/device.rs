@@ -91,6 +91,38 @@ impl Device {
     }
 }
 
+/// What a run asks of the device each rank trains on: the settings a GPU rank cannot honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunDemands {
+    pub precision: crate::Precision,
+    pub sync_batch_norm: bool,
+    /// Ranks in the run.
+    pub world: usize,
+}
+
+impl Device {
+    /// Why a rank on this (resolved) device cannot train a run that asks `demands`, or `None`.
+    /// One rule, asked by the coordinator before it launches GPU workers, when an external
+    /// worker joins, and by the worker itself, so that a refusal is said once, before training.
+    pub fn refusal(self, demands: &RunDemands) -> Option<String> {
+        let Device::Cuda(ordinal) = self else { return None };
+        if demands.precision == crate::Precision::Bf16 {
+            return Some(format!(
+                "--precision bf16 is a CPU mode and this rank trains on cuda:{ordinal}: run the workers with \
+                 --device cpu, or the coordinator with --precision f32"
+            ));
+        }
+        if demands.sync_batch_norm && demands.world > 1 {
+            return Some(format!(
+                "--sync-bn is not implemented on GPUs and this run has {} ranks on cuda: train without --sync-bn, \
+                 or on the CPU (--device cpu)",
+                demands.world
+            ));
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +154,22 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(reason), "{input:?}: {msg}");
             assert!(msg.contains("expected auto, cpu, cuda or cuda:N"), "{input:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_gpu_rank_refuses_what_only_the_cpu_does() {
+        use crate::Precision;
+        let run = |precision, sync_batch_norm, world| RunDemands { precision, sync_batch_norm, world };
+        let gpu = Device::Cuda(1);
+        assert_eq!(gpu.refusal(&run(Precision::F32, false, 8)), None);
+        assert_eq!(gpu.refusal(&run(Precision::F32, true, 1)), None, "one rank: sync-BN computes the same");
+        let e = gpu.refusal(&run(Precision::F32, true, 2)).unwrap();
+        assert!(e.starts_with("--sync-bn is not implemented on GPUs and this run has 2 ranks"), "{e}");
+        let e = gpu.refusal(&run(Precision::Bf16, false, 1)).unwrap();
+        assert!(e.starts_with("--precision bf16 is a CPU mode and this rank trains on cuda:1"), "{e}");
+        for cpu in [Device::Cpu, Device::Auto] {
+            assert_eq!(cpu.refusal(&run(Precision::Bf16, true, 4)), None);
         }
     }
 }

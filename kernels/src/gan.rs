@@ -29,6 +29,29 @@ pub struct StepStats {
     pub compute_seconds: f64,
     /// Wall time spent averaging gradients (and BatchNorm statistics with sync-BN).
     pub all_reduce_seconds: f64,
+    /// The mean over the ranks of [`StepShare::vote`]: the value that rode in the generator's
+    /// gradient average (this rank's own vote with one rank).
+    pub vote: f32,
+}
+
+/// What a rank brings to a step besides its batch: the weight of its gradients, and one value
+/// that is averaged over the ranks with the generator's gradients (the workers' clean-stop
+/// vote), so that agreeing on it costs no reduction of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepShare {
+    /// Scales this rank's gradients before they are averaged: local_n * world / global_n, 1
+    /// when every rank has the same batch, so that uneven last batches still give the global
+    /// mean.
+    pub grad_weight: f32,
+    /// Averaged over the ranks as is (not weighted); comes back in [`StepStats::vote`].
+    pub vote: f32,
+}
+
+impl From<f32> for StepShare {
+    /// A share with this gradient weight and no vote.
+    fn from(grad_weight: f32) -> Self {
+        Self { grad_weight, vote: 0.0 }
+    }
 }
 
 /// Generator and discriminator with their Adam states.
@@ -159,17 +182,18 @@ impl Gan {
     /// G(z).detach() with label 0, gradients averaged, Adam on D; then D(G(z)) with label 1
     /// back-propagated through D (input gradient only) into G, averaged, Adam on G.
     ///
-    /// `real` is NCHW in [-1, 1] and `z` is [n, nz, 1, 1]. `grad_weight` scales this rank's
-    /// gradients before they are averaged: local_n * world / global_n, 1 when every rank has the
-    /// same batch, so that uneven last batches still give the global mean.
+    /// `real` is NCHW in [-1, 1] and `z` is [n, nz, 1, 1]; `share` says how this rank's
+    /// gradients weigh in the average (a bare `f32` is a weight without a vote).
     pub fn train_step(
         &mut self,
         real: &Tensor,
         z: &Tensor,
-        grad_weight: f32,
+        share: impl Into<StepShare>,
         collective: &mut dyn Collective,
     ) -> Result<StepStats, KernelError> {
         let start = Instant::now();
+        let share = share.into();
+        let grad_weight = share.grad_weight;
         let n = self.check_inputs(Some(real), z)?;
         let mut coll = Timed { inner: collective, seconds: 0.0 };
         let sync = self.sync_batch_norm && coll.world_size() > 1;
@@ -234,7 +258,8 @@ impl Gan {
                 self.g.backward(&self.fake_grad, true, false, sync.then_some(&mut coll as &mut dyn Collective))
             })
             .map_err(err)?;
-        phase!("all_reduce", net = "g").in_scope(|| reduce(&mut self.g.grads, grad_weight, &mut coll))?;
+        let vote =
+            phase!("all_reduce", net = "g").in_scope(|| reduce_with_vote(&mut self.g.grads, share, &mut coll))?;
         phase!("optimizer", net = "g").in_scope(|| self.g.adam.step(&self.optim, &mut self.g.params, &self.g.grads));
 
         let total = start.elapsed().as_secs_f64();
@@ -246,6 +271,7 @@ impl Gan {
             d_g_z2,
             compute_seconds: total - coll.seconds,
             all_reduce_seconds: coll.seconds,
+            vote,
         })
     }
 
@@ -340,4 +366,21 @@ fn reduce(grads: &mut [f32], weight: f32, coll: &mut dyn Collective) -> Result<(
         grads.iter_mut().for_each(|g| *g *= weight);
     }
     coll.all_reduce_mean(grads).map_err(KernelError::Collective)
+}
+
+/// [`reduce`] with `share.vote` appended to the gradients for the length of the average (after
+/// the weighting, which must not touch it); returns the vote's mean over the ranks. The buffer
+/// keeps the extra slot's capacity, so only the first step grows it.
+fn reduce_with_vote(grads: &mut Vec<f32>, share: StepShare, coll: &mut dyn Collective) -> Result<f32, KernelError> {
+    if coll.world_size() <= 1 {
+        return Ok(share.vote);
+    }
+    if share.grad_weight != 1.0 {
+        grads.iter_mut().for_each(|g| *g *= share.grad_weight);
+    }
+    grads.push(share.vote);
+    let averaged = coll.all_reduce_mean(grads);
+    let vote = grads.pop().unwrap_or_default();
+    averaged.map_err(KernelError::Collective)?;
+    Ok(vote)
 }

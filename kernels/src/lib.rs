@@ -14,11 +14,13 @@ pub mod net;
 pub mod ops;
 pub mod rng;
 pub mod tensor;
+pub mod watchdog;
 
 pub use checkpoint::{CheckpointFiles, TrainingState};
 pub use collective::{Collective, CollectiveError, SingleProcess};
 pub use config::{ModelConfig, OptimConfig, Precision};
-pub use device::{Device, ParseDeviceError};
+pub use device::{Device, ParseDeviceError, RunDemands};
 pub use error::KernelError;
-pub use gan::{Gan, StepStats};
+pub use gan::{Gan, StepShare, StepStats};
 pub use tensor::Tensor;
+pub use watchdog::{StopSignal, Watchdog};

@@ -18,7 +18,10 @@ use kernels::ops::conv::{self, ConvShape, Unrolled};
 use kernels::ops::im2col::{self, Geometry};
 use kernels::ops::loss;
 use kernels::ops::matmul::{self, Layout};
-use kernels::{Gan, ModelConfig, OptimConfig, Precision, SingleProcess, Tensor, TrainingState, rng};
+use kernels::{
+    Collective, CollectiveError, Gan, ModelConfig, OptimConfig, Precision, SingleProcess, StepShare, StopSignal,
+    Tensor, TrainingState, Watchdog, rng,
+};
 
 const GPU: &str = "needs an NVIDIA GPU with CUDA: run scripts/gpu-check.sh";
 const TOL: f64 = 1e-4;
@@ -284,7 +287,11 @@ fn activations_forward_and_backward_match_the_cpu() {
 #[ignore = "needs an NVIDIA GPU with CUDA: run scripts/gpu-check.sh"]
 fn batchnorm_matches_the_cpu_in_training_and_eval() {
     let gpu = open();
-    for &(c, m) in &[(3, 1), (8, 2), (64, 4096), (512, 48), (16, 300_001)] {
+    // M below a block (3x1 .. 5x255: one part per channel, most threads idle), one part of a
+    // whole block's multiple, and M split over several blocks per channel (unevenly for 300_001).
+    let cases = [(3, 1), (8, 2), (5, 255), (512, 48), (64, 4096), (3, 200_000), (16, 300_001)];
+    assert!(ops::bn_parts(5, 255) == 1 && ops::bn_parts(3, 200_000) > 1 && ops::bn_parts(16, 300_001) > 1);
+    for &(c, m) in &cases {
         // An offset mean (|mean| >> std in some channels) checks the two-pass variance.
         let mut x = randn(c as u64, c * m);
         x.iter_mut().enumerate().for_each(|(i, v)| *v = *v * 0.5 + ((i / m) % 5) as f32 * 3.0);
@@ -308,6 +315,8 @@ fn batchnorm_matches_the_cpu_in_training_and_eval() {
 
         let (mut dy_, mut xhat, mut saved) = (up(&gpu, &x), gpu.zeros(c * m).unwrap(), gpu.zeros(2 * c).unwrap());
         let (mut rm, mut rv, gb_) = (up(&gpu, &rm0), up(&gpu, &rv0), up(&gpu, &gamma_beta));
+        // NaN-filled, so that a partial sum read before it is written shows.
+        let mut scratch = gpu.stream().clone_htod(&vec![f64::NAN; ops::bn_scratch_len(c, m)]).unwrap();
         ops::batchnorm_forward_train(
             &gpu,
             c,
@@ -319,6 +328,7 @@ fn batchnorm_matches_the_cpu_in_training_and_eval() {
                 saved: &mut saved.as_view_mut(),
                 running_mean: &mut rm.as_view_mut(),
                 running_var: &mut rv.as_view_mut(),
+                scratch: &mut scratch.as_view_mut(),
             },
             true,
         )
@@ -327,33 +337,35 @@ fn batchnorm_matches_the_cpu_in_training_and_eval() {
         assert_close(&format!("running mean c={c} m={m}"), &down(&gpu, &rm), &bn.running_mean, TOL);
         assert_close(&format!("running var c={c} m={m}"), &down(&gpu, &rv), &bn.running_var, TOL);
 
+        let backward = |ddx: &mut CudaSlice<f32>, grads: Option<&mut CudaSlice<f32>>, scratch: &mut CudaSlice<f64>| {
+            let mut g = grads.map(|g| g.as_view_mut());
+            ops::batchnorm_backward(
+                &gpu,
+                c,
+                m,
+                &mut ddx.as_view_mut(),
+                ops::BnGradBuffers {
+                    xhat: &xhat.as_view(),
+                    gamma_beta: &gb_.as_view(),
+                    saved: &saved.as_view(),
+                    grad_gamma_beta: g.as_mut(),
+                    scratch: &mut scratch.as_view_mut(),
+                },
+            )
+            .unwrap()
+        };
         let (mut ddx, mut dgrads) = (up(&gpu, &dy), up(&gpu, &grads0));
-        ops::batchnorm_backward(
-            &gpu,
-            c,
-            m,
-            &mut ddx.as_view_mut(),
-            &xhat.as_view(),
-            &gb_.as_view(),
-            &saved.as_view(),
-            Some(&mut dgrads.as_view_mut()),
-        )
-        .unwrap();
+        backward(&mut ddx, Some(&mut dgrads), &mut scratch);
         assert_close(&format!("batchnorm input gradient c={c} m={m}"), &down(&gpu, &ddx), &dx, TOL);
         let want_grads: Vec<f32> = gg.iter().chain(&gb).copied().collect();
         assert_close(&format!("batchnorm gamma/beta gradients c={c} m={m}"), &down(&gpu, &dgrads), &want_grads, TOL);
+        // The sums are added in a fixed order (no atomics): a second run is bit-identical.
+        let (mut again, mut again_grads) = (up(&gpu, &dy), up(&gpu, &grads0));
+        backward(&mut again, Some(&mut again_grads), &mut scratch);
+        assert!(down(&gpu, &again) == down(&gpu, &ddx), "batchnorm backward c={c} m={m} is not reproducible");
+        assert!(down(&gpu, &again_grads) == down(&gpu, &dgrads), "batchnorm gradients c={c} m={m} not reproducible");
         let mut ddx2 = up(&gpu, &dy);
-        ops::batchnorm_backward(
-            &gpu,
-            c,
-            m,
-            &mut ddx2.as_view_mut(),
-            &xhat.as_view(),
-            &gb_.as_view(),
-            &saved.as_view(),
-            None,
-        )
-        .unwrap();
+        backward(&mut ddx2, None, &mut scratch);
         assert_close(
             &format!("batchnorm input gradient, no weight grads, c={c}"),
             &down(&gpu, &ddx2),
@@ -600,7 +612,7 @@ fn nccl_all_reduce_with_one_rank() {
     let gpu = open();
     let id = cuda::nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(id.len(), cuda::NCCL_ID_BYTES);
-    let mut comm = NcclCollective::new(&gpu, &id, 0, 1).unwrap();
+    let mut comm = NcclCollective::new(&gpu, &id, 0, 1, patient()).unwrap();
     assert_eq!((comm.rank(), comm.world_size()), (0, 1));
     let x = randn(77, 1 << 20);
     let mut buf = up(&gpu, &x);
@@ -617,4 +629,89 @@ fn nccl_all_reduce_with_one_rank() {
     let sb = b.train_step(&real, &z, 1.0, &mut SingleGpu).unwrap();
     assert_eq!((sa.loss_d, sa.loss_g), (sb.loss_d, sb.loss_g));
     assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+}
+
+/// A watchdog that would only give up after a minute.
+fn patient() -> Watchdog {
+    Watchdog::timeout_only(std::time::Duration::from_secs(60))
+}
+
+/// A CPU collective of "two ranks" whose other rank has exactly this rank's gradients: the sum
+/// doubles them and the mean halves them back, both exact in binary, so the CPU step takes the
+/// weighted, averaged path whose result a one-rank NCCL communicator must reproduce.
+struct Mirror;
+
+impl Collective for Mirror {
+    fn world_size(&self) -> usize {
+        2
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        buf.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
+}
+
+/// The averaged-gradient path (weight, then ncclAvg, with the stop vote in the generator's
+/// buffer) through a real communicator agrees with the CPU's.
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA: run scripts/gpu-check.sh"]
+fn weighted_gradients_and_the_vote_through_nccl_match_the_cpu() {
+    let gpu = open();
+    let id = cuda::nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
+    let mut comm = NcclCollective::new(&gpu, &id, 0, 1, patient()).unwrap();
+    let cfg = ModelConfig { image_size: 32, nc: 1, nz: 16, ngf: 8, ndf: 8 };
+    let mut cpu = Gan::new(cfg.clone(), OptimConfig::default(), 8).unwrap();
+    let mut dev = CudaGan::new(gpu, cfg.clone(), OptimConfig::default(), 8, 6).unwrap();
+    for step in 1..=2u64 {
+        let (real, z) = (real_batch(&cfg, 6, step), rng::noise(8, 0, step, 6, cfg.nz));
+        let share = StepShare { grad_weight: 0.75, vote: if step == 2 { 4.0 } else { 0.0 } };
+        let want = cpu.train_step(&real, &z, share, &mut Mirror).unwrap();
+        let got = dev.train_step(&real, &z, share, &mut comm).unwrap();
+        assert_eq!(got.vote, want.vote, "step {step}: the vote comes back as cast");
+        assert!(((got.loss_g - want.loss_g) / want.loss_g).abs() as f64 <= TOL, "{got:?} vs {want:?}");
+        let now = dev.to_gan().unwrap();
+        assert_params_close(&format!("step {step} G"), now.generator_params(), cpu.generator_params(), step);
+        assert_params_close(&format!("step {step} D"), now.discriminator_params(), cpu.discriminator_params(), step);
+    }
+}
+
+/// A stop flag for the abort test.
+struct StopAfter(std::time::Instant);
+
+impl StopSignal for StopAfter {
+    fn stop_reason(&self) -> Option<String> {
+        (self.0.elapsed() > std::time::Duration::from_millis(500))
+            .then(|| "the coordinator failed the generation".into())
+    }
+}
+
+/// A peer that never comes: joining a two-rank communicator alone gives up when the watchdog
+/// says (stop first, then the timeout), aborts without a panic, and the GPU still works after.
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA: run scripts/gpu-check.sh"]
+fn nccl_without_its_peer_is_abandoned_and_the_gpu_still_works() {
+    use std::time::{Duration, Instant};
+    let gpu = open();
+    let id = cuda::nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let stopping = Watchdog::new(Duration::from_secs(60), Arc::new(StopAfter(t0)));
+    let e = NcclCollective::new(&gpu, &id, 0, 2, stopping).unwrap_err().to_string();
+    assert!(e.contains("worker is stopping: the coordinator failed the generation"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "gave up after {:?}", t0.elapsed());
+
+    let id = cuda::nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let e = NcclCollective::new(&gpu, &id, 0, 2, Watchdog::timeout_only(Duration::from_secs(2))).unwrap_err();
+    assert!(e.to_string().contains("no progress for"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "gave up after {:?}", t0.elapsed());
+
+    let id = cuda::nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
+    let mut comm = NcclCollective::new(&gpu, &id, 0, 1, patient()).unwrap();
+    let x = randn(5, 4096);
+    let mut buf = up(&gpu, &x);
+    comm.all_reduce_sum(&mut buf.as_view_mut()).unwrap();
+    assert_eq!(down(&gpu, &buf), x);
 }

@@ -1,44 +1,10 @@
 //! Synchronised BatchNorm: two ranks with half the batch each compute what one rank with the
 //! whole batch computes. The ranks are threads joined by an in-process all-reduce.
 
-use std::sync::{Arc, Barrier, Mutex};
+mod common;
 
-use kernels::{Collective, CollectiveError, Gan, ModelConfig, OptimConfig, SingleProcess, Tensor};
-
-/// An all-reduce between threads: every rank adds its buffer into a shared sum, then all copy
-/// it back, so every rank ends with the same bits.
-struct ThreadCollective {
-    rank: usize,
-    world: usize,
-    shared: Arc<(Barrier, Mutex<Vec<f32>>)>,
-}
-
-impl Collective for ThreadCollective {
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let (barrier, acc) = &*self.shared;
-        if self.rank == 0 {
-            *acc.lock().unwrap() = vec![0.0; buf.len()];
-        }
-        barrier.wait();
-        // Add in rank order so the sum does not depend on thread timing.
-        for r in 0..self.world {
-            if r == self.rank {
-                let mut a = acc.lock().unwrap();
-                a.iter_mut().zip(buf.iter()).for_each(|(s, v)| *s += v);
-            }
-            barrier.wait();
-        }
-        buf.copy_from_slice(&acc.lock().unwrap());
-        barrier.wait();
-        Ok(())
-    }
-}
+use common::threads::{ThreadCollective, shared};
+use kernels::{Gan, ModelConfig, OptimConfig, SingleProcess, Tensor};
 
 fn cfg() -> ModelConfig {
     ModelConfig { image_size: 32, nc: 1, nz: 8, ngf: 4, ndf: 4 }
@@ -67,7 +33,7 @@ fn two_ranks_with_sync_bn_match_one_rank_with_the_whole_batch() {
         single_stats.push(st);
     }
 
-    let shared = Arc::new((Barrier::new(2), Mutex::new(Vec::new())));
+    let shared = shared(2);
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let shared = shared.clone();

@@ -2,26 +2,30 @@
 //! ring, or a GPU with NCCL. The training loop calls the same five things either way.
 
 use anyhow::Context;
-use kernels::cuda::{CudaGan, CudaSlice, DeviceCollective, Gpu, NcclCollective, SingleGpu};
-use kernels::{CheckpointFiles, Collective, Gan, StepStats, Tensor, TrainingState};
+use kernels::cuda::{CudaGan, DeviceCollective, Gpu, NcclCollective, SingleGpu};
+use kernels::{CheckpointFiles, Collective, Gan, StepShare, StepStats, Tensor, TrainingState, Watchdog};
+
+/// Where a GPU rank sits in its run, and when it stops waiting for the others.
+pub struct GpuRanks<'a> {
+    pub rank: usize,
+    pub world: usize,
+    /// Rank 0's NCCL unique id (ignored at one rank).
+    pub nccl_id: &'a [u8],
+    pub watchdog: Watchdog,
+}
 
 pub enum Engine {
     Cpu { gan: Box<Gan>, collective: Box<dyn Collective + Send> },
-    Cuda { gan: Box<CudaGan>, collective: Box<dyn DeviceCollective>, gpu: std::sync::Arc<Gpu> },
+    Cuda { gan: Box<CudaGan>, collective: Box<dyn DeviceCollective> },
 }
 
 impl Engine {
     /// Moves `gan` onto GPU `ordinal` with room for `max_batch` samples per step, its gradients
-    /// averaged over NCCL (communicator built from rank 0's `nccl_id`) when `world > 1`.
-    /// The communicator is not `Send`: call this on the thread that trains.
-    pub fn on_gpu(
-        gan: &Gan,
-        ordinal: usize,
-        max_batch: usize,
-        rank: usize,
-        world: usize,
-        nccl_id: &[u8],
-    ) -> anyhow::Result<Self> {
+    /// averaged over NCCL (communicator built from rank 0's `nccl_id`, abandoned when
+    /// `watchdog` gives up) when `world > 1`. The communicator is not `Send`: call this on the
+    /// thread that trains.
+    pub fn on_gpu(gan: &Gan, ordinal: usize, max_batch: usize, ranks: GpuRanks<'_>) -> anyhow::Result<Self> {
+        let GpuRanks { rank, world, nccl_id, watchdog } = ranks;
         let gpu = Gpu::open(ordinal).with_context(|| format!("cuda:{ordinal}"))?;
         gpu.bind_to_thread()?;
         let mut cuda = CudaGan::from_gan(std::sync::Arc::clone(&gpu), gan, max_batch).context("networks to the GPU")?;
@@ -29,38 +33,24 @@ impl Engine {
         let collective: Box<dyn DeviceCollective> = if world == 1 {
             Box::new(SingleGpu)
         } else {
-            Box::new(NcclCollective::new(&gpu, nccl_id, rank, world).context("NCCL communicator")?)
+            Box::new(NcclCollective::new(&gpu, nccl_id, rank, world, watchdog).context("NCCL communicator")?)
         };
-        tracing::info!(rank, world, gpu = %gpu.info().name, "training on cuda:{ordinal}");
-        Ok(Engine::Cuda { gan: Box::new(cuda), collective, gpu })
+        tracing::info!(rank, world, max_batch, gpu = %gpu.info().name, "training on cuda:{ordinal}");
+        Ok(Engine::Cuda { gan: Box::new(cuda), collective })
     }
 
     /// One training step; on the CPU its kernels run on `pool`, on a GPU on this thread's stream.
+    /// `share.vote` comes back averaged over the ranks in [`StepStats::vote`].
     pub fn train_step(
         &mut self,
         pool: &rayon::ThreadPool,
         real: &Tensor,
         z: &Tensor,
-        grad_weight: f32,
+        share: StepShare,
     ) -> Result<StepStats, kernels::KernelError> {
         match self {
-            Engine::Cpu { gan, collective } => {
-                pool.install(|| gan.train_step(real, z, grad_weight, collective.as_mut()))
-            }
-            Engine::Cuda { gan, collective, .. } => gan.train_step(real, z, grad_weight, collective.as_mut()),
-        }
-    }
-
-    /// Sums `votes` over the ranks (the clean-stop vote: a few floats).
-    pub fn all_reduce_votes(&mut self, votes: &mut [f32]) -> anyhow::Result<()> {
-        match self {
-            Engine::Cpu { collective, .. } => collective.all_reduce_sum(votes).map_err(|e| anyhow::anyhow!("{e}")),
-            Engine::Cuda { collective, gpu, .. } => {
-                let mut on_gpu: CudaSlice<f32> = gpu.upload(votes)?;
-                collective.all_reduce_sum(&mut on_gpu.as_view_mut()).map_err(|e| anyhow::anyhow!("{e}"))?;
-                votes.copy_from_slice(&gpu.download(&on_gpu.as_view())?);
-                Ok(())
-            }
+            Engine::Cpu { gan, collective } => pool.install(|| gan.train_step(real, z, share, collective.as_mut())),
+            Engine::Cuda { gan, collective, .. } => gan.train_step(real, z, share, collective.as_mut()),
         }
     }
 

@@ -10,14 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kernels::{CheckpointFiles, Collective, Gan, ModelConfig, OptimConfig, SingleProcess, Tensor, TrainingState};
+use kernels::{
+    CheckpointFiles, Collective, Gan, ModelConfig, OptimConfig, SingleProcess, StepShare, Tensor, TrainingState,
+    Watchdog,
+};
 use proto::v1;
 use tokio::sync::mpsc;
 
 use crate::batches::Batch;
 use crate::client::Upload;
-use crate::engine::Engine;
-use crate::stop::{Stop, StopRequest};
+use crate::engine::{Engine, GpuRanks};
+use crate::stop::{Askers, Stop, StopRequest, stop_vote};
 
 /// Everything the compute thread needs; built by the async side.
 pub struct Trainer {
@@ -82,18 +85,18 @@ impl Trainer {
             "" => kernels::Precision::F32,
             given => given.parse().context("the run's precision")?,
         };
+        let demands = kernels::RunDemands { precision, sync_batch_norm: c.sync_bn, world: self.world };
+        if let Some(why) = self.device.refusal(&demands) {
+            bail!("{why}");
+        }
         let mut engine = match self.device {
-            kernels::Device::Cuda(ordinal) if precision == kernels::Precision::Bf16 => {
-                bail!(
-                    "the run asks for --precision bf16, a CPU mode, and this worker trains on cuda:{ordinal}; \
-                     run the workers with --device cpu, or the coordinator with --precision f32"
-                )
-            }
             kernels::Device::Cuda(ordinal) => {
-                // The largest share of a step: the last step of an epoch also takes the remainder.
-                let global = c.batch_size as usize;
-                let max_batch = global + (c.dataset_len as usize % global);
-                Engine::on_gpu(&gan, ordinal, max_batch, self.rank, self.world, &self.nccl_id)?
+                // This rank's largest share of a step (the last step of an epoch also takes the
+                // remainder), not the whole global batch.
+                let max_batch = data::max_rank_batch(c.dataset_len as usize, c.batch_size as usize, self.world);
+                let watchdog = Watchdog::new(self.ring_timeout, self.stop.clone());
+                let ranks = GpuRanks { rank: self.rank, world: self.world, nccl_id: &self.nccl_id, watchdog };
+                Engine::on_gpu(&gan, ordinal, max_batch, ranks)?
             }
             _ => {
                 gan.set_precision(precision).context("the run's --precision")?;
@@ -161,6 +164,11 @@ impl Trainer {
             let step_in_epoch = step % spe;
             let global_n = if step_in_epoch + 1 == spe { c.dataset_len - step_in_epoch * global } else { global };
             let grad_weight = (n as f64 * self.world as f64 / global_n as f64) as f32;
+            // A clean stop must happen after the same step on every rank, or the others would
+            // wait in the next all-reduce for a peer that left: the ranks vote on it in the
+            // step's own gradient average (see `stop_vote`), so agreeing costs nothing extra.
+            let asked = self.stop_request.reason();
+            let share = StepShare { grad_weight, vote: stop_vote(self.rank, asked.is_some()) };
             let compute_span = tracing::info_span!(
                 "compute",
                 phases = "d_forward,g_forward,backward,all_reduce,optimizer",
@@ -169,8 +177,7 @@ impl Trainer {
                 loss_g = tracing::field::Empty,
             )
             .entered();
-            let stats =
-                engine.train_step(pool, &real, &z, grad_weight).with_context(|| format!("training step {step}"))?;
+            let stats = engine.train_step(pool, &real, &z, share).with_context(|| format!("training step {step}"))?;
             compute_span.record("all_reduce_seconds", stats.all_reduce_seconds);
             compute_span.record("loss_d", stats.loss_d);
             compute_span.record("loss_g", stats.loss_g);
@@ -223,28 +230,18 @@ impl Trainer {
             if self.rank == 0 && scheduled {
                 self.checkpoint(engine, step, end_of_epoch, is_final)?;
             }
-            // A clean stop must happen after the same step on every rank, or the others would
-            // wait in the next all-reduce for a peer that left: the ranks vote on it with a tiny
-            // all-reduce (one slot per rank, so all know who asked; microseconds beside a step).
-            if !is_final {
-                let asked = self.stop_request.reason();
-                let mut votes = vec![0.0f32; self.world];
-                votes[self.rank] = if asked.is_some() { 1.0 } else { 0.0 };
-                engine.all_reduce_votes(&mut votes).with_context(|| format!("stop vote after step {step}"))?;
-                let askers: Vec<String> =
-                    votes.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(r, _)| r.to_string()).collect();
-                if !askers.is_empty() {
-                    if self.rank == 0 && !scheduled {
-                        self.checkpoint(engine, step, end_of_epoch, is_final)?;
-                    }
-                    let reason = match asked {
-                        Some(r) => format!("rank {}: {r}", self.rank),
-                        None => format!("rank {} asked to stop", askers.join(", rank ")),
-                    };
-                    tracing::info!(step, reason, "stopped cleanly");
-                    let checksum = engine.consistency_checksum(c.sync_bn)?;
-                    return Ok(Outcome { final_step: step, checksum, stopped: Some(reason) });
+            let askers = Askers::from_mean(stats.vote, self.world);
+            if !is_final && askers.any() {
+                if self.rank == 0 && !scheduled {
+                    self.checkpoint(engine, step, end_of_epoch, is_final)?;
                 }
+                let reason = match asked {
+                    Some(r) => format!("rank {}: {r}", self.rank),
+                    None => askers.describe(),
+                };
+                tracing::info!(step, reason, "stopped cleanly");
+                let checksum = engine.consistency_checksum(c.sync_bn)?;
+                return Ok(Outcome { final_step: step, checksum, stopped: Some(reason) });
             }
         }
         Ok(Outcome { final_step: step, checksum: engine.consistency_checksum(c.sync_bn)?, stopped: None })

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use kernels::cuda::{CudaGan, DeviceCollective, Gpu, NcclCollective, SingleGpu, nccl_unique_id};
-use kernels::{Device, Gan, ModelConfig, OptimConfig, Tensor};
+use kernels::{Device, Gan, ModelConfig, OptimConfig, Tensor, Watchdog};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Model {
@@ -114,7 +114,7 @@ fn nccl_bench(gpu: &Gpu, cfg: &ModelConfig, model: &str, iters: usize) -> Result
     let cpu = Gan::new(cfg.clone(), OptimConfig::default(), 1)?;
     let len = cpu.generator_params().len() + cpu.discriminator_params().len();
     let id = nccl_unique_id()?;
-    let mut comm = NcclCollective::new(gpu, &id, 0, 1)?;
+    let mut comm = NcclCollective::new(gpu, &id, 0, 1, Watchdog::timeout_only(std::time::Duration::from_secs(60)))?;
     let mut buf = gpu.zeros(len)?;
     for _ in 0..5 {
         comm.all_reduce_mean(&mut buf.as_view_mut()).map_err(anyhow::Error::from_boxed)?;

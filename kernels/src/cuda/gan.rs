@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaViewMut};
 
 use super::OrCuda;
 use super::device::Gpu;
@@ -15,7 +15,10 @@ use super::nccl::DeviceCollective;
 use super::net::CudaNet;
 use super::ops;
 use crate::ops::batchnorm::BnMode;
-use crate::{CheckpointFiles, Gan, KernelError, ModelConfig, OptimConfig, StepStats, Tensor, TrainingState};
+use crate::{CheckpointFiles, Gan, KernelError, ModelConfig, OptimConfig, StepShare, StepStats, Tensor, TrainingState};
+
+/// Values read back per step: three `[loss, mean D output]` pairs and the vote.
+const STATS: usize = 7;
 
 /// Generator and discriminator with their Adam states, on one GPU, for batches of up to
 /// `max_batch` images. Built from (and converted back to) a CPU [`Gan`], so both backends start
@@ -35,11 +38,13 @@ pub struct CudaGan {
     z_cnhw: CudaSlice<f32>,
     /// The loss's gradient with respect to D's logits.
     logit_grad: CudaSlice<f32>,
-    /// `[loss, mean D output]` of the three losses (real, fake, G's), read back once per step.
+    /// `[loss, mean D output]` of the three losses (real, fake, G's), then the vote's mean
+    /// ([`StepStats::vote`]), read back once per step.
     stats: CudaSlice<f32>,
     stats_host: Vec<f32>,
-    /// Recorded around the two all-reduces, to report their time without synchronising.
-    events: [CudaEvent; 4],
+    /// Recorded around the two all-reduces, to report their time without synchronising, and
+    /// at the step's end, for the collective to wait on.
+    events: [CudaEvent; 5],
 }
 
 impl std::fmt::Debug for CudaGan {
@@ -84,9 +89,9 @@ impl CudaGan {
             z_nchw: gpu.zeros(z_len)?,
             z_cnhw: gpu.zeros(z_len)?,
             logit_grad: gpu.zeros(max_batch)?,
-            stats: gpu.zeros(6)?,
-            stats_host: vec![0.0; 6],
-            events: [event()?, event()?, event()?, event()?],
+            stats: gpu.zeros(STATS)?,
+            stats_host: vec![0.0; STATS],
+            events: [event()?, event()?, event()?, event()?, event()?],
             optim: gan.optim_config().clone(),
             sync_batch_norm: gan.sync_batch_norm(),
             model,
@@ -197,18 +202,20 @@ impl CudaGan {
     /// back-propagated through D (input gradient only) into G, averaged, Adam on G.
     ///
     /// `real` is NCHW in [-1, 1], `z` is [n, nz, 1, 1], n at most [`CudaGan::max_batch`];
-    /// `grad_weight` scales this rank's gradients before they are averaged (see
-    /// [`Gan::train_step`]). The only host synchronisation is the read-back of the losses at
-    /// the end; `all_reduce_seconds` is measured with CUDA events around the reductions (0 with
-    /// one rank, and with drivers older than CUDA 12.8).
+    /// `share` weighs this rank's gradients and carries its vote (see [`Gan::train_step`]).
+    /// The gradients always go through `collective`, even at one rank (a single-rank NCCL
+    /// communicator reduces for real). The only host synchronisation is the collective's wait
+    /// for the step's end; `all_reduce_seconds` is measured with CUDA events around the
+    /// reductions (0 with drivers older than CUDA 12.8).
     pub fn train_step(
         &mut self,
         real: &Tensor,
         z: &Tensor,
-        grad_weight: f32,
+        share: impl Into<StepShare>,
         collective: &mut dyn DeviceCollective,
     ) -> Result<StepStats, KernelError> {
         let start = Instant::now();
+        let share = share.into();
         let n = self.check_inputs(Some(real), z)?;
         let world = collective.world_size();
         if self.sync_batch_norm && world > 1 {
@@ -235,7 +242,9 @@ impl CudaGan {
         self.d.forward(gpu, &self.g.output(), n, train)?;
         loss(gpu, &self.d, n, 0.0, &mut self.logit_grad, &mut self.stats, 1)?;
         self.d.backward(gpu, &self.logit_grad.slice(..n), true, false)?;
-        reduce(gpu, &mut self.d.grads, grad_weight, collective, &self.events[..2])?;
+        let d_params = self.d.params.len();
+        let mut d_grads = self.d.grads.slice_mut(..d_params);
+        reduce(gpu, &mut d_grads, share.grad_weight, None, collective, &self.events[..2])?;
         self.d.adam_step(gpu, &self.optim)?;
 
         // G through D, label 1.
@@ -244,14 +253,21 @@ impl CudaGan {
         loss(gpu, &self.d, n, 1.0, &mut self.logit_grad, &mut self.stats, 2)?;
         self.d.backward(gpu, &self.logit_grad.slice(..n), false, true)?;
         self.g.backward(gpu, &self.d.input_grad(), true, false)?;
-        reduce(gpu, &mut self.g.grads, grad_weight, collective, &self.events[2..])?;
+        // The vote rides in the generator's gradient buffer's extra slot, and is copied out
+        // beside the losses, so it costs no transfer of its own.
+        let mut g_grads = self.g.grads.as_view_mut();
+        reduce(gpu, &mut g_grads, share.grad_weight, Some(share.vote), collective, &self.events[2..4])?;
+        let g_params = self.g.params.len();
+        let vote = self.g.grads.slice(g_params..g_params + 1);
+        gpu.stream().memcpy_dtod(&vote, &mut self.stats.slice_mut(6..7)).or_cuda("copying the vote")?;
         self.g.adam_step(gpu, &self.optim)?;
 
+        self.events[4].record(gpu.stream()).or_cuda("recording the step's end")?;
+        collective.wait(&self.events[4]).map_err(KernelError::Collective)?;
         gpu.stream().memcpy_dtoh(&self.stats, &mut self.stats_host).or_cuda("reading the losses")?;
-        gpu.synchronize()?;
         // cudarc's CUDA 13 bindings time events with cuEventElapsedTime_v2, which drivers older
         // than 12.8 lack (cudarc would panic): those report no all-reduce time.
-        let all_reduce_seconds = if world > 1 && self.gpu.info().driver_cuda_version >= 12080 {
+        let all_reduce_seconds = if self.gpu.info().driver_cuda_version >= 12080 {
             let ms = |a: &CudaEvent, b: &CudaEvent| a.elapsed_ms(b).or_cuda("timing the all-reduce");
             (ms(&self.events[0], &self.events[1])? + ms(&self.events[2], &self.events[3])?) as f64 / 1e3
         } else {
@@ -267,6 +283,7 @@ impl CudaGan {
             d_g_z2: st[5],
             compute_seconds: (total - all_reduce_seconds).max(0.0),
             all_reduce_seconds,
+            vote: st[6],
         })
     }
 
@@ -316,22 +333,27 @@ fn loss(
     )
 }
 
-/// Scales this rank's gradients by its share of the global batch, then averages them, between
-/// two recorded events; a single rank does neither, as on the CPU.
+/// Scales this rank's gradients (all of `grads` but the last slot when a `vote` rides in it)
+/// by its share of the global batch, then averages them, between two recorded events. Always
+/// through the collective: [`SingleGpu`](super::SingleGpu)'s is the identity, and a one-rank NCCL
+/// communicator is exercised for real.
 fn reduce(
     gpu: &Gpu,
-    grads: &mut CudaSlice<f32>,
+    grads: &mut CudaViewMut<'_, f32>,
     weight: f32,
+    vote: Option<f32>,
     coll: &mut dyn DeviceCollective,
     events: &[CudaEvent],
 ) -> Result<(), KernelError> {
-    if coll.world_size() <= 1 {
-        return Ok(());
-    }
     events[0].record(gpu.stream()).or_cuda("recording an event")?;
+    let len = grads.len();
+    let weighted = if vote.is_some() { len.saturating_sub(1) } else { len };
     if weight != 1.0 {
-        ops::scale(gpu, &mut grads.as_view_mut(), weight)?;
+        ops::scale(gpu, &mut grads.slice_mut(..weighted), weight)?;
     }
-    coll.all_reduce_mean(&mut grads.as_view_mut()).map_err(KernelError::Collective)?;
+    if let Some(vote) = vote {
+        gpu.stream().memcpy_htod(&[vote], &mut grads.slice_mut(weighted..len)).or_cuda("placing the vote")?;
+    }
+    coll.all_reduce_mean(grads).map_err(KernelError::Collective)?;
     events[1].record(gpu.stream()).or_cuda("recording an event")
 }

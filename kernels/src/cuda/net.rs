@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, CudaView};
 
 use super::OrCuda;
 use super::device::Gpu;
-use super::ops::{self, BnBuffers};
+use super::ops::{self, BnBuffers, BnGradBuffers};
 use crate::KernelError;
 use crate::OptimConfig;
 use crate::net::{ConvKind, Net};
@@ -76,6 +76,8 @@ pub struct CudaNet {
     plans: Vec<Plan>,
     bns: Vec<Option<DeviceBn>>,
     pub(crate) params: CudaSlice<f32>,
+    /// The parameters' gradients, and one slot more: a value the ranks average with them (the
+    /// clean-stop vote, see [`crate::StepShare`]) rides there at no extra reduction.
     pub(crate) grads: CudaSlice<f32>,
     exp_avg: CudaSlice<f32>,
     exp_avg_sq: CudaSlice<f32>,
@@ -90,6 +92,9 @@ pub struct CudaNet {
     /// Each strided convolution's unrolled input, kept for its weight gradient.
     cols: Vec<Option<CudaSlice<f32>>>,
     scratch: CudaSlice<f32>,
+    /// The BatchNorm reductions' partial sums, shared by the layers (they run one after
+    /// another on the one stream), sized for the largest layer at `max_batch`.
+    bn_scratch: CudaSlice<f64>,
     grad_a: CudaSlice<f32>,
     grad_b: CudaSlice<f32>,
 }
@@ -115,7 +120,13 @@ impl CudaNet {
             })
             .collect();
         let mut bns = Vec::with_capacity(plans.len());
+        let mut bn_scratch_len = 1;
         for (plan, block) in plans.iter().zip(&net.blocks) {
+            if block.bn.is_some() {
+                // Non-decreasing in M, so enough for every smaller batch too.
+                bn_scratch_len =
+                    bn_scratch_len.max(ops::bn_scratch_len(plan.shape.out_channels, plan.per_channel(max_batch)));
+            }
             bns.push(match &block.bn {
                 Some(bn) => Some(DeviceBn {
                     running_mean: gpu.upload(&bn.layer.running_mean)?,
@@ -147,7 +158,7 @@ impl CudaNet {
         }
         Ok(Self {
             params: gpu.upload(&net.params)?,
-            grads: gpu.upload(&net.grads)?,
+            grads: gpu.upload(&[net.grads.as_slice(), &[0.0]].concat())?,
             exp_avg: gpu.upload(&net.adam.exp_avg)?,
             exp_avg_sq: gpu.upload(&net.adam.exp_avg_sq)?,
             adam_step: net.adam.step,
@@ -159,6 +170,7 @@ impl CudaNet {
             outs,
             cols,
             scratch: gpu.zeros(scratch_len)?,
+            bn_scratch: gpu.stream().alloc_zeros(bn_scratch_len).or_cuda("allocating GPU memory")?,
             grad_a: gpu.zeros(grad_len)?,
             grad_b: gpu.zeros(grad_len)?,
         })
@@ -175,7 +187,7 @@ impl CudaNet {
             });
         }
         net.params = gpu.download(&self.params.as_view())?;
-        net.grads = gpu.download(&self.grads.as_view())?;
+        net.grads = gpu.download(&self.param_grads())?;
         net.adam.exp_avg = gpu.download(&self.exp_avg.as_view())?;
         net.adam.exp_avg_sq = gpu.download(&self.exp_avg_sq.as_view())?;
         net.adam.step = self.adam_step;
@@ -196,6 +208,11 @@ impl CudaNet {
     /// Values the network's input holds per image.
     pub fn input_len_per_image(&self) -> usize {
         self.plans[0].in_len(1)
+    }
+
+    /// The parameters' gradients, without the extra slot.
+    pub fn param_grads(&self) -> CudaView<'_, f32> {
+        self.grads.slice(..self.params.len())
     }
 
     pub fn zero_grads(&mut self, gpu: &Gpu) -> Result<(), KernelError> {
@@ -269,6 +286,7 @@ impl CudaNet {
                                 saved: &mut bn.saved.as_view_mut(),
                                 running_mean: &mut bn.running_mean.as_view_mut(),
                                 running_var: &mut bn.running_var.as_view_mut(),
+                                scratch: &mut self.bn_scratch.as_view_mut(),
                             },
                             update_running,
                         )?;
@@ -337,10 +355,13 @@ impl CudaNet {
                         plan.shape.out_channels,
                         plan.per_channel(batch),
                         &mut dy,
-                        &bn.xhat.slice(..out_len),
-                        &gamma_beta,
-                        &bn.saved.as_view(),
-                        if weight_grads { Some(&mut grads) } else { None },
+                        BnGradBuffers {
+                            xhat: &bn.xhat.slice(..out_len),
+                            gamma_beta: &gamma_beta,
+                            saved: &bn.saved.as_view(),
+                            grad_gamma_beta: if weight_grads { Some(&mut grads) } else { None },
+                            scratch: &mut self.bn_scratch.as_view_mut(),
+                        },
                     )?;
                 }
             }
@@ -395,12 +416,13 @@ impl CudaNet {
     /// One Adam update of the parameters from the gradients.
     pub fn adam_step(&mut self, gpu: &Gpu, cfg: &OptimConfig) -> Result<(), KernelError> {
         self.adam_step += 1;
+        let n = self.params.len();
         ops::adam_step(
             gpu,
             cfg,
             self.adam_step,
             &mut self.params.as_view_mut(),
-            &self.grads.as_view(),
+            &self.grads.slice(..n),
             &mut self.exp_avg.as_view_mut(),
             &mut self.exp_avg_sq.as_view_mut(),
         )

@@ -31,7 +31,7 @@ fn elementwise(total: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block per channel (or one block in all, for the loss).
+/// `n` blocks of [`THREADS`], each reducing its own share (the loss: one block in all).
 fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -322,7 +322,40 @@ pub fn activation_backward(
     Ok(())
 }
 
-/// The device buffers of one BatchNorm layer that its kernels read and write.
+/// The BatchNorm reductions aim for about this many blocks in all: a few per SM on any current
+/// GPU (132 SMs x 8 resident blocks of 256 threads on an H100/H200 is 1056).
+const BN_TARGET_BLOCKS: usize = 4096;
+
+/// The fewest values one part of a channel's reduction sums (8 per thread), so that a block's
+/// fixed cost (its block-wide sum, one write) stays small next to its loads.
+const BN_MIN_PART: usize = 2048;
+
+/// The most parts per channel: bounds the finalize kernels' serial sum (one thread per channel
+/// adds its parts in order). Only channel counts below `BN_TARGET_BLOCKS / BN_MAX_PARTS` reach it.
+const BN_MAX_PARTS: usize = 512;
+
+/// Parts (blocks) per channel of the BatchNorm reductions over `channels` channels of `m`
+/// values each: enough for about [`BN_TARGET_BLOCKS`] blocks in all, but none summing fewer than
+/// [`BN_MIN_PART`] values (so 1 part while `m < 2 * BN_MIN_PART`), and at most
+/// [`BN_MAX_PARTS`].
+///
+/// It depends on `(channels, m)` only, so the summation order, hence every bit of a step's
+/// result, is the same run to run; and it never decreases as `m` grows, so a scratch sized by
+/// [`bn_scratch_len`] for the largest batch serves every smaller one.
+pub fn bn_parts(channels: usize, m: usize) -> usize {
+    let for_grid = BN_TARGET_BLOCKS.div_ceil(channels.max(1));
+    let for_size = m / BN_MIN_PART;
+    for_grid.min(for_size).clamp(1, BN_MAX_PARTS)
+}
+
+/// `f64` values of scratch the BatchNorm training kernels need for `channels` channels of `m`
+/// values: two partial sums per (channel, part), then two totals per channel (backward).
+/// Non-decreasing in `m` (see [`bn_parts`]).
+pub fn bn_scratch_len(channels: usize, m: usize) -> usize {
+    2 * channels * (bn_parts(channels, m) + 1)
+}
+
+/// The device buffers of one BatchNorm layer that its training forward reads and writes.
 pub struct BnBuffers<'a, 'b> {
     /// `[gamma (C), beta (C)]`, adjacent as in the flat parameter buffer.
     pub gamma_beta: &'a CudaView<'b, f32>,
@@ -330,11 +363,29 @@ pub struct BnBuffers<'a, 'b> {
     pub saved: &'a mut CudaViewMut<'b, f32>,
     pub running_mean: &'a mut CudaViewMut<'b, f32>,
     pub running_var: &'a mut CudaViewMut<'b, f32>,
+    /// The reductions' partial sums: at least [`bn_scratch_len`] values. Only used during the
+    /// call, so the layers of a network (queued on one stream) can share one.
+    pub scratch: &'a mut CudaViewMut<'b, f64>,
+}
+
+/// Refuses an empty BatchNorm and returns `(C, P)` as the kernels take them, where P is
+/// [`bn_parts`], having checked that the reductions' `C * P` blocks fit one grid.
+fn bn_sizes(channels: usize, m: usize) -> Result<(i32, usize, i32), KernelError> {
+    if channels == 0 || m == 0 {
+        return Err(KernelError::Config(format!("BatchNorm over {channels} channels of {m} values")));
+    }
+    let parts = bn_parts(channels, m);
+    int("batchnorm blocks", channels * parts)?;
+    Ok((int("channels", channels)?, parts, parts as i32))
 }
 
 /// BatchNorm2d training forward in place on `x` (C, M), as [`crate::ops::batchnorm::BatchNorm`]
 /// with batch statistics: writes `xhat` and the saved statistics, and moves the running
 /// statistics (momentum 0.1, unbiased variance) when `update_running`.
+///
+/// Five launches: the channels' partial sums over a (channel, part) grid, their mean; the
+/// partial sums of squared deviations from it, the variance (and running statistics); then the
+/// normalisation over the whole tensor.
 pub fn batchnorm_forward_train(
     gpu: &Gpu,
     channels: usize,
@@ -350,26 +401,74 @@ pub fn batchnorm_forward_train(
     need("batchnorm saved statistics", bn.saved.len(), 2 * channels)?;
     need("batchnorm running mean", bn.running_mean.len(), channels)?;
     need("batchnorm running var", bn.running_var.len(), channels)?;
-    let (c, m, update) = (int("channels", channels)?, m as i64, update_running as i32);
-    // SAFETY: signature (float*, float*, const float*, float*, float*, float*, int, long long,
-    // int, float, float); every buffer was checked above.
+    need("batchnorm scratch", bn.scratch.len(), bn_scratch_len(channels, m))?;
+    let (c, parts, p) = bn_sizes(channels, m)?;
+    let (ml, update) = (m as i64, update_running as i32);
+    let stream = gpu.stream();
+    for squares in [0i32, 1] {
+        // SAFETY: (const float*, const float*, double*, long long, int, int), launched with C * P
+        // blocks; `x` holds C * M values, `saved` 2C (mean read when squares = 1, written by
+        // bn_finalize_mean before), `scratch` at least C * P.
+        unsafe {
+            stream
+                .launch_builder(&gpu.kernels.bn_partial_sums)
+                .arg(&x.as_view())
+                .arg(&bn.saved.as_view())
+                .arg(&mut *bn.scratch)
+                .arg(&ml)
+                .arg(&p)
+                .arg(&squares)
+                .launch(blocks(channels * parts))
+        }
+        .or_cuda("bn_partial_sums")?;
+        if squares == 0 {
+            // SAFETY: (const double*, float*, int, int, long long); C * P partial sums, 2C saved.
+            unsafe {
+                stream
+                    .launch_builder(&gpu.kernels.bn_finalize_mean)
+                    .arg(&bn.scratch.as_view())
+                    .arg(&mut *bn.saved)
+                    .arg(&c)
+                    .arg(&p)
+                    .arg(&ml)
+                    .launch(elementwise(channels))
+            }
+            .or_cuda("bn_finalize_mean")?;
+        } else {
+            // SAFETY: (const double*, float*, float*, float*, int, int, long long, int, float,
+            // float); C * P partial sums, 2C saved, C running statistics each.
+            unsafe {
+                stream
+                    .launch_builder(&gpu.kernels.bn_finalize_var)
+                    .arg(&bn.scratch.as_view())
+                    .arg(&mut *bn.saved)
+                    .arg(&mut *bn.running_mean)
+                    .arg(&mut *bn.running_var)
+                    .arg(&c)
+                    .arg(&p)
+                    .arg(&ml)
+                    .arg(&update)
+                    .arg(&MOMENTUM)
+                    .arg(&EPS)
+                    .launch(elementwise(channels))
+            }
+            .or_cuda("bn_finalize_var")?;
+        }
+    }
+    // SAFETY: (float*, float*, const float*, const float*, int, long long); `x` and `xhat` hold
+    // C * M values, `gamma_beta` and `saved` 2C.
     unsafe {
-        gpu.stream()
-            .launch_builder(&gpu.kernels.bn_forward_train)
+        stream
+            .launch_builder(&gpu.kernels.bn_normalize)
             .arg(x)
             .arg(xhat)
             .arg(bn.gamma_beta)
-            .arg(bn.saved)
-            .arg(bn.running_mean)
-            .arg(bn.running_var)
+            .arg(&bn.saved.as_view())
             .arg(&c)
-            .arg(&m)
-            .arg(&update)
-            .arg(&MOMENTUM)
-            .arg(&EPS)
-            .launch(blocks(channels))
+            .arg(&ml)
+            .launch(elementwise(channels * m))
     }
-    .or_cuda("bn_forward_train")?;
+    .or_cuda("bn_normalize")?;
     Ok(())
 }
 
@@ -405,40 +504,87 @@ pub fn batchnorm_forward_eval(
     Ok(())
 }
 
+/// The device buffers BatchNorm's backward reads and writes.
+pub struct BnGradBuffers<'a, 'b> {
+    /// The normalised input of the last training forward, (C, M).
+    pub xhat: &'a CudaView<'b, f32>,
+    /// `[gamma (C), beta (C)]`.
+    pub gamma_beta: &'a CudaView<'b, f32>,
+    /// `[mean (C), inv_std (C)]` of the last training forward.
+    pub saved: &'a CudaView<'b, f32>,
+    /// `[dgamma (C), dbeta (C)]`, added into when given.
+    pub grad_gamma_beta: Option<&'a mut CudaViewMut<'b, f32>>,
+    /// The reductions' partial sums and the totals: at least [`bn_scratch_len`] values.
+    pub scratch: &'a mut CudaViewMut<'b, f64>,
+}
+
 /// BatchNorm2d backward of the last training forward, in place (`dy` becomes `dx`); adds the
-/// gradients of gamma and beta into `grad_gamma_beta` (`[dgamma (C), dbeta (C)]`) when given.
-#[allow(clippy::too_many_arguments)]
+/// gradients of gamma and beta into `grad_gamma_beta` when given.
+///
+/// Three launches: the partial sums of `dy` and `dy * xhat` over a (channel, part) grid, their
+/// totals (and the gamma/beta gradients), then `dx` over the whole tensor.
 pub fn batchnorm_backward(
     gpu: &Gpu,
     channels: usize,
     m: usize,
     dy: &mut CudaViewMut<'_, f32>,
-    xhat: &CudaView<'_, f32>,
-    gamma_beta: &CudaView<'_, f32>,
-    saved: &CudaView<'_, f32>,
-    grad_gamma_beta: Option<&mut CudaViewMut<'_, f32>>,
+    bn: BnGradBuffers<'_, '_>,
 ) -> Result<(), KernelError> {
     need("batchnorm gradient", dy.len(), channels * m)?;
-    need("batchnorm xhat", xhat.len(), channels * m)?;
-    need("batchnorm gamma/beta", gamma_beta.len(), 2 * channels)?;
-    need("batchnorm saved statistics", saved.len(), 2 * channels)?;
-    if let Some(g) = &grad_gamma_beta {
+    need("batchnorm xhat", bn.xhat.len(), channels * m)?;
+    need("batchnorm gamma/beta", bn.gamma_beta.len(), 2 * channels)?;
+    need("batchnorm saved statistics", bn.saved.len(), 2 * channels)?;
+    if let Some(g) = &bn.grad_gamma_beta {
         need("batchnorm gamma/beta gradients", g.len(), 2 * channels)?;
     }
-    let (c, ml, has_grads) = (int("channels", channels)?, m as i64, grad_gamma_beta.is_some() as i32);
+    need("batchnorm scratch", bn.scratch.len(), bn_scratch_len(channels, m))?;
+    let (c, parts, p) = bn_sizes(channels, m)?;
+    let (ml, has_grads) = (m as i64, bn.grad_gamma_beta.is_some() as i32);
+    // [partial sums of dy (C * P), of dy * xhat (C * P)], then [sum_dy (C), sum_dy_xhat (C)].
+    let (mut partial, mut totals) = bn.scratch.split_at_mut(2 * channels * parts);
     let stream = gpu.stream();
-    let mut b = stream.launch_builder(&gpu.kernels.bn_backward);
-    b.arg(dy).arg(xhat).arg(gamma_beta).arg(saved);
+    // SAFETY: (const float*, const float*, double*, int, long long, int), launched with C * P
+    // blocks; `dy` and `xhat` hold C * M values, `partial` 2 * C * P.
+    unsafe {
+        stream
+            .launch_builder(&gpu.kernels.bn_backward_partials)
+            .arg(&dy.as_view())
+            .arg(bn.xhat)
+            .arg(&mut partial)
+            .arg(&c)
+            .arg(&ml)
+            .arg(&p)
+            .launch(blocks(channels * parts))
+    }
+    .or_cuda("bn_backward_partials")?;
+    let partial = partial.as_view();
+    let mut b = stream.launch_builder(&gpu.kernels.bn_backward_finalize);
+    b.arg(&partial).arg(&mut totals);
     // Without weight gradients the kernel never touches its gradient argument; `saved` stands in
     // for it so that every pointer is a valid one.
-    match grad_gamma_beta {
+    match bn.grad_gamma_beta {
         Some(g) => b.arg(g),
-        None => b.arg(saved),
+        None => b.arg(bn.saved),
     };
-    b.arg(&has_grads).arg(&c).arg(&ml);
-    // SAFETY: (float*, const float*, const float*, const float*, float*, int, int, long long);
-    // buffers checked above.
-    unsafe { b.launch(blocks(channels)) }.or_cuda("bn_backward")?;
+    b.arg(&has_grads).arg(&c).arg(&p);
+    // SAFETY: (const double*, double*, float*, int, int, int); 2 * C * P partial sums, `totals`
+    // at least 2C (the scratch holds 2 * C * (P + 1)), gradients 2C when has_grads.
+    unsafe { b.launch(elementwise(channels)) }.or_cuda("bn_backward_finalize")?;
+    // SAFETY: (float*, const float*, const float*, const float*, const double*, int, long long);
+    // `dy` and `xhat` hold C * M values, `gamma_beta` and `saved` 2C, `totals` 2C.
+    unsafe {
+        stream
+            .launch_builder(&gpu.kernels.bn_backward_dx)
+            .arg(dy)
+            .arg(bn.xhat)
+            .arg(bn.gamma_beta)
+            .arg(bn.saved)
+            .arg(&totals.as_view())
+            .arg(&c)
+            .arg(&ml)
+            .launch(elementwise(channels * m))
+    }
+    .or_cuda("bn_backward_dx")?;
     Ok(())
 }
 
@@ -546,4 +692,78 @@ pub fn scale(gpu: &Gpu, x: &mut CudaViewMut<'_, f32>, factor: f32) -> Result<(),
     unsafe { gpu.stream().launch_builder(&gpu.kernels.scale).arg(x).arg(&len).arg(&factor).launch(elementwise(n)) }
         .or_cuda("scale")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of one BatchNorm reduction launch over `c` channels of `m` values.
+    fn grid(c: usize, m: usize) -> usize {
+        c * bn_parts(c, m)
+    }
+
+    #[test]
+    fn a_channel_smaller_than_two_minimum_parts_is_one_part() {
+        for &(c, m) in &[(1, 1), (3, 1), (8, 2), (512, 48), (5, 255), (3, 256), (1, 2 * BN_MIN_PART - 1)] {
+            assert_eq!(bn_parts(c, m), 1, "c={c} m={m}");
+        }
+        assert_eq!(bn_parts(1, 2 * BN_MIN_PART), 2);
+        // An empty layer (refused before any launch) still gets a sane answer.
+        assert_eq!(bn_parts(0, 0), 1);
+    }
+
+    /// DCGAN-64 at batch 256: the generator's BatchNorms (512x4x4 .. 64x32x32) and the
+    /// discriminator's (128x16x16 .. 512x4x4) all launch 1024-4096 blocks, where one block per
+    /// channel launched 64-512.
+    #[test]
+    fn dcgan64_at_batch_256_fills_the_gpu() {
+        let layers = [(512, 256 * 4 * 4), (256, 256 * 8 * 8), (128, 256 * 16 * 16), (64, 256 * 32 * 32)];
+        let want = [(2, 1024), (8, 2048), (32, 4096), (64, 4096)];
+        for (&(c, m), &(parts, blocks)) in layers.iter().zip(&want) {
+            assert_eq!((bn_parts(c, m), grid(c, m)), (parts, blocks), "c={c} m={m}");
+        }
+    }
+
+    #[test]
+    fn parts_are_large_enough_and_the_grid_is_bounded() {
+        for c in [1, 2, 3, 7, 16, 64, 100, 512, 1000, 4096, 5000] {
+            for m in [1, 100, 2047, 2048, 4095, 4096, 10_000, 200_000, 300_001, 1 << 20, 1 << 24] {
+                let p = bn_parts(c, m);
+                assert!((1..=BN_MAX_PARTS).contains(&p), "c={c} m={m}: {p} parts");
+                // Every part (of m / p or m / p + 1 values) sums at least BN_MIN_PART values,
+                // unless the channel is one part.
+                assert!(p == 1 || m / p >= BN_MIN_PART, "c={c} m={m}: {p} parts of {} values", m / p);
+                // No more blocks than the target needs, bar rounding up per channel.
+                assert!(p == 1 || grid(c, m) < BN_TARGET_BLOCKS + c, "c={c} m={m}: {} blocks", grid(c, m));
+                // A part never empty: the kernels split [p * m / P, (p + 1) * m / P).
+                assert!(p <= m, "c={c} m={m}");
+            }
+        }
+        // The conformance cases with several parts per channel.
+        assert_eq!(bn_parts(3, 200_000), 97);
+        assert_eq!(bn_parts(16, 300_001), 146);
+        assert_eq!(bn_parts(1, 1 << 30), BN_MAX_PARTS);
+    }
+
+    /// A scratch sized at the largest batch serves every smaller one.
+    #[test]
+    fn parts_and_scratch_never_shrink_as_channels_grow_longer() {
+        for c in [1, 3, 64, 128, 512, 5000] {
+            let mut last = (0, 0);
+            for m in (1..=(1 << 21)).step_by(997) {
+                let now = (bn_parts(c, m), bn_scratch_len(c, m));
+                assert!(now.0 >= last.0 && now.1 >= last.1, "c={c} m={m}: {now:?} after {last:?}");
+                assert_eq!(now.1, 2 * c * (now.0 + 1));
+                last = now;
+            }
+        }
+    }
+
+    #[test]
+    fn empty_batchnorms_are_refused() {
+        assert!(bn_sizes(0, 10).is_err());
+        assert!(bn_sizes(10, 0).is_err());
+        assert_eq!(bn_sizes(64, 256 * 32 * 32).unwrap(), (64, 64, 64));
+    }
 }

@@ -1,6 +1,8 @@
 //! Reading the PyTorch fixtures (`kernels/fixtures/*.safetensors`) and comparing against them.
 #![allow(dead_code)]
 
+pub mod threads;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
