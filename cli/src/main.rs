@@ -1,5 +1,7 @@
 //! `dcgan`: the DCGAN paper's experiments and FID, as commands on any checkpoint.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 use dcgan_cli::{ablate, arithmetic, convert, evaluate, generate, interpolate, nearest, prepare, visualize};
 
@@ -35,9 +37,13 @@ enum Command {
     Prepare(prepare::PrepareArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command. A failure prints `error: ` and its causes, once each, in the same style as
+/// `coordinator` and `worker` (never anyhow's `Error:` with a backtrace, whatever
+/// `RUST_BACKTRACE` says: these are the user's errors, not the program's), and exits 1; clap's
+/// usage errors exit 2.
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
+    let result = match &cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Interpolate(a) => interpolate::run(a),
         Command::Arithmetic(a) => arithmetic::run(a),
@@ -47,5 +53,12 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate(c) => evaluate::run(c),
         Command::Convert(a) => convert::run(a),
         Command::Prepare(a) => prepare::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -57,12 +57,22 @@ fn ok(args: &[&str]) -> Output {
     out
 }
 
-/// Runs a command that must fail, returning its stderr; a panic is a failure of the test.
+/// Runs a command that must fail, returning its stderr; a panic is a failure of the test. The
+/// failure is said as every binary of the project says it, `error: ...` and exit 1 (2 for a
+/// usage error), with no backtrace even under `RUST_BACKTRACE=1`.
 fn fails(args: &[&str]) -> String {
-    let out = dcgan(args);
+    let out = Command::new(env!("CARGO_BIN_EXE_dcgan"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the dcgan binary runs");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "dcgan {args:?} should fail");
     assert!(!err.contains("panicked"), "dcgan {args:?} panicked:\n{err}");
+    assert!(matches!(out.status.code(), Some(1 | 2)), "dcgan {args:?} exited {:?}", out.status.code());
+    assert!(err.lines().any(|l| l.starts_with("error: ")), "dcgan {args:?} does not say `error: `:\n{err}");
+    let anyhow_style = err.lines().any(|l| l.starts_with("Error: "));
+    assert!(!anyhow_style && !err.to_lowercase().contains("stack backtrace"), "dcgan {args:?}:\n{err}");
     err
 }
 

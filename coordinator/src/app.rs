@@ -94,6 +94,40 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         bail!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
 
+    // Everything that needs no data is checked before the data set loads (minutes for a large
+    // one): the run directory, the token, the TLS files, the ports. The ports are taken now, so
+    // a busy one leaves no half-made run.
+    dir.check_can_create()?;
+    let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
+    let auth = proto::auth::RequireToken { token: token.clone(), open_reads: cli.open_status };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, flag: &str| {
+                std::fs::read(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
+            };
+            let (cert_pem, key_pem) = (read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            check_pem(&cert_pem, "CERTIFICATE", "--tls-cert", cert)?;
+            check_pem(&key_pem, "PRIVATE KEY", "--tls-key", key)?;
+            Some(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+        }
+        _ => None,
+    };
+    let listener =
+        TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let metrics_listener = match cli.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr).await?),
+        None => None,
+    };
+    // TLS covers the live page's port too, with the same certificate (rustls reads the files
+    // itself: the identity above is opaque), under the gRPC port's access policy.
+    let http_access = worker::telemetry::HttpAccess {
+        auth: auth.clone(),
+        https: match (&cli.tls_cert, &cli.tls_key, &metrics_listener) {
+            (Some(cert), Some(key), Some(_)) => Some(worker::telemetry::Https::from_pem_files(cert, key)?),
+            _ => None,
+        },
+    };
+
     // The dataset is opened (prepared first if it is a raw source) and checked before anything
     // else starts. Only its shape and its shard files are held, never its pixels.
     let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
@@ -145,28 +179,6 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     // From here on SIGTERM and Ctrl-C stop the run cleanly instead of killing the process.
     let mut signals = worker::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
 
-    // The port is taken before anything is written, so a busy one leaves no half-made run.
-    let token = proto::auth::token_from(cli.token.as_deref(), cli.token_file.as_deref())?;
-    let auth = proto::auth::RequireToken { token: token.clone(), open_reads: cli.open_status };
-    let tls = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => {
-            let read = |p: &PathBuf, flag: &str| {
-                std::fs::read(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
-            };
-            let (cert_pem, key_pem) = (read(cert, "--tls-cert")?, read(key, "--tls-key")?);
-            check_pem(&cert_pem, "CERTIFICATE", "--tls-cert", cert)?;
-            check_pem(&key_pem, "PRIVATE KEY", "--tls-key", key)?;
-            Some(tonic::transport::Identity::from_pem(cert_pem, key_pem))
-        }
-        _ => None,
-    };
-    let listener =
-        TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
-    let metrics_listener = match cli.metrics_listen {
-        Some(addr) => Some(MetricsListener::bind(addr).await?),
-        None => None,
-    };
-
     dir.create()?;
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
     store.remove_partial()?;
@@ -185,7 +197,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let metrics_addr = match metrics_listener {
         Some(l) => {
             let a = l.addr;
-            l.serve_with(&[], Some(live_page.routes()))?;
+            let scheme = if http_access.https.is_some() { "https" } else { "http" };
+            l.serve_with(&[], Some(live_page.routes()), http_access)?;
             observability::describe(
                 &config.run_id,
                 &config.dataset,
@@ -193,8 +206,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 config.workers,
                 config.total_steps,
             );
-            write_atomic(&root.join("metrics.addr"), format!("{a}\n").as_bytes())?;
-            println!("live page at http://{a}/ (metrics at http://{a}/metrics)");
+            // HOST:PORT as before over plain HTTP; the URL's scheme says when it is HTTPS.
+            let shown = if scheme == "https" { format!("https://{a}") } else { a.to_string() };
+            write_atomic(&root.join("metrics.addr"), format!("{shown}\n").as_bytes())?;
+            println!("live page at {scheme}://{a}/ (metrics at {scheme}://{a}/metrics)");
             Some(a)
         }
         None => None,
@@ -207,6 +222,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let mut config = config;
     let mut listener = Some(listener);
     let mut restarts = 0u32;
+    // --metrics-linger counts from when the last generation ended, for the workers and the
+    // coordinator together; a signal while lingering ends it.
+    let mut ended_at;
+    // The last generation's launched workers, lingering while the coordinator reports.
+    let mut lingering_workers = None;
     // Ranks of the next generation: all of --workers, unless a regroup went on with fewer.
     let mut world = config.workers;
     let resumed = previous.is_some();
@@ -415,12 +435,16 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
 
         let outcome = run.phase();
+        ended_at = tokio::time::Instant::now();
         if let Some(l) = launcher {
             if matches!(outcome, Phase::Failed(_)) {
                 l.kill_all();
+                l.wait_all(EXIT_GRACE, std::future::pending()).await;
+            } else {
+                // They serve their metrics for --metrics-linger more seconds: waited for at the
+                // very end, so the summary comes as soon as the run ends.
+                lingering_workers = Some(l);
             }
-            // Launched workers serve their metrics for --metrics-linger more seconds before exiting.
-            l.wait_all(EXIT_GRACE + Duration::from_secs(cli.metrics_linger)).await;
         }
         if matches!(outcome, Phase::Failed(_)) {
             run.mark_unfinished_failed();
@@ -501,11 +525,46 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         break (run, outcome);
     };
 
-    if metrics_addr.is_some() && cli.metrics_linger > 0 {
-        tracing::info!("serving metrics for {} s more (--metrics-linger)", cli.metrics_linger);
-        tokio::time::sleep(Duration::from_secs(cli.metrics_linger)).await;
+    // The summary comes when the run ends, before any lingering.
+    let ended = report_outcome(outcome, &run, &store, &config, &root);
+    let linger_until = ended_at + Duration::from_secs(cli.metrics_linger);
+    let mut cut_short = false;
+    if metrics_addr.is_some() && tokio::time::Instant::now() < linger_until {
+        let left = linger_until - tokio::time::Instant::now();
+        println!(
+            "serving the live page and metrics for {} s more (--metrics-linger; Ctrl-C to exit now)",
+            left.as_secs()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep_until(linger_until) => {}
+            name = signals.next() => {
+                println!("{name}: not lingering any longer");
+                cut_short = true;
+            }
+        }
     }
+    if let Some(workers) = lingering_workers {
+        if cut_short {
+            workers.kill_all();
+        }
+        workers
+            .wait_all(EXIT_GRACE, async {
+                signals.next().await;
+            })
+            .await;
+    }
+    ended
+}
 
+/// Says how the run ended (the summary line, or how to resume it) and turns the outcome into
+/// the run's result.
+fn report_outcome(
+    outcome: Phase,
+    run: &Run,
+    store: &CheckpointStore,
+    config: &RunConfig,
+    root: &std::path::Path,
+) -> anyhow::Result<Ended> {
     match outcome {
         Phase::Completed => {
             let latest = run.latest();

@@ -189,7 +189,9 @@ pub struct Cli {
     pub stop_timeout: u64,
 
     /// A shared token that every worker must present (`authorization: Bearer ...`); calls
-    /// without it are refused with UNAUTHENTICATED. Health and reflection stay open. Launched
+    /// without it are refused with UNAUTHENTICATED. Health and reflection stay open. The live
+    /// page and checkpoint downloads of --metrics-listen need it too (Bearer, or a browser's
+    /// Basic prompt with the token as the password); /metrics stays open. Launched
     /// workers get it through their environment. Prefer DCGAN_TOKEN (a Kubernetes Secret) to the
     /// flag, which `ps` shows.
     #[arg(long, env = "DCGAN_TOKEN", hide_env_values = true)]
@@ -200,8 +202,9 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
 
-    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Launched workers
-    /// trust it (as a CA or the self-signed certificate itself) and check it for --tls-domain.
+    /// Serve gRPC over TLS with this certificate chain (PEM), and --metrics-listen as HTTPS with
+    /// it; needs --tls-key. Launched workers trust it (as a CA or the self-signed certificate
+    /// itself) and check it for --tls-domain.
     #[arg(long, env = "DCGAN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
@@ -214,8 +217,9 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_TLS_DOMAIN", default_value = "localhost")]
     pub tls_domain: String,
 
-    /// With a token: let GetStatus and WatchMetrics through without it (operators' reads);
-    /// every call that changes the run still needs it.
+    /// With a token: let GetStatus, WatchMetrics and the live page (its JSON and grids) through
+    /// without it (operators' reads); every call that changes the run, and checkpoint downloads,
+    /// still need it.
     #[arg(long, env = "DCGAN_OPEN_STATUS")]
     pub open_status: bool,
 
@@ -227,8 +231,9 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
-    /// address is printed and written to RUN_DIR/metrics.addr). Off when not given; when given,
+    /// Serve Prometheus metrics at http://ADDR/metrics, and the live page at http://ADDR/
+    /// (https with --tls-cert; port 0 picks a free port; the bound address is printed and
+    /// written to RUN_DIR/metrics.addr). Off when not given; when given,
     /// launched workers serve theirs on the same host with a free port (see their logs).
     #[arg(long, env = "DCGAN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

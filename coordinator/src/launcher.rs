@@ -208,16 +208,21 @@ impl Launcher {
         let _ = self.kill.send(true);
     }
 
-    /// Waits for every worker to exit; kills those still running after `grace`.
-    pub async fn wait_all(self, grace: Duration) {
+    /// Waits for every worker to exit; kills those still running after `grace`, or as soon as
+    /// `cut_short` completes (a signal to the coordinator while the workers linger).
+    pub async fn wait_all(self, grace: Duration, cut_short: impl std::future::Future<Output = ()>) {
         let Self { kill, tasks } = self;
         let all = futures_join(tasks);
         tokio::pin!(all);
-        if tokio::time::timeout(grace, &mut all).await.is_err() {
-            tracing::warn!("workers still running {} s after the run ended: killing them", grace.as_secs());
-            let _ = kill.send(true);
-            all.await;
+        tokio::select! {
+            _ = &mut all => return,
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("workers still running {} s after the run ended: killing them", grace.as_secs());
+            }
+            _ = cut_short => {}
         }
+        let _ = kill.send(true);
+        all.await;
     }
 }
 

@@ -2,23 +2,31 @@
 //! (`coordinator/assets/live/`) is static and compiled in, so it works with no internet access;
 //! it polls two JSON endpoints and draws its charts as inline SVG.
 //!
-//! | path | what |
-//! | --- | --- |
-//! | `/` | the page |
-//! | `/assets/{app.js,style.css}` | its script and style |
-//! | `/api/status` | the run as `GetStatus` shows it, as JSON, plus the sample grids drawn so far |
-//! | `/api/steps?since=N` | the aggregated steps after the first N (at most 5000 per call) |
-//! | `/samples/NAME.png` | a sample grid of the run directory |
-//! | `/checkpoints/step_NNNNNNNN/FILE` | a stored checkpoint's file, to download |
+//! | path | what | with a run token (`--token`) |
+//! | --- | --- | --- |
+//! | `/` | the page | the token, unless `--open-status` |
+//! | `/assets/{app.js,style.css}` | its script and style | the token, unless `--open-status` |
+//! | `/api/status` | the run as `GetStatus` shows it, as JSON, plus the sample grids drawn so far | the token, unless `--open-status` |
+//! | `/api/steps?since=N` | the aggregated steps after the first N (at most 5000 per call) | the token, unless `--open-status` |
+//! | `/samples/NAME.png` | a sample grid of the run directory | the token, unless `--open-status` |
+//! | `/checkpoints/step_NNNNNNNN/FILE` | a stored checkpoint's file, to download | the token, always |
+//! | `/metrics` | Prometheus's numbers (served by [`worker::telemetry`]) | open |
+//!
+//! The policy is the gRPC port's ([`proto::auth`]); the token is taken as `Authorization:
+//! Bearer TOKEN` or as the password of HTTP Basic (a browser's prompt). Without a token
+//! everything is open. Only the names above are served: a path is parsed into a [`Route`]
+//! whose names are checked character by character (no `..`, no `/`, no percent-escapes), so
+//! nothing outside the run directory's samples and checkpoints can be reached.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use hyper::StatusCode;
 use hyper::body::Bytes;
+use proto::auth::Access;
 use proto::v1;
 use serde_json::{Value, json};
-use worker::telemetry::{HttpReply, Routes};
+use worker::telemetry::{HttpReply, HttpRoutes, Routes};
 
 use crate::run_state::Run;
 
@@ -54,51 +62,29 @@ impl LivePage {
 
     /// The routes for [`worker::telemetry::MetricsListener::serve_with`].
     pub fn routes(self: &Arc<Self>) -> Routes {
-        let page = Arc::clone(self);
-        Arc::new(move |path: &str| page.answer(path))
+        Arc::clone(self) as Routes
     }
 
     fn answer(&self, path_and_query: &str) -> Option<HttpReply> {
-        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
-        match path {
-            "/" | "/index.html" => Some(text(INDEX_HTML, "text/html; charset=utf-8")),
-            "/assets/app.js" => Some(text(APP_JS, "text/javascript; charset=utf-8")),
-            "/assets/style.css" => Some(text(STYLE_CSS, "text/css; charset=utf-8")),
-            "/api/status" => Some(match self.run() {
+        match Route::parse(path_and_query)? {
+            Route::Page => Some(text(INDEX_HTML, "text/html; charset=utf-8")),
+            Route::Script => Some(text(APP_JS, "text/javascript; charset=utf-8")),
+            Route::Style => Some(text(STYLE_CSS, "text/css; charset=utf-8")),
+            Route::Status => Some(match self.run() {
                 Some(run) => json_reply(&self.status_json(&run)),
                 None => json_reply(&json!({ "state": "STARTING" })),
             }),
-            "/api/steps" => {
-                let since = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("since="))
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0);
+            Route::Steps { since } => {
                 let steps = self.run().map(|r| r.history(since, STEPS_PER_CALL)).unwrap_or_default();
                 Some(json_reply(&json!({ "since": since, "steps": steps })))
             }
-            _ => {
-                if let Some(name) = path.strip_prefix("/samples/") {
-                    return self.sample(name);
-                }
-                if let Some(rest) = path.strip_prefix("/checkpoints/") {
-                    return self.checkpoint_file(rest);
-                }
-                None
-            }
+            Route::Sample(name) => self.sample(name),
+            Route::Checkpoint { dir, file } => self.checkpoint_file(dir, file),
         }
     }
 
-    /// A grid PNG: `real.png` or `fake_epoch_NNN.png`, nothing else (no path tricks).
+    /// A grid PNG (a name [`Route::parse`] checked).
     fn sample(&self, name: &str) -> Option<HttpReply> {
-        let ok = name == "real.png"
-            || name
-                .strip_prefix("fake_epoch_")
-                .and_then(|r| r.strip_suffix(".png"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return None;
-        }
         let bytes = std::fs::read(self.root.join("samples").join(name)).ok()?;
         Some(HttpReply {
             status: StatusCode::OK,
@@ -108,13 +94,8 @@ impl LivePage {
         })
     }
 
-    /// `step_NNNNNNNN/FILE` of a stored checkpoint, as a download.
-    fn checkpoint_file(&self, rest: &str) -> Option<HttpReply> {
-        let (dir, file) = rest.split_once('/')?;
-        let step_ok = dir.strip_prefix("step_").is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
-        if !step_ok || !CHECKPOINT_FILES.contains(&file) {
-            return None;
-        }
+    /// `step_NNNNNNNN/FILE` of a stored checkpoint (names [`Route::parse`] checked), as a download.
+    fn checkpoint_file(&self, dir: &str, file: &str) -> Option<HttpReply> {
         let bytes = std::fs::read(self.root.join("checkpoints").join(dir).join(file)).ok()?;
         let content_type = if file.ends_with(".json") { "application/json" } else { "application/octet-stream" };
         Some(HttpReply { status: StatusCode::OK, content_type, body: Bytes::from(bytes), cache_control: None })
@@ -135,6 +116,80 @@ impl LivePage {
         v["eval_every"] = json!(run.config.eval_every);
         v["samples_pending"] = json!(run.samples_pending());
         v
+    }
+}
+
+impl HttpRoutes for LivePage {
+    fn access(&self, path_and_query: &str) -> Option<Access> {
+        Route::parse(path_and_query).map(|r| r.access())
+    }
+
+    fn answer(&self, path_and_query: &str) -> Option<HttpReply> {
+        LivePage::answer(self, path_and_query)
+    }
+}
+
+/// What the page serves: every path that is answered is one of these, with its names checked.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Page,
+    Script,
+    Style,
+    Status,
+    Steps {
+        since: usize,
+    },
+    /// `real.png` or `fake_epoch_NNN.png`.
+    Sample(&'a str),
+    /// `step_NNNNNNNN` and one of [`CHECKPOINT_FILES`].
+    Checkpoint {
+        dir: &'a str,
+        file: &'a str,
+    },
+}
+
+impl<'a> Route<'a> {
+    /// The route of a request's path and query; `None` for anything else, including every
+    /// name that is not exactly a grid's or a checkpoint file's (no path tricks).
+    fn parse(path_and_query: &'a str) -> Option<Self> {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        match path {
+            "/" | "/index.html" => Some(Route::Page),
+            "/assets/app.js" => Some(Route::Script),
+            "/assets/style.css" => Some(Route::Style),
+            "/api/status" => Some(Route::Status),
+            "/api/steps" => {
+                let since = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("since="))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                Some(Route::Steps { since })
+            }
+            _ => {
+                if let Some(name) = path.strip_prefix("/samples/") {
+                    let grid = name == "real.png"
+                        || name
+                            .strip_prefix("fake_epoch_")
+                            .and_then(|r| r.strip_suffix(".png"))
+                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                    return grid.then_some(Route::Sample(name));
+                }
+                let (dir, file) = path.strip_prefix("/checkpoints/")?.split_once('/')?;
+                let step =
+                    dir.strip_prefix("step_").is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
+                (step && CHECKPOINT_FILES.contains(&file)).then_some(Route::Checkpoint { dir, file })
+            }
+        }
+    }
+
+    /// Its class in the run's access policy: a checkpoint is the model and its optimizer state,
+    /// the rest are read-only views of the run.
+    fn access(&self) -> Access {
+        match self {
+            Route::Checkpoint { .. } => Access::Secret,
+            _ => Access::Status,
+        }
     }
 }
 
@@ -225,12 +280,27 @@ mod tests {
             "/samples/../secret.txt",
             "/samples/fake_epoch_.png",
             "/samples/fake_epoch_1/../../secret.txt",
+            "/samples/..%2fsecret.txt",
+            "/samples/%2e%2e/secret.txt",
+            "/samples//etc/passwd",
             "/checkpoints/step_00000004/../../secret.txt",
+            "/checkpoints/step_00000004/%2e%2e%2fstate.json",
             "/checkpoints/../secret.txt",
             "/checkpoints/step_0004/state.json",
+            "/checkpoints//etc/passwd",
+            "/checkpoints/step_00000004//etc/passwd",
+            "//checkpoints/step_00000004/state.json",
+            "/./samples/fake_epoch_003.png",
             "/nope",
         ] {
             assert!(page.answer(bad).is_none(), "{bad} was served");
+            assert_eq!(HttpRoutes::access(&*page, bad), None, "{bad} is a route");
+        }
+        // Checkpoints are secret, whether they exist or not; the rest are status views.
+        assert_eq!(HttpRoutes::access(&*page, "/checkpoints/step_00000004/state.json"), Some(Access::Secret));
+        assert_eq!(HttpRoutes::access(&*page, "/checkpoints/step_00000009/SHA256SUMS"), Some(Access::Secret));
+        for view in ["/", "/index.html", "/assets/app.js", "/api/status", "/api/steps?since=3", "/samples/real.png"] {
+            assert_eq!(HttpRoutes::access(&*page, view), Some(Access::Status), "{view}");
         }
         // The page and its assets are served before the run exists; the status says so.
         assert!(page.answer("/").is_some() && page.answer("/assets/app.js").is_some());

@@ -69,6 +69,31 @@ impl RunDir {
     }
 
     /// Creates the directory and its sub-directories.
+    /// Whether the directory exists or can be made, checked without writing anything, so that
+    /// a run directory that is a file (or sits under one) is refused before the data loads.
+    pub fn check_can_create(&self) -> Result<(), RunDirError> {
+        let not_a_dir = |path: &Path, what: &str| {
+            let e = std::io::Error::new(std::io::ErrorKind::NotADirectory, what.to_string());
+            RunDirError::new(path, "use it as the run directory", e)
+        };
+        for (i, path) in self.root.ancestors().filter(|p| !p.as_os_str().is_empty()).enumerate() {
+            match fs::metadata(path) {
+                Ok(m) if m.is_dir() => return Ok(()),
+                Ok(_) if i == 0 => return Err(not_a_dir(path, "it is a file, not a directory")),
+                Ok(_) => {
+                    let why = format!("it is a file, so {} cannot be created in it", self.root.display());
+                    return Err(not_a_dir(path, &why));
+                }
+                // Not there, or under a file (ENOTDIR): the ancestors say which.
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                    continue;
+                }
+                Err(e) => return Err(RunDirError::new(path, "read it", e)),
+            }
+        }
+        Ok(())
+    }
+
     pub fn create(&self) -> Result<(), RunDirError> {
         for d in [self.root.clone(), self.samples(), self.checkpoints(), self.logs()] {
             fs::create_dir_all(&d).map_err(|e| RunDirError::new(&d, "create directory", e))?;
@@ -144,6 +169,20 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_directory_that_is_a_file_is_refused_without_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(RunDir::new(tmp.path().join("new/deeper")).check_can_create().is_ok());
+        assert!(RunDir::new(tmp.path()).check_can_create().is_ok());
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = RunDir::new(&file).check_can_create().unwrap_err().to_string();
+        assert!(e.ends_with("file: cannot use it as the run directory: it is a file, not a directory"), "{e}");
+        let e = RunDir::new(file.join("run")).check_can_create().unwrap_err().to_string();
+        assert!(e.contains("it is a file, so ") && e.contains("file/run cannot be created in it"), "{e}");
+        assert!(!tmp.path().join("new").exists(), "nothing was written");
+    }
 
     #[test]
     fn civil_dates() {

@@ -900,7 +900,7 @@ impl Run {
             .enumerate()
             .filter_map(|(rank, w)| {
                 w.as_ref().map(|w| v1::WorkerStatus {
-                    rank: rank as u32,
+                    rank: Some(rank as u32),
                     state: w.state as i32,
                     hostname: w.hostname.clone(),
                     pid: w.pid,

@@ -156,3 +156,33 @@ fn sync_bn_over_several_gpus_is_refused_before_anything_starts() {
     assert_fails_with(&f, &["--sync-bn is not implemented on GPUs and this run has 2 ranks", "--device cpu"]);
     assert!(!run_dir.join("logs").exists(), "no worker was launched");
 }
+
+/// The checks that need no data come before the data set is read: a run directory that is a
+/// file, and a port in use, are said before a raw source is even prepared into the cache.
+#[test]
+fn a_run_directory_that_is_a_file_or_a_busy_port_fails_before_the_data_is_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idx = tmp.path().join("train-images-idx3-ubyte");
+    write_mnist(&idx, 64);
+    let cache = tmp.path().join("cache");
+    let with_data = |mut args: Vec<String>| {
+        set_flag(&mut args, "--dataset", &format!("mnist:{}", idx.display()));
+        set_flag(&mut args, "--data-cache", &cache.display().to_string());
+        args
+    };
+
+    let file = tmp.path().join("not-a-directory");
+    std::fs::write(&file, b"x").expect("write");
+    let f = run_coordinator(&with_data(small_run(2, &file)), TIMEOUT);
+    assert_fails_with(&f, &["not-a-directory: cannot use it as the run directory: it is a file, not a directory"]);
+    assert!(!cache.exists(), "the data was not read");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").to_string();
+    let mut args = with_data(small_run(2, &tmp.path().join("run")));
+    set_flag(&mut args, "--listen", &port);
+    let f = run_coordinator(&args, TIMEOUT);
+    assert_fails_with(&f, &[&format!("cannot listen on {port} (--listen)")]);
+    assert!(!cache.exists(), "the data was not read");
+    assert!(!tmp.path().join("run").exists(), "nothing was written");
+}

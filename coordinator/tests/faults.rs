@@ -47,7 +47,7 @@ fn kill_a_worker(url: &str, run_dir: &Path, generation: &mut u64, random: &mut i
             .then(|| status(url).filter(|s| s.generation == *generation && s.workers.len() == 3))?
     });
     let rank = (random() % 3) as usize;
-    let pid = target.workers.iter().find(|w| w.rank as usize == rank).expect("rank").pid;
+    let pid = target.workers.iter().find(|w| w.rank == Some(rank as u32)).expect("rank").pid;
     let step_at_kill = steps_done(run_dir);
     let killed = Instant::now();
     let ok = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
@@ -264,7 +264,7 @@ fn a_killed_coordinator_is_restarted_on_its_run_directory() {
     for w in &workers {
         let gone = Instant::now() + Duration::from_secs(60);
         while Command::new("kill").args(["-0", &w.pid.to_string()]).status().is_ok_and(|s| s.success()) {
-            assert!(Instant::now() < gone, "rank {} (pid {}) outlived its coordinator by a minute", w.rank, w.pid);
+            assert!(Instant::now() < gone, "rank {:?} (pid {}) outlived its coordinator by a minute", w.rank, w.pid);
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -201,6 +201,13 @@ fn reflection_lists_the_services_to_real_clients() {
     let coordinator = Running::start(&external_args(2, &run_dir), &run_dir);
     let addr = coordinator.addr.clone();
 
+    // One worker joins, as rank 0, so that GetStatus has a rank 0 to show.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = CoordinatorClient::connect(coordinator.url()).await.expect("connect");
+        c.join(join_request()).await.expect("join");
+    });
+
     if has_grpcurl {
         let out = Command::new("grpcurl").args(["-plaintext", &addr, "list"]).output().expect("grpcurl list");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -218,6 +225,7 @@ fn reflection_lists_the_services_to_real_clients() {
         assert_eq!(status["state"], "RUN_STATE_WAITING_FOR_WORKERS", "{text}");
         assert_eq!(status["worldSize"], 2, "{text}");
         assert_eq!(status["dataset"], "shapes", "{text}");
+        assert_eq!(status["workers"][0]["rank"], 0, "rank 0 shows as rank 0: {text}");
         let out = Command::new("grpcurl")
             .args(["-plaintext", "-d", r#"{"service":"dcgan.v1.Coordinator"}"#, &addr, "grpc.health.v1.Health/Check"])
             .output()
@@ -272,4 +280,22 @@ async fn a_worker_killed_mid_run_fails_the_run() {
     // Rank 0 does not outlive the run.
     let alive = Command::new("kill").args(["-0", &pids[0].to_string()]).status().expect("kill -0");
     assert!(!alive.success(), "rank 0 (pid {}) still runs", pids[0]);
+}
+
+/// The address the coordinator writes is the address a worker takes: `--coordinator` given the
+/// exact text of `coordinator.addr` (`host:port` and its newline) joins and trains.
+#[test]
+fn a_worker_takes_the_exact_text_of_coordinator_addr() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(small_run(1, &run_dir), &["--external-workers", "--max-steps", "2"]);
+    let coordinator = Running::start(&args, &run_dir);
+    let text = std::fs::read_to_string(run_dir.join("coordinator.addr")).expect("coordinator.addr");
+    assert!(!text.contains("://"), "the file holds host:port: {text:?}");
+    let log = tmp.path().join("worker.log");
+    let mut worker = spawn_worker(&[], &text, &[], &log);
+    let status = wait_worker(&mut worker, Duration::from_secs(120), &log);
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    coordinator.wait(Duration::from_secs(60)).assert_success();
+    assert_eq!(steps_done(&run_dir), 2);
 }

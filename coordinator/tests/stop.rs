@@ -91,7 +91,7 @@ fn sigterm_to_one_worker_stops_every_rank_after_the_same_step() {
         let mut c = CoordinatorClient::connect(coordinator.url()).await.expect("connect");
         c.get_status(v1::GetStatusRequest {}).await.expect("status").into_inner()
     });
-    let rank2 = status.workers.iter().find(|w| w.rank == 2).expect("rank 2 joined");
+    let rank2 = status.workers.iter().find(|w| w.rank == Some(2)).expect("rank 2 joined");
     sigterm(rank2.pid);
     let f = coordinator.child.take().map(|c| wait_output(c, TIMEOUT)).expect("child");
     let k = assert_stopped_cleanly(&run_dir, &f);
@@ -111,4 +111,49 @@ fn sigterm_before_any_worker_joined_exits_cleanly() {
     let f = coordinator.child.take().map(|c| wait_output(c, TIMEOUT)).expect("child");
     assert_eq!(f.status.code(), Some(EXIT_STOPPED), "stderr:\n{}", f.stderr);
     assert!(f.stdout.contains("run stopped after step 0") && f.stdout.contains("no checkpoint"), "{}", f.stdout);
+}
+
+/// `--metrics-linger`: the summary comes when the run completes, not after the lingering, and
+/// SIGTERM while lingering ends the coordinator and its lingering workers at once.
+#[test]
+fn a_signal_while_lingering_exits_at_once_after_the_summary() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(
+        small_run(1, &run_dir),
+        &["--max-steps", "2", "--metrics-listen", "127.0.0.1:0", "--metrics-linger", "300"],
+    );
+    let mut coordinator = Running::start(&args, &run_dir);
+    wait_for(TIMEOUT, "the run to complete", || run_dir.join("COMPLETE").exists().then_some(()));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    sigterm(coordinator.child.as_ref().expect("child").id());
+    let f = coordinator.child.take().map(|c| wait_output(c, Duration::from_secs(60))).expect("child");
+    assert!(t0.elapsed() < Duration::from_secs(20), "took {:?} to exit", t0.elapsed());
+    assert_eq!(f.status.code(), Some(0), "a completed run exits 0:\nstdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    let summary = f.stdout.find("run completed: 2 steps").expect("the summary");
+    let lingering = f.stdout.find("--metrics-linger; Ctrl-C to exit now").expect("the lingering line");
+    assert!(summary < lingering, "the summary comes first:\n{}", f.stdout);
+    assert!(f.stdout.contains("SIGTERM: not lingering any longer"), "{}", f.stdout);
+}
+
+/// A worker lingering after its run (`--metrics-linger`) exits at once on SIGTERM.
+#[test]
+fn a_lingering_worker_exits_on_sigterm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(small_run(1, &run_dir), &["--external-workers", "--max-steps", "2"]);
+    let coordinator = Running::start(&args, &run_dir);
+    let log = tmp.path().join("worker.log");
+    let flags = ["--metrics-listen", "127.0.0.1:0", "--metrics-linger", "300"];
+    let mut worker = spawn_worker(&[], &coordinator.url(), &flags, &log);
+    coordinator.wait(TIMEOUT).assert_success();
+    wait_for(TIMEOUT, "the worker to linger", || {
+        std::fs::read_to_string(&log).ok().filter(|l| l.contains("serving metrics for 300 s more")).map(|_| ())
+    });
+    let t0 = Instant::now();
+    sigterm(worker.id());
+    let status = wait_worker(&mut worker, Duration::from_secs(60), &log);
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?} to exit", t0.elapsed());
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }

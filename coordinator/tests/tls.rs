@@ -1,11 +1,14 @@
 //! TLS on the coordinator's gRPC port, with a self-signed certificate made here (rcgen): launched
 //! workers trust it and train; a plaintext client, or one that trusts another certificate, gets
-//! nowhere; a client with the certificate reads the status.
+//! nowhere; a client with the certificate reads the status. The HTTP port (`/metrics`, the live
+//! page) is HTTPS with the same certificate.
 
 mod common;
 
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -107,4 +110,87 @@ fn a_key_that_is_not_pem_is_refused_before_anything_starts() {
     assert!(!f.status.success());
     assert!(f.stderr.contains("--tls-key") && f.stderr.contains("bad.key"), "{}", f.stderr);
     assert!(!run_dir.exists(), "nothing was written");
+}
+
+/// A TLS connection to `addr` for `localhost`, trusting only the certificate in `ca` (PEM).
+fn https_stream(addr: &str, ca: &Path) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read the certificate") {
+        roots.add(cert.expect("a certificate")).expect("trust it");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = "localhost".try_into().expect("a server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Handshake now, so that a refused certificate is this call's error.
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// With --tls-cert the live page and /metrics are HTTPS with the gRPC port's certificate, the
+/// address says so, and the run token is asked for there as on gRPC.
+#[test]
+fn the_live_page_is_https_with_the_same_certificate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(tmp.path(), "coordinator");
+    let (other, _) = self_signed(tmp.path(), "other");
+    let run_dir = tmp.path().join("run");
+    let args = with_flags(
+        small_run(2, &run_dir),
+        &[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+            "--token",
+            "s3cret",
+            "--external-workers",
+            "--data-limit",
+            "100",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut coordinator = Running::start(&args, &run_dir);
+    let url = std::fs::read_to_string(run_dir.join("metrics.addr")).expect("metrics.addr").trim().to_string();
+    let addr = url.strip_prefix("https://").unwrap_or_else(|| panic!("metrics.addr is not an https URL: {url}"));
+
+    let get = |target: &str, authorization: Option<&str>| {
+        let stream = https_stream(addr, &cert).expect("a TLS connection trusting the run's certificate");
+        http_exchange(stream, "localhost", target, authorization).expect("an HTTPS answer")
+    };
+    let (code, _, body) = get("/api/status", Some("Bearer s3cret"));
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"world_size\":2"), "{}", String::from_utf8_lossy(&body));
+    let (code, head, _) = get("/", None);
+    assert_eq!(code, 401, "the token is asked for over HTTPS too");
+    assert!(head.to_ascii_lowercase().contains("www-authenticate: basic"), "{head}");
+    let (code, _, body) = get("/metrics", None);
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&body).contains("dcgan_"));
+
+    // Plain HTTP gets no page; a client trusting another certificate gets no connection.
+    let plain = TcpStream::connect(addr).and_then(|s| {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        http_exchange(s, addr, "/metrics", None)
+    });
+    assert!(plain.map_or(true, |(code, _, _)| code != 200), "plain HTTP was served");
+    assert!(https_stream(addr, &other).is_err(), "a client trusting another certificate got in");
+
+    // The printed address is the https one.
+    let pid = coordinator.child.as_ref().expect("child").id();
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill");
+    assert!(status.success());
+    let f = coordinator.child.take().map(|c| wait_output(c, Duration::from_secs(60))).expect("child");
+    assert!(f.stdout.contains(&format!("live page at https://{addr}/")), "{}", f.stdout);
 }

@@ -169,10 +169,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         }
     };
     if metrics_on && cli.metrics_linger > 0 {
-        tracing::info!("serving metrics for {} s more (--metrics-linger)", cli.metrics_linger);
-        tokio::time::sleep(Duration::from_secs(cli.metrics_linger)).await;
+        linger(Duration::from_secs(cli.metrics_linger), &stop_request).await;
     }
     outcome
+}
+
+/// Keeps serving metrics for `how_long`, unless a stop is asked for (a signal, now or during
+/// the wait: the signal watcher records it in `request`), which ends the wait at once.
+async fn linger(how_long: Duration, request: &StopRequest) {
+    if request.reason().is_some() {
+        return;
+    }
+    tracing::info!("serving metrics for {} s more (--metrics-linger)", how_long.as_secs());
+    let until = tokio::time::Instant::now() + how_long;
+    while tokio::time::Instant::now() < until {
+        if let Some(reason) = request.reason() {
+            tracing::info!("{reason}: not lingering any longer");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(until - tokio::time::Instant::now())).await;
+    }
 }
 
 fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {

@@ -8,9 +8,11 @@ use clap::Parser;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "worker", version, about, long_about)]
 pub struct Cli {
-    /// The coordinator's gRPC address, e.g. http://127.0.0.1:50051.
+    /// The coordinator's gRPC address: host:port as it prints it (and writes to
+    /// RUN_DIR/coordinator.addr), or http://host:port, or https://host:port. A bare host:port
+    /// uses TLS when --tls-ca is given.
     #[arg(long, env = "DCGAN_COORDINATOR")]
-    pub coordinator: String,
+    pub coordinator: crate::address::CoordinatorAddress,
 
     /// The run's shared token, sent on every call; it must match the coordinator's `--token`.
     /// Prefer the environment variable (from a Kubernetes Secret) to the flag, which `ps` shows.

@@ -10,6 +10,7 @@ use proto::v1::{self, WorkerId};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::address::CoordinatorAddress;
 use crate::telemetry::TraceContext;
 
 /// The generated client over a channel whose requests carry the caller's trace context.
@@ -31,15 +32,19 @@ pub struct Tls {
     pub domain: Option<String>,
 }
 
-/// Connects to `url`, retrying until `timeout`: workers may start before the coordinator listens.
+/// Connects to `address`, retrying until `timeout`: workers may start before the coordinator listens.
 pub async fn connect(
-    url: &str,
+    address: &CoordinatorAddress,
     timeout: Duration,
     token: Option<proto::auth::Token>,
     tls: &Tls,
 ) -> anyhow::Result<RawClient> {
-    let mut endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
+    if address.says_http() && tls.ca_pem.is_some() {
+        bail!("--tls-ca is given but --coordinator {address} is http://: use https:// or host:port");
+    }
+    let url = address.url(tls.ca_pem.is_some());
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--coordinator {address}: not a URL tonic takes ({url})"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -55,8 +60,6 @@ pub async fn connect(
             config = config.domain_name(d.clone());
         }
         endpoint = endpoint.tls_config(config).context("TLS settings (--tls-ca, --tls-domain)")?;
-    } else if tls.ca_pem.is_some() {
-        bail!("--tls-ca is given but --coordinator {url} is not https://");
     }
     let deadline = Instant::now() + timeout;
     loop {

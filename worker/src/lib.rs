@@ -2,11 +2,12 @@
 //! its shard, builds the all-reduce ring with its peers, trains synchronously, reports metrics
 //! and (rank 0) uploads checkpoints.
 //!
-//! [`app`] runs one worker; [`client`] speaks the protocol; [`batches`] feeds the local batches;
+//! [`app`] runs one worker; [`address`] reads the coordinator's address; [`client`] speaks the protocol; [`batches`] feeds the local batches;
 //! [`trainer`] is the compute loop on its own thread; [`stop`] tells everything to stop, and
 //! [`signals`] turns SIGTERM into a clean stop;
 //! [`telemetry`] (logs, the `/metrics` endpoint) and [`metrics`] (this rank's series) let it be watched.
 
+pub mod address;
 pub mod app;
 pub mod batches;
 pub mod cli;

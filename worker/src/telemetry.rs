@@ -13,9 +13,15 @@
 //! listener: the listener is bound here, before anything else starts, so a busy port fails the
 //! start with a clear message and a port-0 address can be reported (printed, written to
 //! `RUN_DIR/metrics.addr`) for tests and for the launched workers.
+//!
+//! The coordinator's port also serves its live page ([`HttpRoutes`]) under the run's access
+//! policy ([`proto::auth`]: `/metrics` stays open, the page needs the token unless
+//! `--open-status`, checkpoint downloads always do), over HTTPS when gRPC has TLS ([`Https`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,7 +35,9 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use proto::auth::{Access, Decision, RequireToken};
 use tokio::net::TcpListener;
+use tokio_rustls::rustls;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::fmt::MakeWriter;
@@ -209,12 +217,17 @@ impl MetricsListener {
     /// Installs the process's Prometheus recorder (with `labels` on every series) and serves
     /// `GET /metrics` until the process exits.
     pub fn serve(self, labels: &[(&str, String)]) -> anyhow::Result<PrometheusHandle> {
-        self.serve_with(labels, None)
+        self.serve_with(labels, None, HttpAccess::default())
     }
 
     /// As [`MetricsListener::serve`], with `routes` answering the other GET requests (the
-    /// coordinator's live page shares the port).
-    pub fn serve_with(self, labels: &[(&str, String)], routes: Option<Routes>) -> anyhow::Result<PrometheusHandle> {
+    /// coordinator's live page shares the port), under `access`.
+    pub fn serve_with(
+        self,
+        labels: &[(&str, String)],
+        routes: Option<Routes>,
+        access: HttpAccess,
+    ) -> anyhow::Result<PrometheusHandle> {
         let mut builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), SECONDS_BUCKETS)
             .context("histogram buckets")?;
@@ -222,7 +235,7 @@ impl MetricsListener {
             builder = builder.add_global_label(*k, v.clone());
         }
         let handle = builder.install_recorder().context("cannot install the metrics recorder")?;
-        tokio::spawn(serve_http(self.listener, handle.clone(), routes));
+        tokio::spawn(serve_http(self.listener, handle.clone(), routes, access));
         // Histograms keep their samples until upkeep drains them; scrapes also do it.
         let upkeep = handle.clone();
         tokio::spawn(async move {
@@ -245,10 +258,66 @@ pub struct HttpReply {
     pub cache_control: Option<&'static str>,
 }
 
-/// Extra GET routes beside `/metrics`: given the path and query, an answer or `None` (404).
-pub type Routes = std::sync::Arc<dyn Fn(&str) -> Option<HttpReply> + Send + Sync>;
+/// Extra GET routes beside `/metrics`.
+pub trait HttpRoutes: Send + Sync {
+    /// The class of the route at `path_and_query`, `None` when there is no such route (404,
+    /// before the token is asked for: what is not served needs no protection). Decided from
+    /// the path alone, never from whether a file exists, so a refusal tells nothing about what
+    /// the run holds.
+    fn access(&self, path_and_query: &str) -> Option<Access>;
+    /// The answer, or `None` (404).
+    fn answer(&self, path_and_query: &str) -> Option<HttpReply>;
+}
 
-async fn serve_http(listener: TcpListener, handle: PrometheusHandle, routes: Option<Routes>) {
+/// The routes a port serves beside `/metrics`.
+pub type Routes = Arc<dyn HttpRoutes>;
+
+/// Who may read what on the HTTP port, and whether it speaks HTTPS. The default: all open,
+/// plain HTTP (a worker's port, which serves `/metrics` only).
+#[derive(Clone, Default)]
+pub struct HttpAccess {
+    /// The run's policy, the same as the gRPC port's.
+    pub auth: RequireToken,
+    pub https: Option<Https>,
+}
+
+/// How long a client gets for its TLS handshake before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS server configuration for the HTTP port (the certificate and key of the gRPC port).
+#[derive(Clone)]
+pub struct Https(Arc<rustls::ServerConfig>);
+
+impl Https {
+    /// From PEM files: a certificate chain and its private key (`--tls-cert`, `--tls-key`). A
+    /// key that does not belong to the certificate is refused here, not at the first connection.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("--tls-cert {}: cannot read its certificates", cert.display()))?;
+        let key_der = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("--tls-key {}: cannot read its private key", key.display()))?;
+        // The process's TLS (tonic's, ureq's) is rustls on ring: the same provider, named here
+        // rather than left to a process-wide default.
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .context("TLS protocol versions")?
+                .with_no_client_auth()
+                .with_single_cert(certs, key_der)
+                .with_context(|| {
+                    format!("--tls-cert {} with --tls-key {}: not a usable pair", cert.display(), key.display())
+                })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self(Arc::new(config)))
+    }
+}
+
+async fn serve_http(listener: TcpListener, handle: PrometheusHandle, routes: Option<Routes>, access: HttpAccess) {
+    let tls = access.https.map(|h| tokio_rustls::TlsAcceptor::from(h.0));
+    let auth = Arc::new(access.auth);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -258,25 +327,51 @@ async fn serve_http(listener: TcpListener, handle: PrometheusHandle, routes: Opt
                 continue;
             }
         };
-        let (handle, routes) = (handle.clone(), routes.clone());
+        let (handle, routes, auth, tls) = (handle.clone(), routes.clone(), Arc::clone(&auth), tls.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (handle, routes) = (handle.clone(), routes.clone());
+                let (handle, routes, auth) = (handle.clone(), routes.clone(), Arc::clone(&auth));
                 async move {
                     // Routes may read files: off the async threads.
-                    let response = tokio::task::spawn_blocking(move || respond(&req, &handle, routes.as_ref()))
+                    let response = tokio::task::spawn_blocking(move || respond(&req, &handle, routes.as_ref(), &auth))
                         .await
                         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n".into()));
                     Ok::<_, Infallible>(response)
                 }
             });
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
+            let http = hyper::server::conn::http1::Builder::new();
+            let served = match tls {
+                None => http.serve_connection(TokioIo::new(stream), service).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Err(e)) => return tracing::debug!("metrics connection: TLS handshake: {e}"),
+                    Err(_) => return tracing::debug!("metrics connection: no TLS handshake in time"),
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!("metrics connection: {e}");
             }
         });
     }
+}
+
+/// What a refused request is told: the person at the browser or at curl.
+const UNAUTHORIZED: &str = "401 Unauthorized: this run's live page needs its run token (the coordinator's --token, \
+--token-file or DCGAN_TOKEN).
+In a browser: give the token as the password in the login prompt (any user name).
+With curl:    curl -H \"Authorization: Bearer $DCGAN_TOKEN\" URL    or    curl -u :TOKEN URL
+The coordinator's --open-status opens the page, its data and its sample grids without the token; \
+checkpoint downloads always need it, and /metrics never does.
+";
+
+/// A 401 whose `WWW-Authenticate` makes a browser ask for the token.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut response = plain(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
+    response.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Basic realm=\"dcgan run\", charset=\"UTF-8\""),
+    );
+    response
 }
 
 fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -295,8 +390,24 @@ fn reply(r: HttpReply) -> Response<Full<Bytes>> {
     response
 }
 
-fn respond(req: &Request<Incoming>, handle: &PrometheusHandle, routes: Option<&Routes>) -> Response<Full<Bytes>> {
+fn respond<B>(
+    req: &Request<B>,
+    handle: &PrometheusHandle,
+    routes: Option<&Routes>,
+    auth: &RequireToken,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // The run's policy first: `/metrics`, and a port without routes, are open.
+    let access = match (req.uri().path(), routes) {
+        ("/metrics", _) | (_, None) => Some(Access::Open),
+        (_, Some(r)) => r.access(path),
+    };
+    if let Some(access) = access {
+        let authorization = req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes());
+        if auth.decide(access, authorization) == Decision::Refuse {
+            return unauthorized();
+        }
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             handle.run_upkeep();
@@ -307,11 +418,89 @@ fn respond(req: &Request<Incoming>, handle: &PrometheusHandle, routes: Option<&R
                 cache_control: None,
             })
         }
-        (&Method::GET, _) if routes.is_some() => match routes.and_then(|r| r(path)) {
+        (&Method::GET, _) if routes.is_some() => match routes.and_then(|r| r.answer(path)) {
             Some(r) => reply(r),
             None => plain(StatusCode::NOT_FOUND, format!("not found: {path}\n")),
         },
         (&Method::GET, "/") => plain(StatusCode::OK, "metrics at /metrics\n".into()),
         _ => plain(StatusCode::NOT_FOUND, "not found: try GET /metrics\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route of each class, served whatever the path's tail.
+    struct ThreeRoutes;
+
+    impl HttpRoutes for ThreeRoutes {
+        fn access(&self, path: &str) -> Option<Access> {
+            match path {
+                "/page" => Some(Access::Status),
+                "/secret" => Some(Access::Secret),
+                "/open" => Some(Access::Open),
+                _ => None,
+            }
+        }
+
+        fn answer(&self, path: &str) -> Option<HttpReply> {
+            self.access(path).map(|_| HttpReply {
+                status: StatusCode::OK,
+                content_type: "text/plain",
+                body: Bytes::from_static(b"yes"),
+                cache_control: None,
+            })
+        }
+    }
+
+    #[test]
+    fn the_policy_guards_the_routes_and_a_refusal_asks_for_the_token() {
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let routes: Routes = Arc::new(ThreeRoutes);
+        let token = proto::auth::Token::new("s3cret").unwrap();
+        let get = |path: &str, authorization: Option<&str>, open_reads: bool| {
+            let mut req = Request::get(path);
+            if let Some(a) = authorization {
+                req = req.header("authorization", a);
+            }
+            let auth = RequireToken { token: Some(token.clone()), open_reads };
+            respond(&req.body(()).unwrap(), &handle, Some(&routes), &auth)
+        };
+        for open in [false, true] {
+            assert_eq!(get("/metrics", None, open).status(), StatusCode::OK);
+            assert_eq!(get("/open", None, open).status(), StatusCode::OK);
+            assert_eq!(get("/secret", None, open).status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(get("/secret", Some("Bearer s3cret"), open).status(), StatusCode::OK);
+            // "u:s3cret"
+            assert_eq!(get("/page", Some("Basic dTpzM2NyZXQ="), open).status(), StatusCode::OK);
+            assert_eq!(get("/nope", None, open).status(), StatusCode::NOT_FOUND);
+        }
+        assert_eq!(get("/page", None, true).status(), StatusCode::OK);
+        let refused = get("/page", Some("Bearer guess"), false);
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.headers()["www-authenticate"], "Basic realm=\"dcgan run\", charset=\"UTF-8\"");
+        assert!(refused.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+
+        // No token configured, or a port with no routes (a worker's): open.
+        let open =
+            respond(&Request::get("/secret").body(()).unwrap(), &handle, Some(&routes), &RequireToken::default());
+        assert_eq!(open.status(), StatusCode::OK);
+        let auth = RequireToken { token: Some(token.clone()), open_reads: false };
+        assert_eq!(respond(&Request::get("/metrics").body(()).unwrap(), &handle, None, &auth).status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn files_that_are_not_pem_are_refused_naming_the_flag() {
+        let dir = std::env::temp_dir().join(format!("dcgan-https-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        let err = Https::from_pem_files(&cert, &key).err().expect("refused");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(format!("{err:#}").contains("--tls-key"), "{err:#}");
+        let err = Https::from_pem_files(&dir.join("gone.pem"), &key).err().expect("refused");
+        assert!(format!("{err:#}").contains("--tls-cert"), "{err:#}");
     }
 }

@@ -364,3 +364,53 @@ pub fn wait_worker(child: &mut Child, timeout: Duration, log: &Path) -> ExitStat
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One HTTP/1.1 GET over `stream` (plain TCP or TLS), the target sent exactly as given (curl
+/// and browsers resolve `..` before sending): the status code, the head and the body.
+pub fn http_exchange<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    host: &str,
+    target: &str,
+    authorization: Option<&str>,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    match stream.read_to_end(&mut buf) {
+        Ok(_) => {}
+        // A TLS peer that closed without close_notify, after the whole answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {:?}", String::from_utf8_lossy(&buf))))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((status, head, buf[split + 4..].to_vec()))
+}
+
+/// [`http_exchange`] over a plain TCP connection to `addr` (`HOST:PORT`).
+pub fn http_call(addr: &str, target: &str, authorization: Option<&str>) -> (u16, String, Vec<u8>) {
+    let s = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    http_exchange(s, addr, target, authorization).unwrap_or_else(|e| panic!("GET {target}: {e}"))
+}
+
+/// `GetStatus` with this `authorization` metadata (if any): `Ok`, or the refusal's code.
+pub fn get_status_as(url: &str, authorization: Option<&str>) -> Result<proto::v1::RunStatus, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = proto::v1::coordinator_client::CoordinatorClient::connect(url.to_string()).await.expect("connect");
+        let mut req = tonic::Request::new(proto::v1::GetStatusRequest {});
+        if let Some(a) = authorization {
+            req.metadata_mut().insert("authorization", a.parse().expect("ascii"));
+        }
+        c.get_status(req).await.map(|r| r.into_inner())
+    })
+}
