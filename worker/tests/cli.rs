@@ -37,8 +37,10 @@ fn bad_flags_are_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'mnist:/x'") && err.contains("prepared:DIR or local:SPEC"), "{err}");
 
+    // So is an address that is none of host:port, http://host:port, https://host:port.
     let out = worker().args(["--coordinator", "not a url"]).output().expect("run worker");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a valid URL"), "{err}");
+    assert!(err.contains("\"not a url\" is not a coordinator address: the port is missing"), "{err}");
+    assert!(err.contains("give host:port"), "{err}");
 }
