@@ -39,8 +39,8 @@ enum Command {
 
 /// Runs the command. A failure prints `error: ` and its causes, once each, in the same style as
 /// `coordinator` and `worker` (never anyhow's `Error:` with a backtrace, whatever
-/// `RUST_BACKTRACE` says: these are the user's errors, not the program's), and exits 1; clap's
-/// usage errors exit 2.
+/// `RUST_BACKTRACE` says: these are the user's errors, not the program's), and exits 1, or 2
+/// for a usage error (clap's, and the commands' own checks of their arguments).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -56,9 +56,6 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => dcgan_exit::report(&e),
     }
 }

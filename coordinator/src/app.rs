@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::cli::{Cli, Explicit};
-use crate::config::{RunConfig, merge_for_resume};
+use crate::config::{ConfigError, RunConfig, merge_for_resume};
 use crate::evaluation::{self, EvalRecord, EvalRequest, EvalSettings};
 use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
@@ -37,6 +37,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The same after a failed generation: no answer is owed then, and a partitioned worker's
 /// connection would hold the next generation back for the whole grace.
 const FAILED_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long a new generation retries its busy gRPC port.
+const REBIND_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How a run that did not fail ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +57,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let previous = if cli.resume {
         let prev = RunConfig::read(&dir.run_json())
             .with_context(|| format!("--resume: {} does not hold a run", root.display()))?;
-        merge_for_resume(&mut cli, &explicit, &prev)?;
+        merge_for_resume(&mut cli, &explicit, &prev).map_err(ConfigError::into_anyhow)?;
         Some(prev)
     } else {
         if dir.run_json().exists() {
-            bail!(
+            dcgan_exit::bail_usage!(
                 "{} already holds a run (run.json): pass --resume to continue it, or choose another --run-dir",
                 root.display()
             );
@@ -70,10 +72,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     // The worker binary is found before anything is written, so a wrong path costs nothing.
     let worker_bin = match cli.external_workers {
         true => None,
-        false => Some(resolve_worker_bin(cli.worker_bin.as_deref())?),
+        // Only a --worker-bin that names no binary fails here: a usage error.
+        false => Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_exit::usage(e.to_string()))?),
     };
 
-    RunConfig::check_cli(&cli, 3)?;
+    RunConfig::check_cli(&cli, 3).map_err(ConfigError::into_anyhow)?;
     if cli.precision == kernels::Precision::Bf16.to_string() && !cli.external_workers {
         if let Some(warning) = kernels::ops::isa_rate::bf16_slowdown_warning() {
             tracing::warn!("{warning}");
@@ -83,15 +86,15 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     if gpus {
         let precision = cli.precision.parse().context("--precision")?;
         if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(&cli, precision)) {
-            bail!("{why}");
+            dcgan_exit::bail_usage!("{why}");
         }
     }
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {
-        bail!("--min-workers {min_workers} is more than --workers {}", cli.workers);
+        dcgan_exit::bail_usage!("--min-workers {min_workers} is more than --workers {}", cli.workers);
     }
     if !(cli.collapse_fraction >= 0.0 && cli.collapse_fraction <= 1.0) {
-        bail!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
+        dcgan_exit::bail_usage!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
 
     // Everything that needs no data is checked before the data set loads (minutes for a large
@@ -130,7 +133,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
 
     // The dataset is opened (prepared first if it is a raw source) and checked before anything
     // else starts. Only its shape and its shard files are held, never its pixels.
-    let spec: DatasetSpec = cli.dataset.parse().context("--dataset")?;
+    let spec: DatasetSpec =
+        cli.dataset.parse().map_err(|e| dcgan_exit::usage(format!("--dataset {}: {e}", cli.dataset)))?;
     let cache_root = cli.data_cache.clone().unwrap_or_else(data::prepared::cache::default_cache_root);
     let dataset = crate::dataset::open(&spec, cli.image_size as usize, cli.data_limit, &cache_root).await?;
     let facts = crate::dataset::facts(&dataset)?;
@@ -138,14 +142,15 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let config = match &previous {
         None => {
             let run_id = format!("{}-{:04x}", utc_stamp(), (unix_ms() ^ u64::from(std::process::id())) & 0xffff);
-            RunConfig::from_cli(&cli, &facts, run_id, utc_stamp())?
+            RunConfig::from_cli(&cli, &facts, run_id, utc_stamp()).map_err(ConfigError::into_anyhow)?
         }
         Some(prev) => {
-            let mut c = RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())?;
+            let mut c = RunConfig::from_cli(&cli, &facts, prev.run_id.clone(), prev.created.clone())
+                .map_err(ConfigError::into_anyhow)?;
             c.generation = prev.generation + 1;
             let changed_samples = !prev.data_id.is_empty() && !c.data_id.is_empty() && c.data_id != prev.data_id;
             if changed_samples {
-                bail!(
+                dcgan_exit::bail_usage!(
                     "dataset {spec} is not the data set run.json recorded (its prepared samples' id is {}, run.json has \
                      {}): it cannot be resumed exactly",
                     c.data_id,
@@ -153,7 +158,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 );
             }
             if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
-                bail!(
+                dcgan_exit::bail_usage!(
                     "dataset {spec} now has {} samples of {} channels, run.json recorded {} of {}: it cannot be resumed exactly",
                     c.dataset_len,
                     c.nc,
@@ -234,7 +239,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         let listener = match listener.take() {
             Some(l) => l,
             // The same address again, so external workers find the new generation where they left.
-            None => TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} again"))?,
+            None => bind_again(addr).await?,
         };
         store.remove_partial()?;
         write_atomic(&dir.run_json(), config.to_json().as_bytes())?;
@@ -476,15 +481,18 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         // Graceful shutdown waits for open streams; a client that stopped reading must not keep
         // the coordinator alive, so the wait is bounded.
         let _ = stop_server.send(());
-        let server_abort = server.abort_handle();
+        let mut server = server;
         let grace = if matches!(outcome, Phase::Failed(_)) { FAILED_SHUTDOWN_GRACE } else { SHUTDOWN_GRACE };
-        match tokio::time::timeout(grace, server).await {
+        match tokio::time::timeout(grace, &mut server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!("{e}"),
             Ok(Err(e)) => tracing::warn!("server task panicked: {e}"),
             Err(_) => {
                 tracing::warn!("clients still connected {} s after the run ended: closing", grace.as_secs());
-                server_abort.abort();
+                // Awaited after the abort: the listening socket is closed only once the task is
+                // dropped, and the next generation binds the same port.
+                server.abort();
+                let _ = server.await;
             }
         }
         run.sync_tensorboard();
@@ -664,6 +672,22 @@ fn exit_code(exit: &crate::launcher::WorkerExit) -> Option<i32> {
 /// `checkpoints/damaged-step_NNNNNNNN` with a warning and the one before is tried. `Ok(None)`
 /// when `allow_none` and no checkpoint is usable (a restart before the first checkpoint starts
 /// over from step 0).
+/// Binds the gRPC port again for the next generation. The last generation's listener has
+/// been dropped, but its socket may take a moment to leave the kernel's table under load: a
+/// busy port is retried for a few seconds before the run gives up.
+async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + REBIND_PATIENCE;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot listen on {addr} again"))),
+        }
+    }
+}
+
 fn resume_point(store: &CheckpointStore, config: &RunConfig, allow_none: bool) -> anyhow::Result<Option<u64>> {
     let mut candidates = store.list()?;
     candidates.sort_by_key(|c| std::cmp::Reverse(c.step));
@@ -671,7 +695,7 @@ fn resume_point(store: &CheckpointStore, config: &RunConfig, allow_none: bool) -
         match check_checkpoint(store, config, latest.step) {
             Ok(()) => {
                 if latest.step >= config.total_steps {
-                    bail!(
+                    dcgan_exit::bail_usage!(
                         "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
                         latest.step,
                         config.total_steps

@@ -23,6 +23,30 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// As an `anyhow` error in which an invalid setting is a usage error (exit 2).
+    pub fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            ConfigError::Invalid(m) => dcgan_exit::usage(m),
+            other => other.into(),
+        }
+    }
+}
+
+/// A model or optimizer setting the kernels refused, said with the flag's name
+/// ("--image-size must be 32, 64 or 128, got 48") rather than the field's.
+fn as_flag_error(e: kernels::KernelError) -> ConfigError {
+    let said = match e {
+        kernels::KernelError::Config(m) => m,
+        other => other.to_string(),
+    };
+    let flagged = ["image_size", "nz", "ngf", "ndf", "lr", "beta1"]
+        .iter()
+        .find(|field| said.strip_prefix(**field).is_some_and(|rest| rest.starts_with(' ')))
+        .map(|field| format!("--{}{}", field.replace('_', "-"), &said[field.len()..]));
+    ConfigError::Invalid(flagged.unwrap_or(said))
+}
+
 /// Everything about a run, as written to `run.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -148,9 +172,9 @@ impl RunConfig {
             ngf: cli.ngf as usize,
             ndf: cli.ndf as usize,
         };
-        model.validate().map_err(|e| ConfigError::Invalid(format!("model: {e}")))?;
+        model.validate().map_err(as_flag_error)?;
         let optim = kernels::OptimConfig { lr: cli.lr, beta1: cli.beta1, ..Default::default() };
-        optim.validate().map_err(|e| ConfigError::Invalid(format!("optimizer: {e}")))?;
+        optim.validate().map_err(as_flag_error)?;
         let precision: kernels::Precision =
             cli.precision.parse().map_err(|e| ConfigError::Invalid(format!("--precision: {e}")))?;
         // Launched workers asked onto GPUs must be able to train this run there (with

@@ -33,10 +33,7 @@ fn main() -> ExitCode {
     };
     let telemetry = match runtime.block_on(async { worker::telemetry::init(&settings, progress.log_writer()) }) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return dcgan_exit::report(&e),
     };
     let outcome = runtime.block_on(coordinator::app::run(cli, explicit, progress.clone()));
     runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
@@ -45,8 +42,7 @@ fn main() -> ExitCode {
         Ok(coordinator::app::Ended::Stopped) => ExitCode::from(worker::signals::EXIT_STOPPED),
         Err(e) => {
             progress.finish();
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            dcgan_exit::report(&e)
         }
     }
 }

@@ -40,9 +40,17 @@ fn assert_checkpoint_loads(dir: &Path) {
 
 /// Kills a random worker (SIGKILL) once the run trained a few steps past the last restart.
 /// Returns (seconds until training again, steps lost).
-fn kill_a_worker(url: &str, run_dir: &Path, generation: &mut u64, random: &mut impl FnMut() -> u64) -> (f64, u64) {
+fn kill_a_worker(
+    coordinator: &mut Running,
+    run_dir: &Path,
+    generation: &mut u64,
+    random: &mut impl FnMut() -> u64,
+) -> (f64, u64) {
+    let url = coordinator.url();
+    let url = url.as_str();
     let at = steps_done(run_dir) + 3 + random() % 5;
     let target = wait_for(TIMEOUT, "the run to progress before a kill", || {
+        coordinator.assert_running();
         (steps_done(run_dir) >= at)
             .then(|| status(url).filter(|s| s.generation == *generation && s.workers.len() == 3))?
     });
@@ -53,7 +61,7 @@ fn kill_a_worker(url: &str, run_dir: &Path, generation: &mut u64, random: &mut i
     let ok = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
     assert!(ok.success());
     *generation += 1;
-    let resumed_from = training_again(url, run_dir, *generation, step_at_kill);
+    let resumed_from = training_again(coordinator, run_dir, *generation, step_at_kill);
     let back = killed.elapsed().as_secs_f64();
     eprintln!(
         "worker kill: rank {rank} (pid {pid}) at step {step_at_kill}; training again after {back:.1} s from the checkpoint of step {resumed_from} ({} steps lost)",
@@ -64,9 +72,11 @@ fn kill_a_worker(url: &str, run_dir: &Path, generation: &mut u64, random: &mut i
 
 /// Waits until generation `generation` trained past `step_at_kill`; returns the checkpoint it
 /// started from.
-fn training_again(url: &str, run_dir: &Path, generation: u64, step_at_kill: u64) -> u64 {
+fn training_again(coordinator: &mut Running, run_dir: &Path, generation: u64, step_at_kill: u64) -> u64 {
+    let url = coordinator.url();
     wait_for(TIMEOUT, "training again after a kill", || {
-        let s = status(url).filter(|s| s.generation == generation && s.step > step_at_kill)?;
+        coordinator.assert_running();
+        let s = status(&url).filter(|s| s.generation == generation && s.step > step_at_kill)?;
         let run: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).ok()?).ok()?;
         assert_eq!(run["generation"], generation);
@@ -105,9 +115,13 @@ fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     let total = 80u64;
     let mut coordinator = Running::start(&args, &run_dir);
 
-    // The ranks and the moments come from a generator seeded by the clock (printed, to replay
-    // a failure).
-    let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+    // The ranks and the moments come from a generator seeded by the clock (printed; set
+    // DCGAN_CHAOS_SEED to replay a failure's choices).
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut seed = std::env::var("DCGAN_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(clock.as_nanos() as u64 ^ u64::from(std::process::id()));
     eprintln!("chaos seed {seed}");
     let mut random = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -116,7 +130,7 @@ fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     let mut figures = Vec::new();
     let mut generation = 1u64;
     for _ in 0..2 {
-        figures.push(kill_a_worker(&coordinator.url(), &run_dir, &mut generation, &mut random));
+        figures.push(kill_a_worker(&mut coordinator, &run_dir, &mut generation, &mut random));
     }
 
     // The coordinator killed (its launched workers die with it), then started again on the run
@@ -125,7 +139,7 @@ fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     wait_for(TIMEOUT, "progress before the coordinator's kill", || (steps_done(&run_dir) >= at).then_some(()));
     let (killed, step_at_kill) = kill_and_resume(&mut coordinator, &run_dir, total, &flags);
     generation += 1;
-    let resumed_from = training_again(&coordinator.url(), &run_dir, generation, step_at_kill);
+    let resumed_from = training_again(&mut coordinator, &run_dir, generation, step_at_kill);
     let back = killed.elapsed().as_secs_f64();
     eprintln!(
         "coordinator kill at step {step_at_kill}; training again after {back:.1} s (restart included) from the checkpoint of step {resumed_from} ({} steps lost)",
@@ -133,7 +147,7 @@ fn a_run_survives_workers_and_its_coordinator_killed_at_random_moments() {
     );
     let coordinator_figure = (back, step_at_kill - resumed_from);
 
-    figures.push(kill_a_worker(&coordinator.url(), &run_dir, &mut generation, &mut random));
+    figures.push(kill_a_worker(&mut coordinator, &run_dir, &mut generation, &mut random));
     assert!(steps_done(&run_dir) + 5 < total, "the kills came before the end");
 
     let f = coordinator.wait(TIMEOUT);

@@ -6,7 +6,7 @@ use clap::Parser;
 /// data shard, trains synchronously with its peers (gradients averaged over a TCP ring),
 /// reports metrics and, as rank 0, uploads checkpoints.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "worker", version, about, long_about)]
+#[command(name = "worker", version, about, long_about, after_long_help = dcgan_exit::EXIT_CODES_HELP)]
 pub struct Cli {
     /// The coordinator's gRPC address: host:port as it prints it (and writes to
     /// RUN_DIR/coordinator.addr), or http://host:port, or https://host:port. A bare host:port
@@ -34,7 +34,7 @@ pub struct Cli {
     pub token_file: Option<std::path::PathBuf>,
 
     /// Compute threads [default: all CPU cores].
-    #[arg(long, env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, visible_alias = "worker-threads", env = "DCGAN_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
 
     /// Address the all-reduce ring listener binds (on a port the system picks).
@@ -54,7 +54,7 @@ pub struct Cli {
     /// `memory` (decode the coordinator's source into memory), a prepared directory mounted
     /// elsewhere (`prepared:DIR`), or another copy of the source (`local:SPEC`, decoded into
     /// memory). A directory or copy must hold the coordinator's samples.
-    #[arg(long, env = "DCGAN_WORKER_DATA", default_value = "auto")]
+    #[arg(long, visible_alias = "worker-data", env = "DCGAN_WORKER_DATA", default_value = "auto")]
     pub data: crate::batches::DataChoice,
 
     /// Compute device: `auto` (the first GPU if a CUDA driver sees one, else the CPU), `cpu`,

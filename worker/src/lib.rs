@@ -49,19 +49,13 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     };
     let telemetry = match runtime.block_on(async { telemetry::init(&settings, std::io::stderr) }) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return dcgan_exit::report(&e),
     };
     let outcome = runtime.block_on(app::run(cli));
     runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
     match outcome {
         Ok(app::Ended::Completed) => ExitCode::SUCCESS,
         Ok(app::Ended::Stopped) => ExitCode::from(signals::EXIT_STOPPED),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => dcgan_exit::report(&e),
     }
 }

@@ -8,7 +8,7 @@ use crate::stop::StopRequest;
 /// Exit code of a process that stopped cleanly on request before its run's last step: 128 +
 /// SIGTERM, as a shell reports a process that SIGTERM ended, so a supervisor restarts it
 /// rather than taking the run for complete.
-pub const EXIT_STOPPED: u8 = 143;
+pub const EXIT_STOPPED: u8 = dcgan_exit::STOPPED;
 
 /// The signals that ask for a stop, listened to from when this is made: a signal that arrives
 /// before is handled by its default action (the process ends).

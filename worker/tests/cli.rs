@@ -18,6 +18,23 @@ fn help_explains_the_flags() {
     }
 }
 
+/// The coordinator's names for the same settings work here too (one env variable, one flag
+/// name), and `--help` ends with the exit codes.
+#[test]
+fn the_coordinators_flag_names_work_and_help_gives_the_exit_codes() {
+    let out = worker().arg("--help").output().expect("run worker --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["--worker-threads", "--worker-data", "Exit status:", "143"] {
+        assert!(text.contains(needle), "help lacks {needle}:\n{text}");
+    }
+    // Parsed as the same flags: a value --worker-data cannot take is refused as --data's.
+    let out = worker()
+        .args(["--coordinator", "http://127.0.0.1:1", "--worker-threads", "1", "--worker-data", "mnist:/x"])
+        .output()
+        .expect("run worker");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn an_unreachable_coordinator_is_reported() {
     // Port 1 on loopback: nothing listens there.

@@ -232,6 +232,19 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
+    /// Panics with the coordinator's output if it has exited: a test waiting on a coordinator
+    /// that is gone says why it went instead of waiting out its timeout.
+    pub fn assert_running(&mut self) {
+        let Some(c) = self.child.as_mut() else { return };
+        if let Ok(Some(s)) = c.try_wait() {
+            let f = wait_output(self.child.take().expect("child"), Duration::from_secs(5));
+            panic!(
+                "the coordinator exited ({s}) while the test waited on it\nstdout:\n{}\nstderr:\n{}",
+                f.stdout, f.stderr
+            );
+        }
+    }
+
     /// Waits for the coordinator to exit by itself.
     pub fn wait(mut self, timeout: Duration) -> Finished {
         wait_output(self.child.take().expect("child"), timeout)
