@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::checkpoint_ref;
@@ -40,7 +40,7 @@ pub struct GenerateArgs {
     /// Output directory: samples.png (or sample_NNNN.png with --each) and z.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// Write one PNG per sample instead of a grid.
+    /// Write one PNG per sample, at the image size with no border, instead of a grid.
     #[arg(long)]
     pub each: bool,
     /// Images per grid row.
@@ -57,7 +57,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let (nc, s) = (cfg.nc, cfg.image_size);
     if args.each {
         for (i, img) in images.chunks(nc * s * s).enumerate() {
-            render::save_grid(&args.out.join(format!("sample_{i:04}.png")), img, 1, nc, s, 1)?;
+            let path = args.out.join(format!("sample_{i:04}.png"));
+            data::save_image(&path, img, nc, s).with_context(|| format!("writing {}", path.display()))?;
         }
     } else {
         render::save_grid(&args.out.join("samples.png"), &images, z.len(), nc, s, args.nrow.max(1))?;

@@ -87,6 +87,26 @@ pub fn grid_image(images: &[f32], n: usize, nc: usize, size: usize, nrow: usize)
 pub fn save_grid(path: &Path, images: &[f32], n: usize, nc: usize, size: usize, nrow: usize) -> Result<(), DataError> {
     check(images, n, nc, size, nrow).map_err(|msg| DataError::InvalidArgument { path: path.to_path_buf(), msg })?;
     let img = grid_image(images, n, nc, size, nrow);
+    write_png(path, img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+}
+
+/// Writes one CHW image (`nc` 1 or 3, values in [-1, 1]) as a `size x size` PNG with no border:
+/// gray for one channel, RGB for three, the bytes [`grid_image`] would put in its tile.
+pub fn save_image(path: &Path, image: &[f32], nc: usize, size: usize) -> Result<(), DataError> {
+    check(image, 1, nc, size, 1).map_err(|msg| DataError::InvalidArgument { path: path.to_path_buf(), msg })?;
+    let plane = size * size;
+    let (bytes, color): (Vec<u8>, _) = if nc == 1 {
+        (image.iter().map(|v| to_byte(*v)).collect(), image::ExtendedColorType::L8)
+    } else {
+        let interleaved = (0..plane).flat_map(|at| (0..3).map(move |c| to_byte(image[c * plane + at]))).collect();
+        (interleaved, image::ExtendedColorType::Rgb8)
+    };
+    write_png(path, &bytes, size as u32, size as u32, color)
+}
+
+/// Encodes `raw` as a PNG at `path`, atomically: a temporary file in the same directory,
+/// synced, then renamed, so nobody watching the directory sees half a file.
+fn write_png(path: &Path, raw: &[u8], width: u32, height: u32, color: image::ExtendedColorType) -> Result<(), DataError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -105,7 +125,7 @@ pub fn save_grid(path: &Path, images: &[f32], n: usize, nc: usize, size: usize, 
     {
         let mut w = BufWriter::new(tmp.as_file());
         image::codecs::png::PngEncoder::new(&mut w)
-            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .write_image(raw, width, height, color)
             .map_err(|e| DataError::Encode { path: path.to_path_buf(), source: e })?;
         w.flush().map_err(|e| DataError::io(path, "write", e))?;
     }
@@ -117,6 +137,28 @@ pub fn save_grid(path: &Path, images: &[f32], n: usize, nc: usize, size: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_image_has_its_own_size_and_the_grid_tiles_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4;
+        let rgb: Vec<f32> = (0..3 * size * size).map(|i| (i as f32 / 24.0) - 1.0).collect();
+        let path = dir.path().join("one.png");
+        save_image(&path, &rgb, 3, size).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (size as u32, size as u32));
+        let grid = grid_image(&rgb, 1, 3, size, 1);
+        for (x, y, px) in img.enumerate_pixels() {
+            assert_eq!(px, grid.get_pixel(x + PADDING as u32, y + PADDING as u32));
+        }
+
+        let gray: Vec<f32> = (0..size * size).map(|i| (i as f32 / 8.0) - 1.0).collect();
+        save_image(&path, &gray, 1, size).unwrap();
+        let img = image::open(&path).unwrap();
+        assert_eq!(img.color(), image::ColorType::L8, "one channel stays gray");
+        assert_eq!(img.to_luma8().get_pixel(3, 3).0[0], to_byte(gray[15]));
+        assert!(save_image(&path, &gray, 3, size).is_err(), "a wrong buffer length is an error");
+    }
 
     #[test]
     fn bytes_follow_save_image() {

@@ -29,7 +29,7 @@ mod tar_source;
 pub use dataset::Dataset;
 pub use encoded::Channels;
 pub use error::DataError;
-pub use grid::{grid_image, grid_size, save_grid};
+pub use grid::{grid_image, grid_size, save_grid, save_image};
 pub use prepared::PreparedSet;
 pub use shard::{ShardError, epoch_order, max_rank_batch, rank_batch, rank_shard, steps_per_epoch};
 pub use spec::DatasetSpec;
