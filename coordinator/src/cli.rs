@@ -82,7 +82,8 @@ pub struct Cli {
 
     /// Training data: `shapes` (built in), `mnist:PATH`, `cifar10:PATH`, `folder:PATH`, ...
     ///
-    /// `shapes` (built in, needs no file), `prepared:DIR` (made by `dcgan prepare`),
+    /// `shapes` (built in, needs no file), `fake` (random images, as the PyTorch example's),
+    /// `prepared:DIR` (made by `dcgan prepare`),
     /// or a source that is prepared into --data-cache the first time: `mnist:PATH`,
     /// `fashion-mnist:PATH`, `cifar10:PATH` (binary or torchvision's python batches),
     /// `folder:PATH` (PNG/JPEG/WebP images), `tar:FILE` (WebDataset) or `lsun:DIR` (LMDB).
@@ -281,8 +282,8 @@ pub struct Cli {
     #[arg(help_heading = "Observability", hide_short_help = true, long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
-    /// GAN health: warn that the discriminator has won after this many steps in a row with
-    /// D(x) > 0.99 and D(G(z)) < 0.01.
+    /// GAN health: warn that the discriminator has won when, over this many steps, D(x)
+    /// averaged above 0.9 and D(G(z)) (after D's update) below 0.01.
     #[arg(help_heading = "Observability", hide_short_help = true, long, env = "DCGAN_D_WON_STEPS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub d_won_steps: u64,
 

@@ -112,6 +112,20 @@ fn three_workers_train_on_builtin_data() {
     train_builtin(3);
 }
 
+/// `--dataset fake` (the PyTorch example's random images): two workers draw their shares
+/// themselves, no file and no cache involved.
+#[test]
+fn two_workers_train_on_fake_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let a = args(2, &run_dir, &["--dataset", "fake", "--max-steps", "3", "--checksum-every", "2"]);
+    let f = run_coordinator(&a, TIMEOUT);
+    f.assert_success();
+    assert_run_dir(&run_dir, 2, 3, 3);
+    let log = std::fs::read_to_string(run_dir.join("logs/worker-0.log")).expect("worker log");
+    assert!(log.contains("the fake set, drawn here"), "{log}");
+}
+
 fn train_mnist(workers: u32) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let idx = tmp.path().join("train-images-idx3-ubyte");

@@ -13,6 +13,7 @@ mod dataset;
 mod encoded;
 mod error;
 mod folder;
+pub mod drawn;
 pub mod grid;
 mod idx;
 mod lmdb_source;
@@ -27,6 +28,7 @@ mod store;
 mod tar_source;
 
 pub use dataset::Dataset;
+pub use drawn::Drawn;
 pub use encoded::Channels;
 pub use error::DataError;
 pub use grid::{grid_image, grid_size, save_grid, save_image};

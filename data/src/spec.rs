@@ -32,10 +32,12 @@ pub enum DatasetSpec {
     /// `shapes` (also `builtin`, `builtin:shapes`): the procedural dataset; needs no file.
     #[default]
     Shapes,
+    /// `fake`: random images, as the PyTorch example's `--dataset fake`; needs no file.
+    Fake,
 }
 
 const KINDS: &str =
-    "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, folder:PATH, tar:PATH, lsun:PATH, prepared:PATH, shapes";
+    "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, folder:PATH, tar:PATH, lsun:PATH, prepared:PATH, shapes, fake";
 
 impl DatasetSpec {
     /// The kind's canonical name, also used as [`Dataset::name`].
@@ -49,6 +51,7 @@ impl DatasetSpec {
             DatasetSpec::Lsun(_) => "lsun",
             DatasetSpec::Prepared(_) => "prepared",
             DatasetSpec::Shapes => "shapes",
+            DatasetSpec::Fake => "fake",
         }
     }
 
@@ -62,14 +65,23 @@ impl DatasetSpec {
             | DatasetSpec::Tar(p)
             | DatasetSpec::Lsun(p)
             | DatasetSpec::Prepared(p) => Some(p),
-            DatasetSpec::Shapes => None,
+            DatasetSpec::Shapes | DatasetSpec::Fake => None,
+        }
+    }
+
+    /// The set drawn on demand this spec names, if it is one (they need no file).
+    pub fn drawn(&self) -> Option<crate::Drawn> {
+        match self {
+            DatasetSpec::Shapes => Some(crate::Drawn::Shapes),
+            DatasetSpec::Fake => Some(crate::Drawn::Fake),
+            _ => None,
         }
     }
 
     /// Whether the samples come from files that `dcgan prepare` turns into shards (every kind
     /// but the built-in set, which is drawn on demand, and a set that is prepared already).
     pub fn is_preparable(&self) -> bool {
-        !matches!(self, DatasetSpec::Shapes | DatasetSpec::Prepared(_))
+        !matches!(self, DatasetSpec::Shapes | DatasetSpec::Fake | DatasetSpec::Prepared(_))
     }
 
     /// Reads (or generates) the whole dataset into memory with every sample resized and
@@ -99,9 +111,10 @@ impl DatasetSpec {
                 crate::store::check_prepared_size(&set, image_size)?;
                 set.head(None)
             }
-            DatasetSpec::Shapes => {
-                let len = limit.map_or(crate::shapes::DEFAULT_LEN, |l| l.min(crate::shapes::DEFAULT_LEN));
-                Ok(crate::shapes::generate(len, image_size))
+            DatasetSpec::Shapes | DatasetSpec::Fake => {
+                let set = self.drawn().expect("a drawn set");
+                let len = limit.map_or(set.full_len(), |l| l.min(set.full_len()));
+                Ok(set.generate(len, image_size))
             }
         }
     }
@@ -129,6 +142,8 @@ impl FromStr for DatasetSpec {
             "tar" => with_path(DatasetSpec::Tar),
             "lsun" | "lmdb" => with_path(DatasetSpec::Lsun),
             "prepared" => with_path(DatasetSpec::Prepared),
+            "fake" if path.is_none() => Ok(DatasetSpec::Fake),
+            "fake" => Err(bad("'fake' takes no path: it draws random images".to_string())),
             "shapes" | "builtin" => match path {
                 None => Ok(DatasetSpec::Shapes),
                 Some("shapes") if kind == "builtin" => Ok(DatasetSpec::Shapes),
@@ -166,6 +181,7 @@ mod tests {
             ("lsun:/d/bedroom_train_lmdb", DatasetSpec::Lsun("/d/bedroom_train_lmdb".into())),
             ("prepared:/p/celeba64", DatasetSpec::Prepared("/p/celeba64".into())),
             ("shapes", DatasetSpec::Shapes),
+            ("fake", DatasetSpec::Fake),
         ];
         for (text, spec) in cases {
             let parsed: DatasetSpec = text.parse().unwrap();

@@ -1,5 +1,6 @@
 //! Samples by index for training, from wherever they live, without holding the data set in
-//! memory: a prepared set's shards on disk, or the built-in shapes drawn on demand.
+//! memory: a prepared set's shards on disk, or a set drawn on demand (the built-in shapes,
+//! `fake`).
 
 use std::path::Path;
 
@@ -11,8 +12,8 @@ use crate::{DataError, Dataset, DatasetSpec};
 pub enum SampleStore {
     /// Shards written by `dcgan prepare` (or prepared on the fly into the cache).
     Prepared(PreparedSet),
-    /// The procedural set: sample `i` is rendered when asked for.
-    Shapes { len: usize, image_size: usize },
+    /// A set drawn on demand: sample `i` is rendered when asked for.
+    Drawn { set: crate::Drawn, len: usize, image_size: usize },
     /// A data set decoded into memory (a worker's `--data local:SPEC`, and tests).
     Memory(Dataset),
 }
@@ -36,9 +37,10 @@ impl SampleStore {
             });
         }
         match spec {
-            DatasetSpec::Shapes => {
-                let len = limit.map_or(crate::shapes::DEFAULT_LEN, |l| l.min(crate::shapes::DEFAULT_LEN));
-                Ok(SampleStore::Shapes { len, image_size })
+            DatasetSpec::Shapes | DatasetSpec::Fake => {
+                let set = spec.drawn().expect("a drawn set");
+                let len = limit.map_or(set.full_len(), |l| l.min(set.full_len()));
+                Ok(SampleStore::Drawn { set, len, image_size })
             }
             DatasetSpec::Prepared(dir) => {
                 let set = PreparedSet::open(dir)?.with_limit(limit);
@@ -55,7 +57,7 @@ impl SampleStore {
     pub fn len(&self) -> usize {
         match self {
             SampleStore::Prepared(p) => p.len(),
-            SampleStore::Shapes { len, .. } => *len,
+            SampleStore::Drawn { len, .. } => *len,
             SampleStore::Memory(d) => d.len,
         }
     }
@@ -67,7 +69,7 @@ impl SampleStore {
     pub fn nc(&self) -> usize {
         match self {
             SampleStore::Prepared(p) => p.nc(),
-            SampleStore::Shapes { .. } => 3,
+            SampleStore::Drawn { set, .. } => set.nc(),
             SampleStore::Memory(d) => d.nc,
         }
     }
@@ -75,7 +77,7 @@ impl SampleStore {
     pub fn image_size(&self) -> usize {
         match self {
             SampleStore::Prepared(p) => p.image_size(),
-            SampleStore::Shapes { image_size, .. } => *image_size,
+            SampleStore::Drawn { image_size, .. } => *image_size,
             SampleStore::Memory(d) => d.image_size,
         }
     }
@@ -89,7 +91,7 @@ impl SampleStore {
     pub fn name(&self) -> &str {
         match self {
             SampleStore::Prepared(p) => &p.manifest().source.kind,
-            SampleStore::Shapes { .. } => "shapes",
+            SampleStore::Drawn { set, .. } => set.name(),
             SampleStore::Memory(d) => &d.name,
         }
     }
@@ -122,18 +124,18 @@ impl SampleStore {
     pub fn gather(&self, indices: &[u32], out: &mut Vec<f32>) -> Result<(), DataError> {
         match self {
             SampleStore::Prepared(p) => p.gather(indices, out),
-            SampleStore::Shapes { len, image_size } => {
-                let n = 3 * image_size * image_size;
+            SampleStore::Drawn { set, len, image_size } => {
+                let n = set.nc() * image_size * image_size;
                 out.clear();
                 out.resize(indices.len() * n, 0.0);
                 for (&i, o) in indices.iter().zip(out.chunks_exact_mut(n.max(1))) {
                     if i as usize >= *len {
                         return Err(DataError::InvalidArgument {
-                            path: "shapes".into(),
+                            path: set.name().into(),
                             msg: format!("sample {i} is past the {len} samples of this set"),
                         });
                     }
-                    crate::shapes::render(i as usize, *image_size, o);
+                    set.render(i as usize, *image_size, o);
                 }
                 Ok(())
             }
@@ -156,7 +158,7 @@ impl SampleStore {
         let n = n.unwrap_or(self.len()).min(self.len());
         match self {
             SampleStore::Prepared(p) => p.head(Some(n)),
-            SampleStore::Shapes { image_size, .. } => Ok(crate::shapes::generate(n, *image_size)),
+            SampleStore::Drawn { set, image_size, .. } => Ok(set.generate(n, *image_size)),
             SampleStore::Memory(d) => {
                 let mut pixels = Vec::new();
                 d.gather(&(0..n as u32).collect::<Vec<_>>(), &mut pixels);
@@ -170,7 +172,7 @@ impl SampleStore {
     pub fn has_labels(&self) -> bool {
         match self {
             SampleStore::Prepared(p) => p.manifest().labels,
-            SampleStore::Shapes { .. } => true,
+            SampleStore::Drawn { set, .. } => set.has_labels(),
             SampleStore::Memory(d) => d.labels.is_some(),
         }
     }

@@ -159,14 +159,14 @@ pub fn choose(choice: &DataChoice, config: &v1::RunConfig) -> anyhow::Result<Sou
     let store = match choice {
         DataChoice::Stream => return Ok(Source::Stream),
         DataChoice::Auto | DataChoice::Disk if config.prepared_dir.is_empty() => {
-            if coordinators != DatasetSpec::Shapes {
+            let Some(set) = coordinators.drawn() else {
                 if *choice == DataChoice::Disk {
                     bail!("--data disk: the coordinator named no prepared directory for {coordinators}");
                 }
                 return Ok(Source::Stream);
-            }
-            // The built-in set is drawn here, sample by sample, as the coordinator would.
-            SampleStore::Shapes { len: config.dataset_len as usize, image_size: size }
+            };
+            // A drawn set (shapes, fake) is drawn here, sample by sample, as the coordinator would.
+            SampleStore::Drawn { set, len: config.dataset_len as usize, image_size: size }
         }
         DataChoice::Auto | DataChoice::Disk => match open_prepared(Path::new(&config.prepared_dir), config) {
             Ok(set) => SampleStore::Prepared(set),
@@ -192,7 +192,7 @@ pub fn choose(choice: &DataChoice, config: &v1::RunConfig) -> anyhow::Result<Sou
     }
     let how = match &store {
         SampleStore::Prepared(p) => format!("prepared shards in {}", p.dir().display()),
-        SampleStore::Shapes { .. } => "the built-in set, drawn here".to_string(),
+        SampleStore::Drawn { set, .. } => format!("the {} set, drawn here", set.name()),
         SampleStore::Memory(d) => format!("{} decoded into memory", d.name),
     };
     tracing::info!(samples = store.len(), "reading samples from {how}");

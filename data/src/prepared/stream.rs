@@ -178,7 +178,7 @@ impl ImageStream {
                 }
                 Ok(encoded(Kind::Lmdb { db, next: 0, total }, false))
             }
-            DatasetSpec::Shapes | DatasetSpec::Prepared(_) => Err(DataError::InvalidArgument {
+            DatasetSpec::Shapes | DatasetSpec::Fake | DatasetSpec::Prepared(_) => Err(DataError::InvalidArgument {
                 path: spec.path().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(spec.kind())),
                 msg: format!("'{}' is not a source to prepare", spec.kind()),
             }),
