@@ -19,7 +19,7 @@ use crate::health::HealthConfig;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
 use crate::live_page::LivePage;
 use crate::metrics_log::MetricsLog;
-use crate::progress::Progress;
+use crate::progress::{Progress, StepLine};
 use crate::run_dir::{RunDir, unix_ms, utc_stamp, write_atomic};
 use crate::run_state::{Event, Phase, Run};
 use crate::shards::ShardServer;
@@ -345,13 +345,19 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             let epoch = (step - 1) / config.steps_per_epoch.max(1);
             if !dir.samples().join(format!("fake_epoch_{epoch:03}.png")).exists() {
                 let files = store.read(step)?;
-                run.request_samples(step, epoch, false, files);
+                let names = samples::GridNames { epoch: Some(epoch), step: None };
+                run.request_samples(step, epoch, false, names, files);
             }
         }
-        if Progress::wanted(cli.quiet) {
-            progress.start(run.start_step, config.total_steps, config.epochs);
-        }
-        let progress_task = tokio::spawn(follow_progress(Arc::clone(&run), progress.clone(), config.epochs));
+        // The epochs this run trains (--max-steps can end it before --epochs).
+        let epochs = config.total_steps.div_ceil(config.steps_per_epoch.max(1)).max(1) as u32;
+        let line = if Progress::wanted(cli.quiet) {
+            progress.start(run.start_step, config.total_steps, epochs);
+            None
+        } else {
+            Some(StepLine::new(config.total_steps, u64::from(epochs), cli.log_every))
+        };
+        let progress_task = tokio::spawn(follow_progress(Arc::clone(&run), progress.clone(), epochs, line));
 
         let (exit_tx, mut exits) = mpsc::unbounded_channel();
         let launcher = if config.external_workers {
@@ -762,18 +768,25 @@ async fn render_samples(
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Stop => break,
-            Event::RenderSamples { files, epoch, step, is_final } => {
+            Event::RenderSamples { files, epoch, step, is_final, names } => {
+                let epoch_grid = names.epoch.is_some();
                 if let Some((tx, settings)) = &evaluations {
-                    if settings.due(epoch, is_final) {
+                    if epoch_grid && settings.due(epoch, is_final) {
                         let _ = tx.send(EvalRequest { epoch, step, files: files.clone() });
                     }
                 }
                 let d = dir.clone();
-                let drawn = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, epoch)).await;
+                let drawn = tokio::task::spawn_blocking(move || samples::write_fake(&d, files, seed, names)).await;
                 run.samples_drawn();
-                let grid = drawn.context("sample renderer panicked")??;
-                tracing::info!(step, epoch, path = %grid.path.display(), diversity = grid.diversity, "samples drawn");
-                run.observe_samples(epoch, grid.diversity);
+                let grids = drawn.context("sample renderer panicked")??;
+                let Some(grid) = grids.first() else { continue };
+                for g in &grids {
+                    tracing::info!(step, epoch, path = %g.path.display(), diversity = g.diversity, "samples drawn");
+                }
+                // Mode collapse is judged at epoch ends, as its grace period counts epochs.
+                if epoch_grid {
+                    run.observe_samples(epoch, grid.diversity);
+                }
                 if tensorboard {
                     let png = tokio::fs::read(&grid.path)
                         .await
@@ -787,12 +800,18 @@ async fn render_samples(
     Ok(())
 }
 
-/// Moves the progress bar as steps are aggregated.
-async fn follow_progress(run: Arc<Run>, progress: Progress, epochs: u32) {
+/// Moves the progress bar as steps are aggregated, or, without a bar, logs a line every
+/// `--log-every` steps.
+async fn follow_progress(run: Arc<Run>, progress: Progress, epochs: u32, mut line: Option<StepLine>) {
     let mut rx = run.subscribe_metrics();
     loop {
         match rx.recv().await {
-            Ok(r) => progress.update(&r, epochs),
+            Ok(r) => {
+                progress.update(&r, epochs);
+                if let Some(text) = line.as_mut().and_then(|l| l.observe(&r, std::time::Instant::now())) {
+                    tracing::info!("{text}");
+                }
+            }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }

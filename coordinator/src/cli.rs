@@ -158,6 +158,12 @@ pub struct Cli {
     )]
     pub checkpoint_every: u64,
 
+    /// Draw the generator's fixed-noise grid every N steps (samples/fake_step_NNNNNNNN.png,
+    /// from a checkpoint of that step), as the PyTorch example writes one every 100
+    /// iterations; the grid of each epoch's end is drawn as well. 0: only at epoch ends.
+    #[arg(help_heading = "Run directory", long, env = "DCGAN_SAMPLE_EVERY", default_value_t = 100)]
+    pub sample_every: u64,
+
     /// Checkpoints to keep; older ones are deleted.
     #[arg(help_heading = "Run directory", hide_short_help = true, long, env = "DCGAN_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_checkpoints: u32,
@@ -247,6 +253,11 @@ pub struct Cli {
     /// still need it.
     #[arg(help_heading = "Security", hide_short_help = true, long, env = "DCGAN_OPEN_STATUS")]
     pub open_status: bool,
+
+    /// Without a terminal (output redirected), log a training line every N steps: losses, D's
+    /// outputs, images/s and the ETA. 0: never.
+    #[arg(help_heading = "Observability", hide_short_help = true, long, env = "DCGAN_LOG_EVERY", default_value_t = 50)]
+    pub log_every: u64,
 
     /// No progress bar and only warnings and errors on the terminal.
     #[arg(help_heading = "Observability", long, short, env = "DCGAN_QUIET")]

@@ -78,6 +78,10 @@ pub struct RunConfig {
     /// min(epochs * steps_per_epoch, max_steps).
     pub total_steps: u64,
     pub checkpoint_every: u64,
+    /// Steps between fixed-noise grids (each from a checkpoint of its step); 0: only at epoch
+    /// ends. Older run.json files have none (0).
+    #[serde(default)]
+    pub sample_every: u64,
     pub keep_checkpoints: u32,
     pub checksum_every: u64,
     pub sync_bn: bool,
@@ -227,6 +231,7 @@ impl RunConfig {
             steps_per_epoch,
             total_steps,
             checkpoint_every: cli.checkpoint_every,
+            sample_every: cli.sample_every,
             keep_checkpoints: cli.keep_checkpoints,
             checksum_every: cli.checksum_every,
             sync_bn: cli.sync_bn,
@@ -271,6 +276,7 @@ impl RunConfig {
             steps_per_epoch: self.steps_per_epoch,
             total_steps: self.total_steps,
             checkpoint_every: self.checkpoint_every,
+            sample_every: self.sample_every,
             checksum_every: self.checksum_every,
             sync_bn: self.sync_bn,
             data_limit: self.data_limit.unwrap_or(0),
@@ -327,6 +333,7 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         epochs <- previous.epochs,
         max_steps <- previous.max_steps,
         checkpoint_every <- previous.checkpoint_every,
+        sample_every <- previous.sample_every,
         keep_checkpoints <- previous.keep_checkpoints,
         checksum_every <- previous.checksum_every,
         external_workers <- previous.external_workers,
@@ -373,7 +380,7 @@ mod tests {
         assert!(e.contains("1000 samples"), "{e}");
         let (c, _) = cli(&["--image-size", "48"]);
         let e = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap_err().to_string();
-        assert!(e.contains("image_size"), "{e}");
+        assert_eq!(e, "--image-size must be 32, 64 or 128, got 48", "named as the flag");
         let (c, _) = cli(&["--lr=-1"]);
         assert!(RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).is_err());
     }

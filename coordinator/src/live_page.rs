@@ -103,19 +103,41 @@ impl LivePage {
 
     fn status_json(&self, run: &Run) -> Value {
         let s = run.status();
-        let mut grids: Vec<String> = std::fs::read_dir(self.root.join("samples"))
+        // (modified, name) of every generator grid: epoch ends and --sample-every steps.
+        let mut drawn: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(self.root.join("samples"))
             .map(|d| {
                 d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("fake_epoch_") && n.ends_with(".png"))
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let grid = Route::parse(&format!("/samples/{name}")).is_some() && name != "real.png";
+                        let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+                        grid.then_some((modified, name))
+                    })
                     .collect()
             })
             .unwrap_or_default();
+        drawn.sort();
+        let latest = drawn.last().map(|(_, name)| json!({ "name": name, "label": grid_label(name) }));
+        let mut grids: Vec<String> =
+            drawn.into_iter().map(|(_, n)| n).filter(|n| n.starts_with("fake_epoch_")).collect();
         grids.sort();
         let mut v = status_json(&s, &grids);
+        v["latest_grid"] = latest.unwrap_or(Value::Null);
+        v["sample_every"] = json!(run.config.sample_every);
         v["eval_every"] = json!(run.config.eval_every);
         v["samples_pending"] = json!(run.samples_pending());
         v
+    }
+}
+
+/// How the page names a generator grid: "step 300" or "end of epoch 2" (1-based, as the
+/// header counts epochs).
+fn grid_label(name: &str) -> String {
+    let number = |prefix: &str| name.strip_prefix(prefix)?.strip_suffix(".png")?.parse::<u64>().ok();
+    match (number("fake_step_"), number("fake_epoch_")) {
+        (Some(step), _) => format!("step {step}"),
+        (_, Some(epoch)) => format!("end of epoch {}", epoch + 1),
+        _ => name.to_string(),
     }
 }
 
@@ -139,7 +161,7 @@ enum Route<'a> {
     Steps {
         since: usize,
     },
-    /// `real.png` or `fake_epoch_NNN.png`.
+    /// `real.png`, `fake_epoch_NNN.png` or `fake_step_NNNNNNNN.png`.
     Sample(&'a str),
     /// `step_NNNNNNNN` and one of [`CHECKPOINT_FILES`].
     Checkpoint {
@@ -168,11 +190,12 @@ impl<'a> Route<'a> {
             }
             _ => {
                 if let Some(name) = path.strip_prefix("/samples/") {
-                    let grid = name == "real.png"
-                        || name
-                            .strip_prefix("fake_epoch_")
+                    let numbered = |prefix: &str| {
+                        name.strip_prefix(prefix)
                             .and_then(|r| r.strip_suffix(".png"))
-                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    };
+                    let grid = name == "real.png" || numbered("fake_epoch_") || numbered("fake_step_");
                     return grid.then_some(Route::Sample(name));
                 }
                 let (dir, file) = path.strip_prefix("/checkpoints/")?.split_once('/')?;
@@ -266,19 +289,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn grids_are_labelled_by_step_or_epoch() {
+        assert_eq!(grid_label("fake_step_00000300.png"), "step 300");
+        assert_eq!(grid_label("fake_epoch_001.png"), "end of epoch 2");
+    }
+
+    #[test]
     fn only_grid_and_checkpoint_names_are_served() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("samples")).unwrap();
         std::fs::write(dir.path().join("samples/fake_epoch_003.png"), b"png").unwrap();
+        std::fs::write(dir.path().join("samples/fake_step_00000300.png"), b"png").unwrap();
         std::fs::write(dir.path().join("secret.txt"), b"no").unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoints/step_00000004")).unwrap();
         std::fs::write(dir.path().join("checkpoints/step_00000004/state.json"), b"{}").unwrap();
         let page = LivePage::new(dir.path());
         assert!(page.answer("/samples/fake_epoch_003.png").is_some());
+        assert!(page.answer("/samples/fake_step_00000300.png").is_some());
         assert!(page.answer("/checkpoints/step_00000004/state.json").is_some());
         for bad in [
             "/samples/../secret.txt",
             "/samples/fake_epoch_.png",
+            "/samples/fake_step_.png",
+            "/samples/fake_step_12/../../secret.txt",
             "/samples/fake_epoch_1/../../secret.txt",
             "/samples/..%2fsecret.txt",
             "/samples/%2e%2e/secret.txt",

@@ -20,6 +20,7 @@ use crate::health::{Health, HealthConfig};
 use crate::metrics_log::{MetricsLog, RankReport, StepAggregator, StepRecord};
 use crate::observability::{self, RankLiveness};
 use crate::run_dir::unix_ms;
+use crate::samples::GridNames;
 use crate::shards::ShardServer;
 use crate::tensorboard::TensorBoardWriter;
 
@@ -104,9 +105,10 @@ struct WorkerSlot {
 
 /// Something the main loop acts on outside the request path.
 pub enum Event {
-    /// A checkpoint ending an epoch or the run was stored: draw that epoch's samples from it.
-    /// The files travel with the event, so pruning old checkpoints cannot race the drawing.
-    RenderSamples { step: u64, epoch: u64, is_final: bool, files: Vec<(String, Vec<u8>)> },
+    /// A checkpoint ending an epoch or the run, or of a `--sample-every` step, was stored: draw
+    /// its grids from it. The files travel with the event, so pruning old checkpoints cannot
+    /// race the drawing.
+    RenderSamples { step: u64, epoch: u64, is_final: bool, names: GridNames, files: Vec<(String, Vec<u8>)> },
     /// Nothing more will come: the renderer finishes what is queued and stops.
     Stop,
 }
@@ -622,17 +624,29 @@ impl Run {
         }
         observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
-        if header.end_of_epoch || header.r#final {
-            self.request_samples(stored.step, header.epoch, header.r#final, files);
+        let every = self.config.sample_every;
+        let names = GridNames {
+            epoch: (header.end_of_epoch || header.r#final).then_some(header.epoch),
+            step: (every > 0 && stored.step % every == 0).then_some(stored.step),
+        };
+        if names.epoch.is_some() || names.step.is_some() {
+            self.request_samples(stored.step, header.epoch, header.r#final, names, files);
         }
     }
 
     /// Sends a sample grid to be drawn (by `app::render_samples`, which calls
     /// [`Run::samples_drawn`] when it is done with it), counting it as pending meanwhile.
-    pub fn request_samples(&self, step: u64, epoch: u64, is_final: bool, files: Vec<(String, Vec<u8>)>) {
+    pub fn request_samples(
+        &self,
+        step: u64,
+        epoch: u64,
+        is_final: bool,
+        names: GridNames,
+        files: Vec<(String, Vec<u8>)>,
+    ) {
         use std::sync::atomic::Ordering;
         self.samples_pending.fetch_add(1, Ordering::SeqCst);
-        if self.events.send(Event::RenderSamples { step, epoch, is_final, files }).is_err() {
+        if self.events.send(Event::RenderSamples { step, epoch, is_final, names, files }).is_err() {
             self.samples_pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -894,6 +908,8 @@ impl Run {
         let inner = self.lock();
         let step = inner.aggregator.completed();
         let spe = self.config.steps_per_epoch.max(1);
+        // The epochs this run trains, which --max-steps can make fewer than --epochs.
+        let epochs = self.config.total_steps.div_ceil(spe).max(1);
         let workers = inner
             .workers
             .iter()
@@ -920,8 +936,8 @@ impl Run {
                 Phase::Failed(r) => r.clone(),
                 _ => String::new(),
             },
-            epoch: (step / spe).min(self.config.epochs.saturating_sub(1) as u64),
-            epochs: self.config.epochs,
+            epoch: (step.saturating_sub(1) / spe).min(epochs.saturating_sub(1)),
+            epochs: epochs as u32,
             step,
             total_steps: self.config.total_steps,
             world_size: self.world(),

@@ -58,14 +58,41 @@ pub struct FakeGrid {
     pub diversity: f64,
 }
 
-/// `samples/fake_epoch_NNN.png` from a checkpoint and the run's fixed noise.
-pub fn write_fake(dir: &Path, files: Vec<(String, Vec<u8>)>, seed: u64, epoch: u64) -> Result<FakeGrid, SampleError> {
+/// Which files one checkpoint's fixed-noise grid is written to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridNames {
+    /// `fake_epoch_NNN.png`: the checkpoint ends this epoch (or the run).
+    pub epoch: Option<u64>,
+    /// `fake_step_NNNNNNNN.png`: the checkpoint's step is one of `--sample-every`'s.
+    pub step: Option<u64>,
+}
+
+impl GridNames {
+    pub fn paths(&self, dir: &Path) -> Vec<PathBuf> {
+        let epoch = self.epoch.map(|e| dir.join(format!("fake_epoch_{e:03}.png")));
+        let step = self.step.map(|s| dir.join(format!("fake_step_{s:08}.png")));
+        epoch.into_iter().chain(step).collect()
+    }
+}
+
+/// The fixed-noise grid of a checkpoint, written to every file `names` gives (the generator
+/// runs once).
+pub fn write_fake(
+    dir: &Path,
+    files: Vec<(String, Vec<u8>)>,
+    seed: u64,
+    names: GridNames,
+) -> Result<Vec<FakeGrid>, SampleError> {
     let (mut gan, _) = Gan::load(&CheckpointFiles { files }).map_err(SampleError::Load)?;
     let model = gan.model_config().clone();
     let z = kernels::rng::fixed_noise(seed, GRID_IMAGES, model.nz);
     let images = gan.generate(&z).map_err(SampleError::Generate)?;
-    let path = dir.join(format!("fake_epoch_{epoch:03}.png"));
-    data::save_grid(&path, images.data(), GRID_IMAGES, model.nc, model.image_size, GRID_ROW)?;
     let diversity = crate::health::mean_pairwise_distance(images.data(), GRID_IMAGES);
-    Ok(FakeGrid { path, size: data::grid_size(GRID_IMAGES, model.image_size, GRID_ROW), diversity })
+    let size = data::grid_size(GRID_IMAGES, model.image_size, GRID_ROW);
+    let mut grids = Vec::new();
+    for path in names.paths(dir) {
+        data::save_grid(&path, images.data(), GRID_IMAGES, model.nc, model.image_size, GRID_ROW)?;
+        grids.push(FakeGrid { path, size, diversity });
+    }
+    Ok(grids)
 }

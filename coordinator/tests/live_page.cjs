@@ -58,6 +58,11 @@ async function main() {
       workers: document.querySelectorAll("#workers tbody tr").length,
       checkpoint_links: [...document.querySelectorAll("#checkpoints a")].map(a => a.getAttribute("href")),
       thumbnails: document.querySelectorAll("#grids img").length,
+      shown_epoch: document.querySelector("#epoch").textContent,
+      epochs: document.querySelector("#epochs").textContent,
+      latest_grid: document.querySelector("#latest-grid").dataset.grid,
+      latest_label: document.querySelector("#latest-grid-label").textContent,
+      real: (img => [img.complete && img.naturalWidth > 0, img.getAttribute("src")])(document.querySelector("#real-grid")),
     }));
     if (screenshot) { await page.screenshot({ path: screenshot, fullPage: true }); }
   } finally {

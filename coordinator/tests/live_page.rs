@@ -38,7 +38,7 @@ fn the_live_page_follows_a_real_run_in_chromium() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/live_page.cjs"))
         .arg(format!("http://{addr}/"))
         .arg(&shot)
-        .arg("6") // real + 5 epochs
+        .arg("5") // 5 epochs
         .env("NODE_PATH", &modules)
         .env("CHROMIUM", &chromium)
         .output()
@@ -67,7 +67,20 @@ fn the_live_page_follows_a_real_run_in_chromium() {
         assert_eq!(end["series"][series], total, "chart {series}: {r}");
     }
     assert_eq!(end["workers"], 2, "{r}");
-    assert_eq!(end["thumbnails"], 6, "real + 5 epochs: {r}");
+    assert_eq!(end["thumbnails"], 5, "the generator at the end of each of the 5 epochs: {r}");
+    // The real samples have their own panel; the generator's panel shows the newest generator
+    // grid (the --sample-every grid of the last step, drawn after its epoch's), never a real one.
+    assert_eq!(end["real"], serde_json::json!([true, "/samples/real.png"]), "{r}");
+    assert!(grids.iter().all(|g| g.as_str().is_some_and(|g| g.starts_with("fake_"))), "{r}");
+    assert_eq!(end["latest_grid"], format!("fake_step_{total:08}.png"), "{r}");
+    assert_eq!(end["latest_label"], format!("at step {total}"), "{r}");
+    assert_eq!((end["shown_epoch"].as_str(), end["epochs"].as_str()), (Some("5"), Some("5")), "{r}");
+    for step in [100, 200, 300] {
+        assert!(
+            run_dir.join(format!("samples/fake_step_{step:08}.png")).is_file(),
+            "--sample-every 100's grid of step {step}"
+        );
+    }
     let links: Vec<&str> = end["checkpoint_links"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
     assert!(links.iter().any(|l| l.ends_with(&format!("step_{total:08}/generator.safetensors"))), "{r}");
     // A checkpoint link downloads the stored file.

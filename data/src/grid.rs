@@ -106,7 +106,13 @@ pub fn save_image(path: &Path, image: &[f32], nc: usize, size: usize) -> Result<
 
 /// Encodes `raw` as a PNG at `path`, atomically: a temporary file in the same directory,
 /// synced, then renamed, so nobody watching the directory sees half a file.
-fn write_png(path: &Path, raw: &[u8], width: u32, height: u32, color: image::ExtendedColorType) -> Result<(), DataError> {
+fn write_png(
+    path: &Path,
+    raw: &[u8],
+    width: u32,
+    height: u32,
+    color: image::ExtendedColorType,
+) -> Result<(), DataError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

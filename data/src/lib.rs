@@ -10,10 +10,10 @@
 mod cifar;
 mod cifar_py;
 mod dataset;
+pub mod drawn;
 mod encoded;
 mod error;
 mod folder;
-pub mod drawn;
 pub mod grid;
 mod idx;
 mod lmdb_source;

@@ -226,7 +226,9 @@ impl Trainer {
 
             let end_of_epoch = step % spe == 0;
             let is_final = step == total;
-            let scheduled = end_of_epoch || is_final || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
+            let every = |n: u64| n > 0 && step % n == 0;
+            // A grid of --sample-every is drawn from a checkpoint of its step.
+            let scheduled = end_of_epoch || is_final || every(c.checkpoint_every) || every(c.sample_every);
             if self.rank == 0 && scheduled {
                 self.checkpoint(engine, step, end_of_epoch, is_final)?;
             }

@@ -104,17 +104,23 @@ function drawCharts(status) {
 
 function drawGrids(status) {
   const grids = status.grids || [];
-  const latest = grids.length ? grids[grids.length - 1] : null;
-  if (latest && latest !== lastGrid) {
-    lastGrid = latest;
+  // The generator's newest grid (a --sample-every step or an epoch's end); never a real one.
+  const latest = status.latest_grid;
+  if (!latest) {
+    setText("no-grid", status.sample_every > 0
+      ? `No generator grid yet: the first is drawn at step ${status.sample_every} (--sample-every) or at the end of epoch 1.`
+      : "No generator grid yet: the first is drawn at the end of epoch 1.");
+  } else if (latest.name !== lastGrid) {
+    lastGrid = latest.name;
     const img = $("latest-grid");
-    img.src = `/samples/${latest}?t=${Date.now()}`;
-    img.dataset.grid = latest;
-    const epoch = Number(latest.replace(/\D/g, ""));
-    setText("latest-grid-label", `after epoch ${epoch + 1}`);
+    img.src = `/samples/${latest.name}?t=${Date.now()}`;
+    img.dataset.grid = latest.name;
+    img.hidden = false;
+    $("no-grid").hidden = true;
+    setText("latest-grid-label", `at ${latest.label}`);
   }
   const box = $("grids");
-  const names = ["real.png", ...grids];
+  const names = grids;
   if (box.childElementCount !== names.length) {
     box.replaceChildren(...names.map(n => {
       const f = document.createElement("figure");
@@ -125,7 +131,7 @@ function drawGrids(status) {
       img.alt = n;
       a.appendChild(img);
       const c = document.createElement("figcaption");
-      c.textContent = n === "real.png" ? "real" : `epoch ${Number(n.replace(/\D/g, "")) + 1}`;
+      c.textContent = `epoch ${Number(n.replace(/\D/g, "")) + 1}`;
       f.append(a, c);
       return f;
     }));
