@@ -126,6 +126,24 @@ fn two_workers_train_on_fake_data() {
     assert!(log.contains("the fake set, drawn here"), "{log}");
 }
 
+/// With the output redirected (no terminal, so no progress bar), a training line every
+/// `--log-every` steps, as the PyTorch example prints one per iteration.
+#[test]
+fn a_redirected_run_logs_a_training_line_every_n_steps() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let mut a = args(1, &run_dir, &["--max-steps", "4", "--log-every", "2"]);
+    a.retain(|f| f != "--quiet");
+    let f = run_coordinator(&a, TIMEOUT);
+    f.assert_success();
+    for step in [2, 4] {
+        let line = f.stderr.lines().find(|l| l.contains(&format!("step {step}/4 epoch 1/1 loss_D ")));
+        let line = line.unwrap_or_else(|| panic!("no line for step {step}:\n{}", f.stderr));
+        assert!(line.contains(" img/s ETA "), "{line}");
+    }
+    assert!(!f.stderr.contains("step 1/4 epoch"), "only every 2 steps:\n{}", f.stderr);
+}
+
 fn train_mnist(workers: u32) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let idx = tmp.path().join("train-images-idx3-ubyte");
