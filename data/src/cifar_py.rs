@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use crate::DataError;
-use pyformats::pickle::{self, Limits, Value};
 use crate::read::Source;
+use pyformats::pickle::{self, Limits, Value};
 
 const PIXELS: usize = 3 * 32 * 32;
 const CLASSES: i64 = 10;

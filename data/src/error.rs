@@ -119,9 +119,11 @@ impl DataError {
                 needed,
                 available,
             },
-            ErrorKind::Malformed(msg) => {
-                DataError::Malformed { path: path.to_path_buf(), offset: e.offset, msg: format!("pickle {what}: {msg}") }
-            }
+            ErrorKind::Malformed(msg) => DataError::Malformed {
+                path: path.to_path_buf(),
+                offset: e.offset,
+                msg: format!("pickle {what}: {msg}"),
+            },
         }
     }
 }

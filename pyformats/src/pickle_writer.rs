@@ -49,4 +49,3 @@ impl Writer {
         std::mem::take(&mut self.0)
     }
 }
-

@@ -188,7 +188,9 @@ pub fn read(bytes: &[u8], file: &str) -> Result<StateDict, PthError> {
     let pkl_name = match pickles.as_slice() {
         [one] => one.clone(),
         [] => return Err(fail(file, "a zip archive without <name>/data.pkl: not written by torch.save")),
-        many => return Err(fail(file, format!("a zip archive with {} data.pkl files: {}", many.len(), many.join(", ")))),
+        many => {
+            return Err(fail(file, format!("a zip archive with {} data.pkl files: {}", many.len(), many.join(", "))));
+        }
     };
     let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or_default().to_string();
     let mut archive = Archive { zip, prefix, file, storages: HashMap::new() };
@@ -246,8 +248,12 @@ fn unwrap_state_dict(root: &Value) -> Result<Vec<(&Value, &Value)>, String> {
     }
     if let Some((key, value)) = items.iter().find(|(_, v)| tensor_call(v).is_none()) {
         let key = key.text().map(String::from_utf8_lossy).unwrap_or_default();
-        let keys: Vec<String> =
-            items.iter().take(8).filter_map(|(k, _)| k.text()).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+        let keys: Vec<String> = items
+            .iter()
+            .take(8)
+            .filter_map(|(k, _)| k.text())
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .collect();
         return Err(format!(
             "a dict whose '{key}' is {}, not a tensor, and no 'state_dict' entry (keys: {}{}): expected \
              torch.save(net.state_dict(), path) or {{\"state_dict\": ...}}",
