@@ -222,17 +222,19 @@ pub fn read(bytes: &[u8], file: &str) -> Result<StateDict, PthError> {
     Ok(StateDict { tensors })
 }
 
-/// Reads a weights file as safetensors bytes whatever it was saved as: a `.pth` state dict is
-/// converted (floats to f32, as this project's networks hold them), anything else is returned
+/// Reads a weights file as safetensors bytes whatever it was saved as: a `.pth` state dict (by
+/// its content, or by its `.pth`/`.pt` name, so that a damaged one is reported as such) is
+/// converted (floats to f32, as this project's networks hold them); anything else is returned
 /// as read, for the safetensors parser to accept or refuse. This is how every `--checkpoint`,
 /// `--netG` and `--netD` path takes PyTorch files.
 pub fn weights_as_safetensors(path: &Path) -> Result<Vec<u8>, PthError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| fail(&file, format!("cannot read: {e}")))?;
-    match sniff(&bytes) {
-        Format::Other => Ok(bytes),
-        _ => read(&bytes, &file)?.with_floats_as_f32().to_safetensors(&file),
+    let named_pth = path.extension().is_some_and(|e| e == "pth" || e == "pt");
+    if sniff(&bytes) == Format::Other && !named_pth {
+        return Ok(bytes);
     }
+    read(&bytes, &file)?.with_floats_as_f32().to_safetensors(&file)
 }
 
 fn is_data_pkl(name: &str) -> bool {
