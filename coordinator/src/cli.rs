@@ -104,6 +104,17 @@ pub struct Cli {
     #[arg(long, env = "DCGAN_RESUME", requires = "run_dir")]
     pub resume: bool,
 
+    /// Start a fresh run's generator from this file (as the PyTorch example's --netG): a
+    /// safetensors file or a PyTorch .pth state dict. The discriminator is initialised as usual
+    /// unless --netD is given; Adam starts fresh. Checked against the run's networks first.
+    #[arg(long = "netG", env = "DCGAN_NET_G", value_name = "PATH", conflicts_with = "resume")]
+    pub net_g: Option<PathBuf>,
+
+    /// Start a fresh run's discriminator from this file (safetensors or .pth), as --netG does
+    /// for the generator.
+    #[arg(long = "netD", env = "DCGAN_NET_D", value_name = "PATH", conflicts_with = "resume")]
+    pub net_d: Option<PathBuf>,
+
     /// Do not launch workers: wait for --workers external ones to join (e.g. a Kubernetes Job).
     #[arg(long, env = "DCGAN_EXTERNAL_WORKERS")]
     pub external_workers: bool,
