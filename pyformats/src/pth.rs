@@ -357,6 +357,14 @@ impl Archive<'_> {
             return Err(format!("size {shape:?} and stride {stride:?} have different lengths"));
         }
         let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("the size overflows")?;
+        // A state dict's tensors never hold more elements than their storage; one that does
+        // is a broadcast (stride 0) view, and materialising it could turn a small file into an
+        // unbounded allocation.
+        if count > numel {
+            return Err(format!(
+                "size {shape:?} holds {count} elements, more than its storage's {numel} (a broadcast view?): not read"
+            ));
+        }
         // The last element a view reaches must lie inside the storage.
         if count > 0 {
             let last = shape.iter().zip(&stride).try_fold(offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?));

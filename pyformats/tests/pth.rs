@@ -152,14 +152,14 @@ fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
-/// A pickled `OrderedDict` with one tensor `w` of `shape` (contiguous) on a storage of
-/// `class` with `numel` elements under key "0".
-fn one_tensor_pickle(class: &str, numel: i32, shape: &[i32]) -> Vec<u8> {
+/// A pickled `OrderedDict` with one tensor `w` of `shape` (contiguous, at storage offset
+/// `offset`) on a storage of `class` with `numel` elements under key "0".
+fn tensor_at_pickle(class: &str, numel: i32, offset: i32, shape: &[i32]) -> Vec<u8> {
     let mut w = Writer::default();
     w.proto(2).global("collections", "OrderedDict").op(b')').op(b'R').op(b'(');
     w.unicode("w").global("torch._utils", "_rebuild_tensor_v2").op(b'(');
     w.op(b'(').unicode("storage").global("torch", class).unicode("0").unicode("cpu").int(numel).op(b't').op(b'Q');
-    w.int(0).op(b'(');
+    w.int(offset).op(b'(');
     for &d in shape {
         w.int(d);
     }
@@ -175,6 +175,10 @@ fn one_tensor_pickle(class: &str, numel: i32, shape: &[i32]) -> Vec<u8> {
     }
     w.op(b't').op(0x89).global("collections", "OrderedDict").op(b')').op(b'R').op(b't').op(b'R');
     w.op(b'u').stop()
+}
+
+fn one_tensor_pickle(class: &str, numel: i32, shape: &[i32]) -> Vec<u8> {
+    tensor_at_pickle(class, numel, 0, shape)
 }
 
 #[test]
@@ -196,8 +200,16 @@ fn what_is_not_a_state_dict_is_refused_naming_the_file_and_what_was_found() {
             &["archive/data/0 holds 20 bytes", "needs 24"],
         ),
         (
-            archive(&[("data.pkl", &one_tensor_pickle("FloatStorage", 6, &[2, 4])), ("data/0", &[0u8; 24])]),
-            &["w: ", "reach past its storage of 6 elements"],
+            archive(&[("data.pkl", &one_tensor_pickle("FloatStorage", 8, &[2, 4])), ("data/0", &[0u8; 24])]),
+            &["archive/data/0 holds 24 bytes", "needs 32"],
+        ),
+        (
+            archive(&[("data.pkl", &one_tensor_pickle("FloatStorage", 6, &[3, 3])), ("data/0", &[0u8; 24])]),
+            &["w: ", "holds 9 elements, more than its storage's 6"],
+        ),
+        (
+            archive(&[("data.pkl", &tensor_at_pickle("FloatStorage", 6, 1, &[2, 3])), ("data/0", &[0u8; 24])]),
+            &["w: ", "at offset 1 reach past its storage of 6 elements"],
         ),
         (archive(&[("data.pkl", &one_tensor_pickle("FloatStorage", 6, &[2, 3]))]), &["archive/data/0"]),
         (
