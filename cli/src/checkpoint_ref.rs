@@ -2,7 +2,7 @@
 //!
 //! Users point the tool at whatever they have at hand: a run directory (meaning its latest
 //! complete checkpoint), the run's `checkpoints/` folder, one `step_NNNNNNNN/` checkpoint, or a
-//! bare generator `.safetensors` file (for example one converted from PyTorch). Resolving all of
+//! bare generator file: `.safetensors`, or PyTorch's `netG.pth` read natively (`pyformats::pth`). Resolving all of
 //! these in one place gives every command the same rules and the same error messages.
 
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ const REQUIRED: [&str; 4] = [GENERATOR_FILE, DISCRIMINATOR_FILE, OPTIMIZER_FILE,
 pub enum Source {
     /// A full checkpoint directory (both networks, optimiser, state).
     Checkpoint(PathBuf),
-    /// A generator `state_dict` alone; the discriminator is absent.
+    /// A generator `state_dict` alone (safetensors or `.pth`); the discriminator is absent.
     GeneratorFile(PathBuf),
 }
 
@@ -58,17 +58,10 @@ pub fn resolve(path: &Path) -> Result<Source> {
     }
     if path.is_file() {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.ends_with(".pth") || name.ends_with(".pt") {
-            bail!(
-                "checkpoint {}: a PyTorch file; convert it first with `dcgan convert --input {} --output generator.safetensors`",
-                path.display(),
-                path.display()
-            );
-        }
-        if name.ends_with(".safetensors") {
+        if [".safetensors", ".pth", ".pt"].iter().any(|ext| name.ends_with(ext)) {
             return Ok(Source::GeneratorFile(path.to_path_buf()));
         }
-        bail!("checkpoint {}: expected a directory or a generator .safetensors file", path.display());
+        bail!("checkpoint {}: expected a directory or a generator .safetensors or .pth file", path.display());
     }
     if is_complete(path) {
         return Ok(Source::Checkpoint(path.to_path_buf()));
@@ -84,7 +77,7 @@ pub fn resolve(path: &Path) -> Result<Source> {
     }
     bail!(
         "{} is not a checkpoint: expected {} (a checkpoint directory), or a run directory with \
-         checkpoints/step_NNNNNNNN/ inside, or a generator .safetensors file",
+         checkpoints/step_NNNNNNNN/ inside, or a generator .safetensors or .pth file",
         path.display(),
         REQUIRED.join(", ")
     )
@@ -127,7 +120,8 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             Ok(LoadedModel { gan, source, step: Some(state.step) })
         }
         Source::GeneratorFile(file) => {
-            let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            // A .pth state dict becomes safetensors bytes first; safetensors are read as they are.
+            let bytes = pyformats::pth::weights_as_safetensors(file)?;
             let name = file.display().to_string();
             let gan =
                 Gan::from_generator_file(&bytes, &name, 0).with_context(|| format!("loading generator {name}"))?;

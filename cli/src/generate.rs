@@ -12,8 +12,8 @@ use crate::render::{self, BnStats};
 /// Arguments every command that starts from a set of generated samples shares.
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
-    /// A checkpoint directory, a run directory (its latest checkpoint), or a generator
-    /// .safetensors file.
+    /// A checkpoint directory, a run directory (its latest checkpoint), or a generator file:
+    /// .safetensors, or a PyTorch .pth state dict (`torch.save(netG.state_dict(), path)`).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Seed of the latent vectors (the run's seed reproduces its sample grids' z).

@@ -403,7 +403,7 @@ fn bad_inputs_give_clear_errors_and_a_non_zero_exit() {
     let pth = tmp.path().join("netG.pth");
     std::fs::write(&pth, b"x").unwrap();
     let e = fails(&["generate", "--checkpoint", s(&pth), "--out", o]);
-    assert!(e.contains("dcgan convert"), "{e}");
+    assert!(e.contains("netG.pth") && e.contains("not a PyTorch .pth file"), "{e}");
 
     let e = fails(&["interpolate", "--checkpoint", run, "--count", "8", "--indices", "0,99", "--out", o]);
     assert!(e.contains("index 99 is outside the grid of 8"), "{e}");
@@ -435,6 +435,7 @@ fn bad_inputs_give_clear_errors_and_a_non_zero_exit() {
 
     let e = fails(&["convert", "--input", s(&pth), "--output", s(&tmp.path().join("x.png"))]);
     assert!(e.contains(".safetensors"), "{e}");
+    // .pth -> safetensors is native: no Python is run, a bad file is named.
     let e = fails(&[
         "convert",
         "--input",
@@ -444,10 +445,15 @@ fn bad_inputs_give_clear_errors_and_a_non_zero_exit() {
         "--python",
         "/no/python3",
     ]);
+    assert!(e.contains("netG.pth") && e.contains("not a PyTorch .pth file"), "{e}");
+    // safetensors -> .pth needs Python with torch.
+    let generator = f.checkpoint.join("generator.safetensors");
+    let back = tmp.path().join("back.pth");
+    let e = fails(&["convert", "--input", s(&generator), "--output", s(&back), "--python", "/no/python3"]);
     assert!(e.contains("cannot run `/no/python3`"), "{e}");
     let torch = Command::new("python3").args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
     if !torch {
-        let e = fails(&["convert", "--input", s(&pth), "--output", s(&tmp.path().join("g.safetensors"))]);
+        let e = fails(&["convert", "--input", s(&generator), "--output", s(&back)]);
         assert!(e.contains("PyTorch is not installed"), "{e}");
     }
 }

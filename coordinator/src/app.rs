@@ -16,6 +16,7 @@ use crate::cli::{Cli, Explicit};
 use crate::config::{ConfigError, RunConfig, merge_for_resume};
 use crate::evaluation::{self, EvalRecord, EvalRequest, EvalSettings};
 use crate::health::HealthConfig;
+use crate::initial::StartingWeights;
 use crate::launcher::{LaunchSpec, Launcher, describe_exit, resolve_worker_bin};
 use crate::live_page::LivePage;
 use crate::metrics_log::MetricsLog;
@@ -131,6 +132,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         },
     };
 
+    // --netG / --netD are read (a .pth converted) before the data set loads; their shapes are
+    // checked once the run's networks are known, still before any worker starts.
+    let starting_weights = StartingWeights::read(cli.net_g.as_deref(), cli.net_d.as_deref())?;
+
     // The dataset is opened (prepared first if it is a raw source) and checked before anything
     // else starts. Only its shape and its shard files are held, never its pixels.
     let spec: DatasetSpec =
@@ -170,6 +175,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         }
     };
 
+    let initial_checkpoint = match &starting_weights {
+        Some(weights) => Some(weights.initial_checkpoint(&config)?),
+        None => None,
+    };
+
     let eval_settings = EvalSettings {
         every_epochs: config.eval_every,
         count: config.eval_count as usize,
@@ -188,6 +198,11 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
     store.remove_partial()?;
     let mut resume_from = if previous.is_some() { resume_point(&store, &config, false)? } else { None };
+    if let Some(files) = &initial_checkpoint {
+        // The workers start from the given weights as from a checkpoint of step 0.
+        store.store(0, &files.files)?;
+        resume_from = Some(0);
+    }
 
     if !dir.samples().join("real.png").exists() {
         let (d, samples_dir, seed) = (Arc::clone(&dataset), dir.samples(), config.seed);
@@ -341,7 +356,8 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         ));
         // A checkpoint that ended an epoch can be stored while its generation is being torn
         // down, too late for its grid (and FID) to be drawn: the next generation draws it first.
-        if let Some(step) = resume_from.filter(|s| s % config.steps_per_epoch.max(1) == 0) {
+        // (Step 0, the weights given with --netG/--netD, ended no epoch.)
+        if let Some(step) = resume_from.filter(|&s| s > 0 && s % config.steps_per_epoch.max(1) == 0) {
             let epoch = (step - 1) / config.steps_per_epoch.max(1);
             if !dir.samples().join(format!("fake_epoch_{epoch:03}.png")).exists() {
                 let files = store.read(step)?;

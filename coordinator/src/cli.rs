@@ -80,6 +80,31 @@ pub struct Cli {
     #[arg(help_heading = "Training", long, env = "DCGAN_MAX_STEPS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_steps: Option<u64>,
 
+    /// Start a fresh run's generator from this file (as the PyTorch example's --netG): a
+    /// safetensors file or a PyTorch .pth state dict. The discriminator is initialised as usual
+    /// unless --netD is given; Adam starts fresh. Checked against the run's networks first.
+    #[arg(
+        help_heading = "Training",
+        hide_short_help = true,
+        long = "netG",
+        env = "DCGAN_NET_G",
+        value_name = "PATH",
+        conflicts_with = "resume"
+    )]
+    pub net_g: Option<PathBuf>,
+
+    /// Start a fresh run's discriminator from this file (safetensors or .pth), as --netG does
+    /// for the generator.
+    #[arg(
+        help_heading = "Training",
+        hide_short_help = true,
+        long = "netD",
+        env = "DCGAN_NET_D",
+        value_name = "PATH",
+        conflicts_with = "resume"
+    )]
+    pub net_d: Option<PathBuf>,
+
     /// Training data: `shapes` (built in), `mnist:PATH`, `cifar10:PATH`, `folder:PATH`, ...
     ///
     /// `shapes` (built in, needs no file), `fake` (random images, as the PyTorch example's),

@@ -16,6 +16,7 @@ pub mod config;
 pub mod dataset;
 pub mod evaluation;
 pub mod health;
+pub mod initial;
 pub mod launcher;
 pub mod live_page;
 pub mod metrics_log;

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use crate::DataError;
-use crate::pickle::{self, Limits, Value};
 use crate::read::Source;
+use pyformats::pickle::{self, Limits, Value};
 
 const PIXELS: usize = 3 * 32 * 32;
 const CLASSES: i64 = 10;
@@ -39,7 +39,7 @@ pub(crate) fn read_batch(path: &Path, max_records: Option<usize>) -> Result<Vec<
     // let a small file that shares one string a million times allocate gigabytes first.
     let max_output_bytes = (bytes.len() as u64).saturating_mul(2).saturating_add(1 << 20);
     let limits = Limits { max_output_bytes, ..Limits::default() };
-    let (root, _) = pickle::parse(&bytes, &limits).map_err(|e| e.into_data_error(path))?;
+    let (root, _) = pickle::parse(&bytes, &limits).map_err(|e| DataError::from_pickle(e, path))?;
     drop(bytes);
     let bad = |msg: String| DataError::BadContent { path: path.to_path_buf(), msg };
     if !matches!(root, Value::Dict(_)) {
@@ -180,7 +180,7 @@ fn dtype_code(v: &Value) -> Result<String, String> {
 mod tests {
     use super::*;
     use crate::DatasetSpec;
-    use crate::pickle::tests::Writer;
+    use pyformats::pickle_writer::Writer;
 
     fn pixel(k: usize, p: usize) -> u8 {
         ((k * 13 + p * 7 / 3) % 256) as u8

@@ -102,4 +102,45 @@ impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         DataError::Io { path: path.into(), op, source }
     }
+
+    /// The error for a pickle that failed to parse in the file `path`: a truncation keeps its
+    /// byte counts, anything else is malformed at the opcode's offset.
+    pub(crate) fn from_pickle(e: pyformats::pickle::PickleError, path: &std::path::Path) -> Self {
+        use pyformats::pickle::{ErrorKind, describe_opcode};
+        let what = describe_opcode(e.opcode);
+        match e.kind {
+            ErrorKind::Truncated { needed, available } => DataError::Truncated {
+                path: path.to_path_buf(),
+                what: match e.opcode {
+                    Some(_) => format!("pickle {what} with its argument"),
+                    None => "the pickle (it ends before its STOP opcode)".into(),
+                },
+                offset: e.offset,
+                needed,
+                available,
+            },
+            ErrorKind::Malformed(msg) => DataError::Malformed {
+                path: path.to_path_buf(),
+                offset: e.offset,
+                msg: format!("pickle {what}: {msg}"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pickle error becomes a data error naming the file, the opcode and its offset.
+    #[test]
+    fn pickle_errors_name_the_file_opcode_and_offset() {
+        let limits = pyformats::pickle::Limits::default();
+        let e = pyformats::pickle::parse(b"\x80\x02h\x05.", &limits).unwrap_err();
+        let msg = DataError::from_pickle(e, std::path::Path::new("/d/data_batch_1")).to_string();
+        assert!(msg.contains("/d/data_batch_1") && msg.contains("BINGET") && msg.contains("byte offset 2"), "{msg}");
+        let e = pyformats::pickle::parse(b"\x80\x02N", &limits).unwrap_err();
+        let msg = DataError::from_pickle(e, std::path::Path::new("/d/b")).to_string();
+        assert!(msg.contains("/d/b") && msg.contains("STOP"), "{msg}");
+    }
 }

@@ -17,7 +17,6 @@ mod folder;
 pub mod grid;
 mod idx;
 mod lmdb_source;
-mod pickle;
 pub mod prepared;
 mod read;
 mod resize;

@@ -17,14 +17,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
-
-use crate::DataError;
 
 /// A value read from a pickle. Containers own their items; a value the pickle shares between
 /// two places appears as two copies.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Value {
+pub enum Value {
     None,
     Bool(bool),
     /// Python `int`; integers that do not fit in 64 bits are an error.
@@ -72,7 +69,7 @@ pub(crate) enum Value {
 
 impl Value {
     /// A short name of the kind of value, for error messages.
-    pub(crate) fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
             Value::Bool(_) => "bool",
@@ -94,7 +91,7 @@ impl Value {
 
     /// For a dict: the value of the last entry whose key is the text `key`, as `str` (Python 3)
     /// or as bytes (a Python 2 `str`).
-    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+    pub fn get(&self, key: &str) -> Option<&Value> {
         match self {
             Value::Dict(items) => items.iter().rev().find(|(k, _)| k.text() == Some(key.as_bytes())).map(|(_, v)| v),
             _ => None,
@@ -102,7 +99,7 @@ impl Value {
     }
 
     /// The keys of a dict that are text, for error messages that list what is there.
-    pub(crate) fn text_keys(&self) -> Vec<String> {
+    pub fn text_keys(&self) -> Vec<String> {
         match self {
             Value::Dict(items) => {
                 items.iter().filter_map(|(k, _)| k.text()).map(|t| String::from_utf8_lossy(t).into_owned()).collect()
@@ -113,7 +110,7 @@ impl Value {
 
     /// The bytes of a `str` (UTF-8) or of a `bytes` (Python 2's `str`): text that Python 2 and
     /// 3 pickle differently.
-    pub(crate) fn text(&self) -> Option<&[u8]> {
+    pub fn text(&self) -> Option<&[u8]> {
         match self {
             Value::Str(s) => Some(s.as_bytes()),
             Value::Bytes(b) => Some(b),
@@ -121,7 +118,7 @@ impl Value {
         }
     }
 
-    pub(crate) fn as_int(&self) -> Option<i64> {
+    pub fn as_int(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
             _ => None,
@@ -129,7 +126,7 @@ impl Value {
     }
 
     /// The items of a tuple or list.
-    pub(crate) fn items(&self) -> Option<&[Value]> {
+    pub fn items(&self) -> Option<&[Value]> {
         match self {
             Value::Tuple(v) | Value::List(v) => Some(v),
             _ => None,
@@ -137,14 +134,14 @@ impl Value {
     }
 
     /// Whether this is the global `module.name`.
-    pub(crate) fn is_global(&self, module: &str, name: &str) -> bool {
+    pub fn is_global(&self, module: &str, name: &str) -> bool {
         matches!(self, Value::Global { module: m, name: n } if m == module && n == name)
     }
 
     /// Raw bytes however the pickler wrote them: `bytes` (and Python 2 `str`), or what Python 3
     /// writes for bytes at protocols 0-2, which have no bytes opcode: `_codecs.encode(text,
     /// 'latin1')`, or `bytes()` / `bytearray()` for empty ones and `bytearray(bytes)`.
-    pub(crate) fn bytes_like(&self) -> Option<Cow<'_, [u8]>> {
+    pub fn bytes_like(&self) -> Option<Cow<'_, [u8]>> {
         match self {
             Value::Bytes(b) => Some(Cow::Borrowed(b)),
             Value::Reduce { callable, args } => {
@@ -175,7 +172,7 @@ impl Value {
 /// Bounds on what one [`parse`] may build, so that a hostile file fails instead of exhausting
 /// memory or the stack.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// Objects created while running the pickle, and values in the output tree.
     pub max_objects: usize,
     /// Memo entries.
@@ -195,7 +192,7 @@ impl Default for Limits {
 
 /// Why a pickle could not be read.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum ErrorKind {
+pub enum ErrorKind {
     /// The data ends inside an opcode's argument, or before STOP.
     Truncated { needed: u64, available: u64 },
     /// An impossible or unsupported opcode or argument, or a [`Limits`] bound exceeded.
@@ -204,13 +201,15 @@ pub(crate) enum ErrorKind {
 
 /// An error with the byte offset and opcode where it happened.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct PickleError {
+pub struct PickleError {
     /// Byte offset of the opcode.
     pub offset: u64,
     /// The opcode (`None` when the data ends where an opcode should be).
     pub opcode: Option<u8>,
     pub kind: ErrorKind,
 }
+
+impl std::error::Error for PickleError {}
 
 impl std::fmt::Display for PickleError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,31 +223,8 @@ impl std::fmt::Display for PickleError {
     }
 }
 
-impl PickleError {
-    /// The crate's error for this pickle error in the file `path`.
-    pub(crate) fn into_data_error(self, path: &Path) -> DataError {
-        let what = describe_opcode(self.opcode);
-        match self.kind {
-            ErrorKind::Truncated { needed, available } => DataError::Truncated {
-                path: path.to_path_buf(),
-                what: match self.opcode {
-                    Some(_) => format!("pickle {what} with its argument"),
-                    None => "the pickle (it ends before its STOP opcode)".into(),
-                },
-                offset: self.offset,
-                needed,
-                available,
-            },
-            ErrorKind::Malformed(msg) => DataError::Malformed {
-                path: path.to_path_buf(),
-                offset: self.offset,
-                msg: format!("pickle {what}: {msg}"),
-            },
-        }
-    }
-}
-
-fn describe_opcode(op: Option<u8>) -> String {
+/// `opcode NAME (0xNN)`, or the end of the data when there was no opcode left to read.
+pub fn describe_opcode(op: Option<u8>) -> String {
     match op {
         Some(op) => format!("opcode {} ({op:#04x})", opcode_name(op)),
         None => "end of data (no STOP opcode)".into(),
@@ -256,7 +232,7 @@ fn describe_opcode(op: Option<u8>) -> String {
 }
 
 /// The name Python's `pickletools` gives the opcode byte `op`.
-pub(crate) fn opcode_name(op: u8) -> &'static str {
+pub fn opcode_name(op: u8) -> &'static str {
     match op {
         b'(' => "MARK",
         b'.' => "STOP",
@@ -333,7 +309,7 @@ pub(crate) fn opcode_name(op: u8) -> &'static str {
 /// Runs the pickle at the start of `data` and returns its value and the number of bytes read
 /// through its STOP opcode (anything after it is left to the caller: PyTorch's legacy format
 /// writes several pickles back to back).
-pub(crate) fn parse(data: &[u8], limits: &Limits) -> Result<(Value, usize), PickleError> {
+pub fn parse(data: &[u8], limits: &Limits) -> Result<(Value, usize), PickleError> {
     let mut vm = Machine::new(data, limits);
     let root = vm.run()?;
     let end = vm.pos;
@@ -1105,56 +1081,9 @@ impl<'a> Machine<'a> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// Writes pickle opcodes, for tests that need pickles Python never made for us.
-    #[derive(Default)]
-    pub(crate) struct Writer(pub Vec<u8>);
-
-    impl Writer {
-        pub(crate) fn op(&mut self, op: u8) -> &mut Self {
-            self.0.push(op);
-            self
-        }
-        pub(crate) fn raw(&mut self, bytes: &[u8]) -> &mut Self {
-            self.0.extend_from_slice(bytes);
-            self
-        }
-        pub(crate) fn proto(&mut self, v: u8) -> &mut Self {
-            self.raw(&[0x80, v])
-        }
-        /// A Python 2 `str` (SHORT_BINSTRING or BINSTRING).
-        pub(crate) fn py2_str(&mut self, s: &[u8]) -> &mut Self {
-            match u8::try_from(s.len()) {
-                Ok(n) => self.raw(&[b'U', n]),
-                Err(_) => self.op(b'T').raw(&(s.len() as i32).to_le_bytes()),
-            }
-            .raw(s)
-        }
-        /// A Python 3 `str` (BINUNICODE).
-        pub(crate) fn unicode(&mut self, s: &str) -> &mut Self {
-            self.op(b'X').raw(&(s.len() as u32).to_le_bytes()).raw(s.as_bytes())
-        }
-        /// BININT1, BININT2 or BININT, like cPickle.
-        pub(crate) fn int(&mut self, v: i32) -> &mut Self {
-            match (u8::try_from(v), u16::try_from(v)) {
-                (Ok(b), _) => self.raw(&[b'K', b]),
-                (_, Ok(w)) => self.op(b'M').raw(&w.to_le_bytes()),
-                _ => self.op(b'J').raw(&v.to_le_bytes()),
-            }
-        }
-        pub(crate) fn global(&mut self, module: &str, name: &str) -> &mut Self {
-            self.op(b'c').raw(module.as_bytes()).op(b'\n').raw(name.as_bytes()).op(b'\n')
-        }
-        pub(crate) fn binput(&mut self, k: u8) -> &mut Self {
-            self.raw(&[b'q', k])
-        }
-        pub(crate) fn stop(&mut self) -> Vec<u8> {
-            self.op(b'.');
-            std::mem::take(&mut self.0)
-        }
-    }
+    use crate::pickle_writer::Writer;
 
     fn run(data: &[u8]) -> Result<Value, PickleError> {
         parse(data, &Limits::default()).map(|(v, _)| v)
@@ -1249,9 +1178,8 @@ pub(crate) mod tests {
             assert_eq!(e.offset, offset, "{e}");
             assert!(e.to_string().contains(what), "{e}");
         }
-        let e = run(b"\x80\x02h\x05.").unwrap_err().into_data_error(Path::new("/d/data_batch_1"));
-        let msg = e.to_string();
-        assert!(msg.contains("/d/data_batch_1") && msg.contains("BINGET") && msg.contains("byte offset 2"), "{msg}");
+        let msg = run(b"\x80\x02h\x05.").unwrap_err().to_string();
+        assert!(msg.contains("BINGET") && msg.contains("byte offset 2"), "{msg}");
     }
 
     #[test]
