@@ -63,6 +63,11 @@ async function main() {
       latest_grid: document.querySelector("#latest-grid").dataset.grid,
       latest_label: document.querySelector("#latest-grid-label").textContent,
       real: (img => [img.complete && img.naturalWidth > 0, img.getAttribute("src")])(document.querySelector("#real-grid")),
+      // Both grids stay inside their column, whatever their pixel size.
+      grids_fit: ["#latest-grid", "#real-grid"].every(sel => {
+        const img = document.querySelector(sel);
+        return img.getBoundingClientRect().right <= img.closest("section").getBoundingClientRect().right + 1;
+      }),
     }));
     if (screenshot) { await page.screenshot({ path: screenshot, fullPage: true }); }
   } finally {

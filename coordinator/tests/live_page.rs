@@ -71,6 +71,7 @@ fn the_live_page_follows_a_real_run_in_chromium() {
     // The real samples have their own panel; the generator's panel shows the newest generator
     // grid (the --sample-every grid of the last step, drawn after its epoch's), never a real one.
     assert_eq!(end["real"], serde_json::json!([true, "/samples/real.png"]), "{r}");
+    assert_eq!(end["grids_fit"], true, "a grid overflows its column: {r}");
     assert!(grids.iter().all(|g| g.as_str().is_some_and(|g| g.starts_with("fake_"))), "{r}");
     assert_eq!(end["latest_grid"], format!("fake_step_{total:08}.png"), "{r}");
     assert_eq!(end["latest_label"], format!("at step {total}"), "{r}");
