@@ -24,6 +24,14 @@ fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBu
     (cert, key)
 }
 
+/// A run serving gRPC over TLS with `cert` and `key` that waits for 2 external workers on 100
+/// samples, plus `extra` flags.
+fn external_tls_run(run_dir: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Vec<String> {
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--external-workers", "--data-limit", "100"];
+    with_flags(with_flags(small_run(2, run_dir), &tls), extra)
+}
+
 #[test]
 fn launched_workers_train_over_tls() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -43,18 +51,7 @@ async fn only_clients_that_trust_the_certificate_get_in() {
     let (cert, key) = self_signed(tmp.path(), "coordinator");
     let (other, _) = self_signed(tmp.path(), "other");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-            "--external-workers",
-            "--data-limit",
-            "100",
-        ],
-    );
+    let args = external_tls_run(&run_dir, &cert, &key, &[]);
     let coordinator = Running::start(&args, &run_dir);
     let port = coordinator.addr.rsplit(':').next().expect("port").to_string();
 
@@ -145,22 +142,7 @@ fn the_live_page_is_https_with_the_same_certificate() {
     let (cert, key) = self_signed(tmp.path(), "coordinator");
     let (other, _) = self_signed(tmp.path(), "other");
     let run_dir = tmp.path().join("run");
-    let args = with_flags(
-        small_run(2, &run_dir),
-        &[
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-            "--token",
-            "s3cret",
-            "--external-workers",
-            "--data-limit",
-            "100",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let args = external_tls_run(&run_dir, &cert, &key, &["--token", "s3cret", "--metrics-listen", "127.0.0.1:0"]);
     let mut coordinator = Running::start(&args, &run_dir);
     let url = std::fs::read_to_string(run_dir.join("metrics.addr")).expect("metrics.addr").trim().to_string();
     let addr = url.strip_prefix("https://").unwrap_or_else(|| panic!("metrics.addr is not an https URL: {url}"));

@@ -39,6 +39,11 @@ impl Drawn {
         }
     }
 
+    /// Samples used under `limit`: the whole set, or its first `limit` samples.
+    pub fn len_for(self, limit: Option<usize>) -> usize {
+        limit.map_or(self.full_len(), |l| l.min(self.full_len()))
+    }
+
     /// Channels of every sample (both are RGB).
     pub fn nc(self) -> usize {
         3

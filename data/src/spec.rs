@@ -113,8 +113,7 @@ impl DatasetSpec {
             }
             DatasetSpec::Shapes | DatasetSpec::Fake => {
                 let set = self.drawn().expect("a drawn set");
-                let len = limit.map_or(set.full_len(), |l| l.min(set.full_len()));
-                Ok(set.generate(len, image_size))
+                Ok(set.generate(set.len_for(limit), image_size))
             }
         }
     }

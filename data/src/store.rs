@@ -39,8 +39,7 @@ impl SampleStore {
         match spec {
             DatasetSpec::Shapes | DatasetSpec::Fake => {
                 let set = spec.drawn().expect("a drawn set");
-                let len = limit.map_or(set.full_len(), |l| l.min(set.full_len()));
-                Ok(SampleStore::Drawn { set, len, image_size })
+                Ok(SampleStore::Drawn { set, len: set.len_for(limit), image_size })
             }
             DatasetSpec::Prepared(dir) => {
                 let set = PreparedSet::open(dir)?.with_limit(limit);
