@@ -17,7 +17,7 @@ const FAKE_SEED: u64 = 0x4641_4b45_0000_0001;
 /// Which drawn set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Drawn {
-    /// Coloured discs, squares and triangles ([`crate::shapes`]); labelled by the first shape.
+    /// One coloured disc, square or triangle per image ([`crate::shapes`]); labelled by its kind.
     Shapes,
     /// Uniform noise in every pixel: no structure to learn, for timing and plumbing checks.
     Fake,
