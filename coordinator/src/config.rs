@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{Cli, Explicit};
+use crate::flags::{Cli, Explicit};
 use crate::run_dir::RunDirError;
 
 /// A setting that cannot work, named so the user knows which flag to change.
@@ -120,6 +120,17 @@ fn default_precision() -> String {
     kernels::Precision::F32.to_string()
 }
 
+/// Where launched workers train (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// One GPU each when a CUDA driver sees at least `--workers` GPUs, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// Worker i on GPU i, or an error.
+    Cuda,
+}
+
 /// How launched workers get their samples (their `--data`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -183,8 +194,8 @@ impl RunConfig {
             cli.precision.parse().map_err(|e| ConfigError::Invalid(format!("--precision: {e}")))?;
         // Launched workers asked onto GPUs must be able to train this run there (with
         // `--device auto` the coordinator asks again once it knows whether there are GPUs).
-        if let Ok(device @ kernels::Device::Cuda(_)) = cli.device.parse::<kernels::Device>() {
-            if let Some(why) = device.refusal(&Self::demands(cli, precision)) {
+        if cli.device == DeviceChoice::Cuda {
+            if let Some(why) = kernels::Device::Cuda(0).refusal(&Self::demands(cli, precision)) {
                 return Err(ConfigError::Invalid(why));
             }
         }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::metrics_log::{MetricsLog, Stepped};
-use crate::run_state::Run;
+use crate::tensorboard::TensorBoard;
 
 /// A checkpoint to evaluate.
 pub struct EvalRequest {
@@ -54,6 +54,25 @@ impl Stepped for EvalRecord {
 impl EvalRecord {
     pub fn to_proto(&self) -> proto::v1::Evaluation {
         proto::v1::Evaluation { epoch: self.epoch, step: self.step, fid: self.fid, count: self.count }
+    }
+}
+
+/// The evaluations so far, as `GetStatus` lists them: a resumed run's earlier ones, then each
+/// new one as the evaluator finishes it.
+#[derive(Clone, Default)]
+pub struct Evaluations(Arc<std::sync::Mutex<Vec<proto::v1::Evaluation>>>);
+
+impl Evaluations {
+    pub fn restored(records: &[EvalRecord]) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(records.iter().map(EvalRecord::to_proto).collect())))
+    }
+
+    fn push(&self, record: &EvalRecord) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(record.to_proto());
+    }
+
+    pub fn list(&self) -> Vec<proto::v1::Evaluation> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -94,12 +113,14 @@ impl EvalSettings {
 }
 
 /// Prepares the FID reference, then scores each requested checkpoint until the senders are gone.
+/// Each result goes to `evals.jsonl` (`log`), `results`, TensorBoard and Prometheus.
 pub async fn evaluate(
-    run: Arc<Run>,
     settings: EvalSettings,
     samples: Arc<SampleStore>,
     mut log: MetricsLog<EvalRecord>,
     mut requests: mpsc::UnboundedReceiver<EvalRequest>,
+    results: Evaluations,
+    tensorboard: TensorBoard,
 ) -> anyhow::Result<()> {
     let prepared = {
         let s = settings.clone();
@@ -139,7 +160,9 @@ pub async fn evaluate(
         let record = EvalRecord { epoch, step, fid, count: settings.count as u32, seed, seconds };
         log.append(&record)?;
         tracing::info!(epoch, step, fid, seconds = record.seconds, "FID evaluated");
-        run.observe_evaluation(&record);
+        crate::observability::record_fid(record.epoch, record.fid);
+        results.push(&record);
+        tensorboard.fid(record.step, record.fid);
     }
     Ok(())
 }

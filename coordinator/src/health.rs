@@ -14,9 +14,12 @@
 //! Each turns into a warning in the log (once per onset), a gauge (see [`crate::observability`])
 //! and a field of `GetStatus` ([`proto::v1::GanHealth`]).
 
+use std::sync::{Arc, Mutex};
+
 use proto::v1;
 
 use crate::metrics_log::StepRecord;
+use crate::step_feed::StepSink;
 
 /// D(x) averaging above this while D(G(z)) averages below [`D_FAKE_LOW`]: D has won.
 pub const D_REAL_HIGH: f32 = 0.9;
@@ -164,6 +167,68 @@ impl Health {
             collapse_fraction: self.config.collapse_fraction,
             warnings: self.warnings(),
         }
+    }
+}
+
+/// One generation's [`Health`], shared by the step feed (whose sink it is), the sample
+/// renderer (mode collapse) and `GetStatus`. Every change is logged as a warning at its onset
+/// and exported to Prometheus.
+#[derive(Clone)]
+pub struct HealthMonitor(Arc<Mutex<Health>>);
+
+impl HealthMonitor {
+    pub fn new(config: HealthConfig) -> Self {
+        Self(Arc::new(Mutex::new(Health::new(config))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the mean pairwise distance of the real sample grid (mode collapse's yardstick).
+    pub fn set_real_distance(&self, distance: f64) {
+        let mut health = self.lock();
+        health.real_distance = Some(distance);
+        crate::observability::record_health(&health);
+    }
+
+    /// Takes the mean pairwise distance of the fixed-noise grid drawn at the end of `epoch`.
+    pub fn observe_samples(&self, epoch: u64, distance: f64) {
+        let onset = {
+            let mut health = self.lock();
+            let onset = health.observe_samples(epoch, distance);
+            crate::observability::record_health(&health);
+            onset
+        };
+        if let Some(w) = onset {
+            tracing::warn!(epoch, "GAN health: {w}");
+        }
+    }
+
+    /// The signals as `GetStatus` shows them.
+    pub fn to_proto(&self) -> v1::GanHealth {
+        self.lock().to_proto()
+    }
+}
+
+impl StepSink for HealthMonitor {
+    fn take(&mut self, record: &StepRecord) -> anyhow::Result<()> {
+        let (onsets, recovered) = {
+            let mut health = self.lock();
+            let was_won = health.d_won();
+            let onsets = health.observe_step(record);
+            crate::observability::record_health(&health);
+            (onsets, was_won && !health.d_won())
+        };
+        for w in onsets {
+            tracing::warn!(step = record.step, "GAN health: {w}");
+        }
+        // An early win often passes (a young G's images are easy to tell apart): say so, so a
+        // warning in the log is not read as the run's verdict.
+        if recovered {
+            tracing::info!(step = record.step, "GAN health: the discriminator no longer wins; G is learning again");
+        }
+        Ok(())
     }
 }
 

@@ -28,7 +28,7 @@ use proto::v1;
 use serde_json::{Value, json};
 use worker::telemetry::{HttpReply, HttpRoutes, Routes};
 
-use crate::run_state::Run;
+use crate::run_view::RunView;
 
 const INDEX_HTML: &str = include_str!("../assets/live/index.html");
 const APP_JS: &str = include_str!("../assets/live/app.js");
@@ -44,7 +44,7 @@ const CHECKPOINT_FILES: [&str; 5] =
 pub struct LivePage {
     root: PathBuf,
     /// The current generation's run (a restart attaches the next).
-    run: RwLock<Option<Arc<Run>>>,
+    run: RwLock<Option<RunView>>,
 }
 
 impl LivePage {
@@ -52,11 +52,11 @@ impl LivePage {
         Arc::new(Self { root: root.to_path_buf(), run: RwLock::new(None) })
     }
 
-    pub fn attach(&self, run: Arc<Run>) {
+    pub fn attach(&self, run: RunView) {
         *self.run.write().unwrap_or_else(|p| p.into_inner()) = Some(run);
     }
 
-    fn run(&self) -> Option<Arc<Run>> {
+    fn run(&self) -> Option<RunView> {
         self.run.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -75,7 +75,7 @@ impl LivePage {
                 None => json_reply(&json!({ "state": "STARTING" })),
             }),
             Route::Steps { since } => {
-                let steps = self.run().map(|r| r.history(since, STEPS_PER_CALL)).unwrap_or_default();
+                let steps = self.run().map(|r| r.history.page(since, STEPS_PER_CALL)).unwrap_or_default();
                 Some(json_reply(&json!({ "since": since, "steps": steps })))
             }
             Route::Sample(name) => self.sample(name),
@@ -101,7 +101,7 @@ impl LivePage {
         Some(HttpReply { status: StatusCode::OK, content_type, body: Bytes::from(bytes), cache_control: None })
     }
 
-    fn status_json(&self, run: &Run) -> Value {
+    fn status_json(&self, run: &RunView) -> Value {
         let s = run.status();
         // (modified, name) of every generator grid: epoch ends and --sample-every steps.
         let mut drawn: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(self.root.join("samples"))
@@ -123,9 +123,9 @@ impl LivePage {
         grids.sort();
         let mut v = status_json(&s, &grids);
         v["latest_grid"] = latest.unwrap_or(Value::Null);
-        v["sample_every"] = json!(run.config.sample_every);
-        v["eval_every"] = json!(run.config.eval_every);
-        v["samples_pending"] = json!(run.samples_pending());
+        v["sample_every"] = json!(run.run.config.sample_every);
+        v["eval_every"] = json!(run.run.config.eval_every);
+        v["samples_pending"] = json!(run.samples.pending());
         v
     }
 }

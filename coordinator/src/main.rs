@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use coordinator::cli::Cli;
+use coordinator::flags::Cli;
 use coordinator::launcher::WORKER_MODE_FLAG;
 use coordinator::progress::Progress;
 

@@ -20,7 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::checkpoint_store::StoreError;
 use crate::metrics_log::RankReport;
-use crate::run_state::{Run, RunError, to_proto_metrics};
+use crate::renderer::GridRequest;
+use crate::run::{Run, RunError, to_proto_metrics};
+use crate::run_view::RunView;
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -61,15 +63,16 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
-/// The `dcgan.v1.Coordinator` service of one run.
+/// The `dcgan.v1.Coordinator` service of one generation.
 #[derive(Clone)]
 pub struct CoordinatorService {
     run: Arc<Run>,
+    view: RunView,
 }
 
 impl CoordinatorService {
-    pub fn new(run: Arc<Run>) -> Self {
-        Self { run }
+    pub fn new(view: RunView) -> Self {
+        Self { run: Arc::clone(&view.run), view }
     }
 }
 
@@ -157,8 +160,8 @@ impl Coordinator for CoordinatorService {
         };
         let carry_on = self.run.report(report)?;
         let (reason, stop_requested) = match self.run.phase() {
-            crate::run_state::Phase::Failed(r) => (r, false),
-            crate::run_state::Phase::Stopping(r) => (r, true),
+            crate::run::Phase::Failed(r) => (r, false),
+            crate::run::Phase::Stopping(r) => (r, true),
             _ => (String::new(), false),
         };
         Ok(Response::new(v1::ReportStepResponse { continue_training: carry_on, reason, stop_requested }))
@@ -211,7 +214,10 @@ impl Coordinator for CoordinatorService {
                 total_size: c.total_size,
             })
             .collect();
-        self.run.checkpoint_stored(&header, &stored, infos, files);
+        if let Some(names) = self.run.checkpoint_stored(&header, &stored, infos) {
+            let (epoch, is_final) = (header.epoch, header.r#final);
+            self.view.samples.request(GridRequest { step: stored.step, epoch, is_final, names, files });
+        }
         Ok(Response::new(v1::UploadCheckpointResponse { path: relative_path(&stored.dir) }))
     }
 
@@ -263,7 +269,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get_status(&self, _request: Request<v1::GetStatusRequest>) -> Result<Response<v1::RunStatus>, Status> {
-        Ok(Response::new(self.run.status()))
+        Ok(Response::new(self.view.status()))
     }
 
     type WatchMetricsStream = RpcStream<v1::StepMetrics>;
@@ -326,9 +332,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the run on `listener` until `shutdown` resolves.
+/// Serves the generation on `listener` until `shutdown` resolves.
 pub async fn serve(
-    run: Arc<Run>,
+    view: RunView,
     listener: TcpListener,
     auth: proto::auth::RequireToken,
     tls: Option<tonic::transport::Identity>,
@@ -341,8 +347,8 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let (run_id, generation) = (run.config.run_id.clone(), run.config.generation);
-    let service = CoordinatorServer::new(CoordinatorService::new(run))
+    let (run_id, generation) = (view.run.config.run_id.clone(), view.run.config.generation);
+    let service = CoordinatorServer::new(CoordinatorService::new(view))
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
     let service = tonic::service::interceptor::InterceptedService::new(service, auth);
@@ -378,4 +384,71 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use proto::v1::coordinator_client::CoordinatorClient;
+
+    use super::*;
+    use crate::evaluation::Evaluations;
+    use crate::health::{HealthConfig, HealthMonitor};
+    use crate::renderer::SampleQueue;
+    use crate::step_history::StepHistory;
+
+    /// Serves a fresh 2-rank generation on a real port of this machine, as the binary does.
+    async fn start_server() -> (SocketAddr, Arc<Run>, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
+        let (run, _queue, tmp) = crate::run::tests::generation(2, 4);
+        let (samples, _requests) = SampleQueue::channel();
+        let view = RunView {
+            run: Arc::clone(&run),
+            health: HealthMonitor::new(HealthConfig::default()),
+            evaluations: Evaluations::default(),
+            history: StepHistory::default(),
+            samples,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let auth = proto::auth::RequireToken { token: None, open_reads: false };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(view, listener, auth, None, async {
+            let _ = stopped.await;
+        }));
+        (addr, run, stop, tmp)
+    }
+
+    #[tokio::test]
+    async fn workers_join_and_are_refused_over_a_real_socket() {
+        let (addr, run, stop, _tmp) = start_server().await;
+        let mut client = CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+        let join = |rank: i32| v1::JoinRequest {
+            hostname: "test".into(),
+            pid: 7,
+            device: "cpu".into(),
+            threads: 1,
+            requested_rank: rank,
+        };
+        let joined = client.join(join(1)).await.unwrap().into_inner();
+        assert_eq!(joined.id.as_ref().map(|id| id.rank), Some(1));
+        assert_eq!(joined.world_size, 2);
+        assert_eq!(joined.config.map(|c| c.total_steps), Some(4));
+        // The same rank again: ALREADY_EXISTS, with the reason.
+        let taken = client.join(join(1)).await.unwrap_err();
+        assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
+        // A worker of another run: NOT_FOUND.
+        let id = Some(v1::WorkerId { run_id: "other".into(), generation: 1, rank: 0 });
+        let stranger = client.heartbeat(v1::HeartbeatRequest { id, step: 0 }).await.unwrap_err();
+        assert_eq!(stranger.code(), tonic::Code::NotFound, "{stranger:?}");
+        // GetStatus sees the joined worker.
+        let status = client.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner();
+        assert_eq!((status.run_id.as_str(), status.workers.len()), ("run-1", 1));
+        assert!(status.health.is_some(), "the health view fills the status");
+        // The run's end reaches a heartbeat.
+        run.fail("test over");
+        let beat = client.heartbeat(v1::HeartbeatRequest { id: joined.id, step: 0 }).await.unwrap().into_inner();
+        assert_eq!(beat.state, v1::RunState::Failed as i32);
+        let _ = stop.send(());
+    }
 }

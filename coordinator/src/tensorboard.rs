@@ -169,6 +169,70 @@ impl Drop for TensorBoardWriter {
     }
 }
 
+/// The run's TensorBoard files (`--tensorboard`), or nothing: shared by the step feed (whose
+/// sink it is), the sample renderer (grids), the evaluator (FIDs) and the watch loop's flushes.
+/// A write that fails is a warning: TensorBoard is a view of the run, not its record.
+#[derive(Clone, Default)]
+pub struct TensorBoard(std::sync::Arc<std::sync::Mutex<Option<TensorBoardWriter>>>);
+
+impl TensorBoard {
+    pub fn new(writer: Option<TensorBoardWriter>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(writer)))
+    }
+
+    /// Runs `write` on the writer, if there is one, and logs its error.
+    fn with(&self, write: impl FnOnce(&mut TensorBoardWriter) -> Result<(), TensorBoardError>) {
+        if let Some(tb) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Err(e) = write(tb) {
+                tracing::warn!("TensorBoard: {e}");
+            }
+        }
+    }
+
+    /// An epoch's fixed-noise grid (a PNG), flushed at once.
+    pub fn grid(&self, step: u64, png: &[u8], size: (u32, u32), channels: u32) {
+        self.with(|tb| {
+            tb.add_image(step, unix_now(), "samples/fixed_noise", png, size.0, size.1, channels)?;
+            tb.flush()
+        });
+    }
+
+    /// A finished FID evaluation, flushed at once.
+    pub fn fid(&self, step: u64, fid: f64) {
+        self.with(|tb| {
+            tb.add_scalars(step, unix_now(), &[("FID", fid as f32)])?;
+            tb.flush()
+        });
+    }
+
+    /// Hands buffered events to the system (every few seconds).
+    pub fn flush(&self) {
+        self.with(TensorBoardWriter::flush);
+    }
+
+    /// Writes the events to disk for good (at the end of a generation).
+    pub fn sync(&self) {
+        self.with(TensorBoardWriter::sync);
+    }
+}
+
+impl crate::step_feed::StepSink for TensorBoard {
+    fn take(&mut self, r: &crate::metrics_log::StepRecord) -> anyhow::Result<()> {
+        // Tags as the PyTorch example's log line names them.
+        let scalars = [
+            ("loss_D", r.loss_d),
+            ("loss_G", r.loss_g),
+            ("D(x)", r.d_x),
+            ("D(G(z))/before_D_update", r.d_g_z1),
+            ("D(G(z))/after_D_update", r.d_g_z2),
+            ("images_per_sec", r.images_per_sec as f32),
+            ("all_reduce_seconds", r.all_reduce_seconds as f32),
+        ];
+        self.with(|tb| tb.add_scalars(r.step, unix_now(), &scalars));
+        Ok(())
+    }
+}
+
 /// TensorFlow's masked CRC-32C, `((crc >> 15) | (crc << 17)) + 0xa282ead8`: a CRC of data that
 /// contains CRCs is itself a poor checksum, so the stored value is rotated and offset.
 pub fn masked_crc32c(bytes: &[u8]) -> u32 {

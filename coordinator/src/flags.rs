@@ -161,8 +161,8 @@ pub struct Cli {
     /// `auto`: one GPU each when a CUDA driver sees at least `--workers` GPUs, else the CPU.
     /// `cuda`: worker i on GPU i; an error when there are fewer GPUs than workers. External
     /// workers choose with their own `--device`.
-    #[arg(help_heading = "Workers and devices", long, env = "DCGAN_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
+    #[arg(help_heading = "Workers and devices", long, env = "DCGAN_DEVICE", value_enum, default_value_t = crate::config::DeviceChoice::Auto)]
+    pub device: crate::config::DeviceChoice,
 
     /// Path of the worker binary [default: `worker` next to this executable].
     #[arg(help_heading = "Workers and devices", hide_short_help = true, long, env = "DCGAN_WORKER_BIN")]

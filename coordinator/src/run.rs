@@ -12,17 +12,16 @@ use std::time::{Duration, Instant};
 
 use proto::v1::{self, WorkerId};
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::checkpoint_store::{CheckpointStore, StoredCheckpoint};
 use crate::config::RunConfig;
-use crate::health::{Health, HealthConfig};
-use crate::metrics_log::{MetricsLog, RankReport, StepAggregator, StepRecord};
+use crate::metrics_log::{RankReport, StepAggregator, StepRecord};
 use crate::observability::{self, RankLiveness};
 use crate::run_dir::unix_ms;
 use crate::samples::GridNames;
-use crate::shards::ShardServer;
-use crate::tensorboard::TensorBoardWriter;
+use crate::shard_server::ShardServer;
+use crate::step_feed::StepFeed;
 
 /// Where the run stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,63 +102,15 @@ struct WorkerSlot {
     stopped: bool,
 }
 
-/// Something the main loop acts on outside the request path.
-pub enum Event {
-    /// A checkpoint ending an epoch or the run, or of a `--sample-every` step, was stored: draw
-    /// its grids from it. The files travel with the event, so pruning old checkpoints cannot
-    /// race the drawing.
-    RenderSamples { step: u64, epoch: u64, is_final: bool, names: GridNames, files: Vec<(String, Vec<u8>)> },
-    /// Nothing more will come: the renderer finishes what is queued and stops.
-    Stop,
-}
-
 struct Inner {
     workers: Vec<Option<WorkerSlot>>,
     /// Rank 0's NCCL unique id, handed to every rank of a GPU run at rendezvous.
     nccl_id: Vec<u8>,
     aggregator: StepAggregator,
-    metrics_log: MetricsLog,
     latest: Option<StepRecord>,
     checkpoints: Vec<v1::CheckpointInfo>,
     last_stored_step: Option<u64>,
-    health: Health,
     last_checkpoint_at: Option<Instant>,
-    /// FID evaluations so far (`--eval-every`).
-    evaluations: Vec<v1::Evaluation>,
-    /// Every aggregated step of the run, compactly, for the live page's charts.
-    history: Vec<StepPoint>,
-    /// `--tensorboard`: the same scalars, the epochs' grids and the FIDs as event files.
-    tensorboard: Option<TensorBoardWriter>,
-}
-
-/// One aggregated step as the live page charts it (about 40 bytes: a million steps fit).
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct StepPoint {
-    pub step: u64,
-    pub epoch: u32,
-    pub loss_d: f32,
-    pub loss_g: f32,
-    pub d_x: f32,
-    pub d_g_z1: f32,
-    pub d_g_z2: f32,
-    pub images_per_sec: f32,
-    pub all_reduce_seconds: f32,
-}
-
-impl From<&StepRecord> for StepPoint {
-    fn from(r: &StepRecord) -> Self {
-        Self {
-            step: r.step,
-            epoch: r.epoch as u32,
-            loss_d: r.loss_d,
-            loss_g: r.loss_g,
-            d_x: r.d_x,
-            d_g_z1: r.d_g_z1,
-            d_g_z2: r.d_g_z2,
-            images_per_sec: r.images_per_sec as f32,
-            all_reduce_seconds: r.all_reduce_seconds as f32,
-        }
-    }
 }
 
 /// One run, shared by the gRPC handlers and the main loop.
@@ -177,14 +128,13 @@ pub struct Run {
     run_dir: String,
     inner: Mutex<Inner>,
     phase: watch::Sender<Phase>,
+    /// Each aggregated step, for watchers (`WatchMetrics`, the progress bar) who may skip some.
     metrics: broadcast::Sender<StepRecord>,
-    events: mpsc::UnboundedSender<Event>,
+    /// Each aggregated step, in order and none skipped, for the outputs ([`crate::step_feed`]).
+    feed: StepFeed,
     /// The trace context (`traceparent`) of the run's span, which the main loop holds open: it
     /// goes out in `Join`'s answer and becomes the parent of the workers' spans.
     pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
-    /// Sample grids asked for and not yet drawn. The last one is drawn after the run completes,
-    /// so the live page keeps polling until this is 0.
-    samples_pending: std::sync::atomic::AtomicUsize,
     /// Set when a worker's failure ended the run (see [`Run::worker_failed`]).
     restartable: std::sync::atomic::AtomicBool,
     /// Whether a restartable failure will be followed by another generation (restarts left).
@@ -195,20 +145,26 @@ pub struct Run {
     regroup_to: std::sync::atomic::AtomicU32,
 }
 
+/// What a generation's [`Run`] starts from.
+pub struct RunSetup {
+    pub config: RunConfig,
+    /// The checkpoint the workers start from, when resuming or restarting.
+    pub resume_from: Option<u64>,
+    pub shards: ShardServer,
+    pub store: CheckpointStore,
+    /// The stored checkpoints, as `GetStatus` lists them.
+    pub checkpoints: Vec<v1::CheckpointInfo>,
+    /// The run directory as `GetStatus` shows it.
+    pub run_dir: String,
+    /// Ranks in this generation: `--workers`, or fewer after a regroup.
+    pub world: u32,
+    /// Where aggregated steps go (see [`crate::step_feed`]).
+    pub feed: StepFeed,
+}
+
 impl Run {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: RunConfig,
-        resume_from: Option<u64>,
-        shards: ShardServer,
-        store: CheckpointStore,
-        metrics_log: MetricsLog,
-        checkpoints: Vec<v1::CheckpointInfo>,
-        run_dir: String,
-        events: mpsc::UnboundedSender<Event>,
-        health: HealthConfig,
-        world: u32,
-    ) -> Arc<Self> {
+    pub fn new(setup: RunSetup) -> Arc<Self> {
+        let RunSetup { config, resume_from, shards, store, checkpoints, run_dir, world, feed } = setup;
         let start_step = resume_from.unwrap_or(0);
         let world_size = world;
         let world = world as usize;
@@ -229,15 +185,10 @@ impl Run {
                 workers: vec![None; world],
                 nccl_id: Vec::new(),
                 aggregator: StepAggregator::new(world, start_step + 1, config.total_steps),
-                metrics_log,
                 latest: None,
                 checkpoints,
                 last_stored_step: resume_from,
-                health: Health::new(health),
                 last_checkpoint_at: None,
-                evaluations: Vec::new(),
-                history: Vec::new(),
-                tensorboard: None,
             }),
             config,
             resume_from,
@@ -248,9 +199,8 @@ impl Run {
             run_dir,
             phase,
             metrics,
-            events,
+            feed,
             trace_context: std::sync::OnceLock::new(),
-            samples_pending: std::sync::atomic::AtomicUsize::new(0),
             restartable: std::sync::atomic::AtomicBool::new(false),
             restart_allowed: std::sync::atomic::AtomicBool::new(false),
             world: world_size,
@@ -541,13 +491,24 @@ impl Run {
             return Ok(false);
         }
         let (rank, step) = (report.rank, report.step);
+        // Aggregated and queued under the lock, so the outputs get the steps in order; they
+        // are written by the feed's task, outside it.
         let result = {
             let mut inner = self.lock();
             if let Some(w) = inner.workers[rank].as_mut() {
                 w.last_step = step;
                 w.state = v1::WorkerState::Training;
             }
-            inner.aggregator.add(report)
+            let result = inner.aggregator.add(report);
+            if let Ok(records) = &result {
+                if let Some(last) = records.last() {
+                    inner.latest = Some(last.clone());
+                }
+                for record in records {
+                    self.feed.send(record.clone());
+                }
+            }
+            result
         };
         let records = match result {
             Ok(r) => r,
@@ -558,28 +519,6 @@ impl Run {
             Err(e) => return Err(RunError::Invalid(e.to_string())),
         };
         for record in records {
-            let written = self.lock().metrics_log.append(&record);
-            if let Err(e) = written {
-                self.fail(format!("cannot write metrics: {e}"));
-                return Ok(false);
-            }
-            observability::record_step(&record);
-            let onsets = {
-                let mut inner = self.lock();
-                inner.latest = Some(record.clone());
-                inner.history.push(StepPoint::from(&record));
-                if let Some(tb) = inner.tensorboard.as_mut() {
-                    if let Err(e) = tb.add_scalars(record.step, unix_seconds(), &tensorboard_scalars(&record)) {
-                        tracing::warn!("TensorBoard: {e}");
-                    }
-                }
-                let onsets = inner.health.observe_step(&record);
-                observability::record_health(&inner.health);
-                onsets
-            };
-            for w in onsets {
-                tracing::warn!(step = record.step, "GAN health: {w}");
-            }
             let _ = self.metrics.send(record);
         }
         Ok(!self.phase().is_over())
@@ -608,14 +547,14 @@ impl Run {
         Ok(())
     }
 
-    /// Records a stored checkpoint and asks for sample grids where one ends an epoch or the run.
+    /// Records a stored checkpoint; returns the sample grids it is due for (it ends an epoch
+    /// or the run, or its step is one of `--sample-every`'s).
     pub fn checkpoint_stored(
         &self,
         header: &v1::CheckpointHeader,
         stored: &StoredCheckpoint,
         all: Vec<v1::CheckpointInfo>,
-        files: Vec<(String, Vec<u8>)>,
-    ) {
+    ) -> Option<GridNames> {
         {
             let mut inner = self.lock();
             inner.checkpoints = all;
@@ -629,40 +568,12 @@ impl Run {
             epoch: (header.end_of_epoch || header.r#final).then_some(header.epoch),
             step: (every > 0 && stored.step % every == 0).then_some(stored.step),
         };
-        if names.epoch.is_some() || names.step.is_some() {
-            self.request_samples(stored.step, header.epoch, header.r#final, names, files);
-        }
+        (names.epoch.is_some() || names.step.is_some()).then_some(names)
     }
 
-    /// Sends a sample grid to be drawn (by `app::render_samples`, which calls
-    /// [`Run::samples_drawn`] when it is done with it), counting it as pending meanwhile.
-    pub fn request_samples(
-        &self,
-        step: u64,
-        epoch: u64,
-        is_final: bool,
-        names: GridNames,
-        files: Vec<(String, Vec<u8>)>,
-    ) {
-        use std::sync::atomic::Ordering;
-        self.samples_pending.fetch_add(1, Ordering::SeqCst);
-        if self.events.send(Event::RenderSamples { step, epoch, is_final, names, files }).is_err() {
-            self.samples_pending.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    /// One requested grid was drawn, or failed to be.
-    pub fn samples_drawn(&self) {
-        let _ = self.samples_pending.fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |n| n.checked_sub(1),
-        );
-    }
-
-    /// Sample grids asked for and not yet drawn.
-    pub fn samples_pending(&self) -> usize {
-        self.samples_pending.load(std::sync::atomic::Ordering::SeqCst)
+    /// Closes the step feed: the generation is over, its outputs get what was aggregated.
+    pub fn close_feed(&self) {
+        self.feed.close();
     }
 
     /// A worker is done. When every rank is done, the run completes — if every step was
@@ -778,96 +689,9 @@ impl Run {
         }
     }
 
-    /// Sets the mean pairwise distance of the real sample grid (mode collapse's yardstick).
-    pub fn set_real_sample_distance(&self, distance: f64) {
-        let mut inner = self.lock();
-        inner.health.real_distance = Some(distance);
-        observability::record_health(&inner.health);
-    }
-
-    /// Takes the mean pairwise distance of the fixed-noise grid drawn at the end of `epoch`.
-    pub fn observe_samples(&self, epoch: u64, distance: f64) {
-        let onset = {
-            let mut inner = self.lock();
-            let onset = inner.health.observe_samples(epoch, distance);
-            observability::record_health(&inner.health);
-            onset
-        };
-        if let Some(w) = onset {
-            tracing::warn!(epoch, "GAN health: {w}");
-        }
-    }
-
-    /// Takes a finished FID evaluation (`--eval-every`).
-    pub fn observe_evaluation(&self, record: &crate::evaluation::EvalRecord) {
-        observability::record_fid(record.epoch, record.fid);
-        let mut inner = self.lock();
-        inner.evaluations.push(record.to_proto());
-        if let Some(tb) = inner.tensorboard.as_mut() {
-            let written =
-                tb.add_scalars(record.step, unix_seconds(), &[("FID", record.fid as f32)]).and_then(|()| tb.flush());
-            if let Err(e) = written {
-                tracing::warn!("TensorBoard: {e}");
-            }
-        }
-    }
-
-    /// Starts writing TensorBoard event files (`--tensorboard`).
-    pub fn set_tensorboard(&self, writer: TensorBoardWriter) {
-        self.lock().tensorboard = Some(writer);
-    }
-
-    /// Adds an epoch's fixed-noise grid (a PNG) to the TensorBoard files and flushes them.
-    pub fn tensorboard_grid(&self, step: u64, png: &[u8], size: (u32, u32), channels: u32) {
-        let mut inner = self.lock();
-        if let Some(tb) = inner.tensorboard.as_mut() {
-            let written = tb
-                .add_image(step, unix_seconds(), "samples/fixed_noise", png, size.0, size.1, channels)
-                .and_then(|()| tb.flush());
-            if let Err(e) = written {
-                tracing::warn!("TensorBoard: {e}");
-            }
-        }
-    }
-
-    /// Hands buffered TensorBoard events to the system (every few seconds).
-    pub fn flush_tensorboard(&self) {
-        if let Some(tb) = self.lock().tensorboard.as_mut() {
-            if let Err(e) = tb.flush() {
-                tracing::warn!("TensorBoard: {e}");
-            }
-        }
-    }
-
-    /// Writes the TensorBoard events to disk for good (at the end of a generation).
-    pub fn sync_tensorboard(&self) {
-        if let Some(tb) = self.lock().tensorboard.as_mut() {
-            if let Err(e) = tb.sync() {
-                tracing::warn!("TensorBoard: {e}");
-            }
-        }
-    }
-
-    /// The steps a resumed run had already made (the kept lines of `metrics.jsonl`).
-    pub fn restore_history(&self, records: &[StepRecord]) {
-        let mut inner = self.lock();
-        inner.history = records.iter().map(StepPoint::from).collect();
-        inner.latest = records.last().cloned();
-    }
-
-    /// The aggregated steps after the first `skip`, at most `limit` of them.
-    pub fn history(&self, skip: usize, limit: usize) -> Vec<StepPoint> {
-        self.lock().history.iter().skip(skip).take(limit).copied().collect()
-    }
-
-    /// The evaluations a resumed run had already made.
-    pub fn restore_evaluations(&self, records: &[crate::evaluation::EvalRecord]) {
-        self.lock().evaluations = records.iter().map(|r| r.to_proto()).collect();
-    }
-
-    /// The health signals as `GetStatus` shows them.
-    pub fn health(&self) -> v1::GanHealth {
-        self.lock().health.to_proto()
+    /// The steps a resumed run had already made: the latest is the status's until a new one.
+    pub fn restore_latest(&self, latest: Option<StepRecord>) {
+        self.lock().latest = latest;
     }
 
     /// Refreshes the periodic gauges: workers alive (joined, not finished or failed, heard from
@@ -946,27 +770,11 @@ impl Run {
             workers,
             latest_metrics: inner.latest.as_ref().map(to_proto_metrics),
             checkpoints: inner.checkpoints.clone(),
-            health: Some(inner.health.to_proto()),
-            evaluations: inner.evaluations.clone(),
+            // The outputs' views fill these ([`crate::run_view::RunView::status`]).
+            health: None,
+            evaluations: Vec::new(),
         }
     }
-}
-
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// A step's TensorBoard scalars (tags as the PyTorch example's log line names them).
-fn tensorboard_scalars(r: &StepRecord) -> [(&'static str, f32); 7] {
-    [
-        ("loss_D", r.loss_d),
-        ("loss_G", r.loss_g),
-        ("D(x)", r.d_x),
-        ("D(G(z))/before_D_update", r.d_g_z1),
-        ("D(G(z))/after_D_update", r.d_g_z2),
-        ("images_per_sec", r.images_per_sec as f32),
-        ("all_reduce_seconds", r.all_reduce_seconds as f32),
-    ]
 }
 
 /// An aggregated step as the protocol carries it.
@@ -984,5 +792,214 @@ pub fn to_proto_metrics(r: &StepRecord) -> v1::StepMetrics {
         compute_seconds: r.compute_seconds,
         all_reduce_seconds: r.all_reduce_seconds,
         global_batch: r.global_batch,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::flags::Cli;
+    use crate::step_feed::StepQueue;
+
+    /// A generation of `world` ranks over 8 built-in samples at batch 4 (2 steps per epoch),
+    /// `steps` steps long, with its step queue and its checkpoint directory.
+    pub(crate) fn generation(world: u32, steps: u64) -> (Arc<Run>, StepQueue, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dataset = Arc::new(data::SampleStore::Drawn { set: data::Drawn::Shapes, len: 8, image_size: 32 });
+        let facts = crate::dataset::facts(&dataset).unwrap();
+        let max_steps = steps.to_string();
+        let args = ["coordinator", "--batch-size", "4", "--max-steps", max_steps.as_str(), "--workers"];
+        let cli = Cli::try_parse_from(args.iter().copied().chain([world.to_string().as_str()])).unwrap();
+        let config = RunConfig::from_cli(&cli, &facts, "run-1".into(), "now".into()).unwrap();
+        let (feed, queue) = StepFeed::channel();
+        let run = Run::new(RunSetup {
+            shards: ShardServer::new(Arc::clone(&dataset), config.seed, 4, world as usize, config.total_steps),
+            config,
+            resume_from: None,
+            store: CheckpointStore::new(tmp.path(), 3),
+            checkpoints: Vec::new(),
+            run_dir: tmp.path().display().to_string(),
+            world,
+            feed,
+        });
+        (run, queue, tmp)
+    }
+
+    fn join(run: &Run, requested_rank: i32) -> Result<u32, RunError> {
+        let req = v1::JoinRequest { hostname: "h".into(), pid: 1, device: "cpu".into(), threads: 1, requested_rank };
+        run.join(&req).map(|r| r.id.unwrap().rank)
+    }
+
+    fn report(run: &Run, rank: usize, step: u64) -> Result<bool, RunError> {
+        run.report(RankReport { rank, step, epoch: (step - 1) / 2, local_batch: 2, ..Default::default() })
+    }
+
+    fn finish(final_step: u64, checksum: u64) -> v1::FinishRequest {
+        v1::FinishRequest { ok: true, final_step, parameter_checksum: checksum, ..Default::default() }
+    }
+
+    /// Joins every rank and gives each a ring address: the run is training.
+    fn running(world: u32, steps: u64) -> (Arc<Run>, StepQueue, tempfile::TempDir) {
+        let (run, queue, tmp) = generation(world, steps);
+        for rank in 0..world {
+            join(&run, rank as i32).unwrap();
+            run.set_ring_address(rank as usize, &format!("127.0.0.1:{}", 9000 + rank), &[]).unwrap();
+        }
+        assert_eq!(run.phase(), Phase::Running);
+        (run, queue, tmp)
+    }
+
+    fn store_checkpoint(run: &Run, step: u64, tmp: &tempfile::TempDir) -> Option<GridNames> {
+        let header = v1::CheckpointHeader { step, epoch: (step - 1) / 2, r#final: step == run.config.total_steps, ..Default::default() };
+        let stored = StoredCheckpoint { step, dir: tmp.path().join(format!("step_{step:08}")), total_size: 1 };
+        run.checkpoint_stored(&header, &stored, Vec::new())
+    }
+
+    #[test]
+    fn ranks_are_handed_out_until_the_world_is_full() {
+        let (run, _queue, _tmp) = generation(2, 4);
+        assert_eq!(join(&run, 1), Ok(1));
+        assert_eq!(join(&run, 1), Err(RunError::RankTaken(1)));
+        assert_eq!(join(&run, 5), Err(RunError::BadRank { rank: 5, world: 2 }));
+        assert_eq!(join(&run, -1), Ok(0));
+        assert_eq!(join(&run, -1), Err(RunError::WorldFull(2)));
+        assert_eq!(run.joined_and_ready(), (2, 0));
+        assert_eq!(run.phase(), Phase::WaitingForWorkers);
+    }
+
+    #[test]
+    fn training_starts_when_every_rank_has_a_ring_address() {
+        let (run, _queue, _tmp) = generation(2, 4);
+        join(&run, 0).unwrap();
+        join(&run, 1).unwrap();
+        run.set_ring_address(0, "127.0.0.1:9000", &[]).unwrap();
+        assert_eq!(run.phase(), Phase::WaitingForWorkers);
+        assert!(matches!(run.set_ring_address(1, "", &[]), Err(RunError::Invalid(_))));
+        assert!(matches!(run.set_ring_address(1, "h:1", &[7; 4]), Err(RunError::Invalid(_))));
+        run.set_ring_address(1, "127.0.0.1:9001", &[]).unwrap();
+        assert_eq!(run.phase(), Phase::Running);
+        assert_eq!(join(&run, -1), Err(RunError::Formed));
+    }
+
+    #[test]
+    fn who_speaks_is_checked() {
+        let (run, _queue, _tmp) = running(1, 4);
+        let id = |run_id: &str, generation, rank| Some(WorkerId { run_id: run_id.into(), generation, rank });
+        assert_eq!(run.check(id("run-1", 1, 0).as_ref()), Ok(0));
+        assert_eq!(run.check(None), Err(RunError::MissingId));
+        assert!(matches!(run.check(id("other", 1, 0).as_ref()), Err(RunError::UnknownRun { .. })));
+        assert!(matches!(run.check(id("run-1", 2, 0).as_ref()), Err(RunError::StaleGeneration { .. })));
+        assert!(matches!(run.check(id("run-1", 1, 3).as_ref()), Err(RunError::BadRank { .. })));
+    }
+
+    #[test]
+    fn aggregated_steps_reach_the_feed_in_order_and_the_status() {
+        let (run, mut queue, _tmp) = running(2, 4);
+        assert_eq!(report(&run, 0, 1), Ok(true));
+        assert_eq!(report(&run, 0, 2), Ok(true));
+        assert!(run.latest().is_none(), "no step is aggregated before every rank reported it");
+        assert_eq!(report(&run, 1, 1), Ok(true));
+        assert_eq!(report(&run, 1, 2), Ok(true));
+        let fed: Vec<u64> = std::iter::from_fn(|| queue.try_recv()).map(|r| r.step).collect();
+        assert_eq!(fed, [1, 2]);
+        assert_eq!(run.latest().map(|r| r.step), Some(2));
+        assert_eq!(run.status().step, 2);
+    }
+
+    #[test]
+    fn a_run_completes_when_every_rank_finished_every_step_stored_and_agreeing() {
+        let (run, _queue, tmp) = running(2, 2);
+        for step in 1..=2 {
+            report(&run, 0, step).unwrap();
+            report(&run, 1, step).unwrap();
+        }
+        // The last checkpoint ends the run and its epoch: both grids are due.
+        let names = store_checkpoint(&run, 2, &tmp).unwrap();
+        assert_eq!(names.epoch, Some(0));
+        run.finish(0, &finish(2, 42));
+        assert_eq!(run.phase(), Phase::Running, "one rank finished, the other has not");
+        run.finish(1, &finish(2, 42));
+        assert_eq!(run.phase(), Phase::Completed);
+        assert!(!run.fail("late echo"), "the end is final");
+        assert_eq!(run.phase(), Phase::Completed);
+    }
+
+    #[test]
+    fn ranks_that_disagree_fail_the_run_for_good() {
+        let (run, _queue, tmp) = running(2, 1);
+        report(&run, 0, 1).unwrap();
+        report(&run, 1, 1).unwrap();
+        store_checkpoint(&run, 1, &tmp);
+        run.finish(0, &finish(1, 1));
+        run.finish(1, &finish(1, 2));
+        assert!(matches!(run.phase(), Phase::Failed(r) if r.contains("final parameter checksums differ")));
+        assert!(!run.failure_is_restartable());
+    }
+
+    #[test]
+    fn a_run_missing_its_last_checkpoint_does_not_complete() {
+        let (run, _queue, _tmp) = running(1, 1);
+        report(&run, 0, 1).unwrap();
+        run.finish(0, &finish(1, 1));
+        assert!(matches!(run.phase(), Phase::Failed(r) if r.contains("checkpoint of step 1 was not stored")));
+    }
+
+    #[test]
+    fn a_worker_failure_ends_the_generation_and_late_workers_are_told_to_come_back() {
+        let (run, _queue, _tmp) = running(2, 4);
+        run.set_restart_allowed(true);
+        run.finish(1, &v1::FinishRequest { ok: false, error: "boom".into(), ..Default::default() });
+        assert!(matches!(run.phase(), Phase::Failed(r) if r.contains("rank 1") && r.contains("boom")));
+        assert!(run.failure_is_restartable());
+        assert!(matches!(join(&run, -1), Err(RunError::GenerationOver(_))));
+        assert_eq!(report(&run, 0, 1), Ok(false), "a report after the end tells the worker to stop");
+        // Without restarts left, the same failure is the run's end.
+        let (run, _queue, _tmp) = running(1, 4);
+        run.worker_failed("gone");
+        assert!(matches!(join(&run, -1), Err(RunError::Over(_))));
+    }
+
+    #[test]
+    fn a_stop_before_training_ends_at_once_and_during_training_at_the_agreed_step() {
+        let (run, _queue, _tmp) = generation(1, 4);
+        assert!(run.request_stop("SIGTERM"));
+        assert_eq!(run.phase(), Phase::Stopped { step: 0, reason: "SIGTERM".into() });
+
+        let (run, _queue, tmp) = running(1, 4);
+        assert!(run.request_stop("SIGTERM"));
+        assert!(run.is_stopping());
+        assert!(!run.request_stop("again"), "one stop at a time");
+        report(&run, 0, 1).unwrap();
+        store_checkpoint(&run, 1, &tmp);
+        run.finish(0, &v1::FinishRequest { stopped: true, stop_reason: "SIGTERM".into(), ..finish(1, 9) });
+        assert_eq!(run.phase(), Phase::Stopped { step: 1, reason: "SIGTERM".into() });
+    }
+
+    #[test]
+    fn a_regroup_ends_the_generation_with_the_world_of_the_next() {
+        let (run, _queue, _tmp) = generation(3, 4);
+        join(&run, 0).unwrap();
+        run.set_ring_address(0, "127.0.0.1:9000", &[]).unwrap();
+        assert_eq!(run.regrouped_world(), None);
+        assert!(run.regroup(1, "only 1 of 3 came back"));
+        assert_eq!(run.regrouped_world(), Some(1));
+        assert!(run.failure_is_restartable());
+        // A run already over cannot be regrouped.
+        let (run, _queue, _tmp) = generation(3, 4);
+        run.fail("done");
+        assert!(!run.regroup(1, "late"));
+        assert_eq!(run.regrouped_world(), None);
+    }
+
+    #[test]
+    fn a_silent_worker_fails_the_generation() {
+        let (run, _queue, _tmp) = running(1, 4);
+        run.check_heartbeats(Duration::from_secs(60));
+        assert_eq!(run.phase(), Phase::Running);
+        run.check_heartbeats(Duration::ZERO);
+        assert!(matches!(run.phase(), Phase::Failed(r) if r.contains("silent")));
+        assert!(run.failure_is_restartable());
     }
 }
