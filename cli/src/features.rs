@@ -7,7 +7,7 @@ use kernels::Gan;
 use kernels::net::{ConvKind, Net};
 use kernels::ops::activation::Activation;
 use kernels::ops::batchnorm::{BnMode, EPS};
-use kernels::ops::conv::{Unrolled, conv2d_backward};
+use kernels::ops::conv::{ConvGrads, Unrolled, conv2d_backward};
 use kernels::tensor::swap_leading_axes;
 
 /// Side of the grid every layer is max-pooled to: the paper's 4x4.
@@ -117,18 +117,9 @@ pub fn guided_backprop_eval(net: &Net, block: usize, batch: usize, d_out: &[f32]
         }
         let mut dx = vec![0.0; b.shape.in_channels * batch * b.in_side * b.in_side];
         let w = &net.params[b.weight.clone()];
-        conv2d_backward(
-            &b.shape,
-            batch,
-            b.in_side,
-            &grad,
-            w,
-            Unrolled::Kept(&[]),
-            None,
-            Some(&mut dx),
-            &mut scratch,
-            net.precision(),
-        );
+        let grads = ConvGrads { weight: None, input: Some(&mut dx[..]) };
+        let p = b.shape.on(batch, b.in_side);
+        conv2d_backward(&p, &grad, w, Unrolled::Kept(&[]), grads, &mut scratch, net.precision());
         grad = dx;
     }
     grad

@@ -8,7 +8,7 @@
 
 use kernels::OptimConfig;
 use kernels::ops::adam::Adam;
-use kernels::ops::matmul::{Layout, matmul};
+use kernels::ops::matmul::{Gemm, Operand, Output, matmul};
 use rand::seq::SliceRandom;
 
 /// Mean softmax cross-entropy of row-major logits (n x k) against `labels`, the gradient with
@@ -121,7 +121,8 @@ impl SoftmaxRegression {
     pub fn logits(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.d;
         let mut out = vec![0.0; n * self.k];
-        matmul(n, self.k, self.d, x, Layout::Normal, &self.params[..self.d * self.k], Layout::Normal, &mut out, false);
+        let w = Operand::normal(&self.params[..self.d * self.k]);
+        matmul(Gemm { m: n, n: self.k, k: self.d }, Operand::normal(x), w, Output::overwrite(&mut out));
         let b = &self.params[self.d * self.k..];
         out.chunks_mut(self.k).for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v += b));
         out
@@ -164,7 +165,7 @@ impl SoftmaxRegression {
                 batches += 1;
                 // dW = xb^T g, db = column sums of g.
                 let (gw, gb) = grads.split_at_mut(d * k);
-                matmul(d, k, b, &xb, Layout::Transposed, &g, Layout::Normal, gw, false);
+                matmul(Gemm { m: d, n: k, k: b }, Operand::transposed(&xb), Operand::normal(&g), Output::overwrite(gw));
                 gw.iter_mut().zip(&self.params[..d * k]).for_each(|(gv, w)| *gv += opts.weight_decay * w);
                 gb.fill(0.0);
                 g.chunks(k).for_each(|r| gb.iter_mut().zip(r).for_each(|(a, v)| *a += v));

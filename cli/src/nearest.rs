@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 use data::DatasetSpec;
-use kernels::ops::matmul::{Layout, matmul};
+use kernels::ops::matmul::{Gemm, Operand, Output, matmul};
 
 use crate::checkpoint_ref::{self, Source};
 use crate::features;
@@ -43,7 +43,7 @@ pub struct NearestArgs {
 pub fn nearest_rows(a: &[f32], b: &[f32], d: usize, k: usize) -> Vec<Vec<usize>> {
     let (n, m) = (a.len() / d, b.len() / d);
     let mut cross = vec![0.0; n * m];
-    matmul(n, m, d, a, Layout::Normal, b, Layout::Transposed, &mut cross, false);
+    matmul(Gemm { m: n, n: m, k: d }, Operand::normal(a), Operand::transposed(b), Output::overwrite(&mut cross));
     let nb: Vec<f32> = b.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect();
     (0..n)
         .map(|i| {

@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::KernelError;
 
+/// Defined in [`crate::precision`]; also here, where the other run settings are.
+pub use crate::precision::Precision;
+
 /// The DCGAN architecture's free parameters, as the PyTorch example names them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -79,54 +82,5 @@ impl OptimConfig {
             return Err(KernelError::Config(format!("eps must be positive, got {}", self.eps)));
         }
         Ok(())
-    }
-}
-
-/// How the convolutions' products are computed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// fp32 operands and accumulation everywhere.
-    #[default]
-    F32,
-    /// Operands rounded to bf16 (nearest even) for the products, which accumulate in fp32 on the
-    /// AVX512-BF16 dot product; parameters, Adam's state, BatchNorm and activations stay fp32
-    /// (the master weights), as in PyTorch's CPU autocast.
-    Bf16,
-}
-
-impl Precision {
-    /// Refuses bf16 on a CPU without the AVX512-BF16 instructions, naming what is missing and the
-    /// way out, instead of emulating it at a fraction of fp32's speed.
-    pub fn check_supported(self) -> Result<(), KernelError> {
-        if self == Precision::Bf16 && !crate::ops::bf16::supported() {
-            return Err(KernelError::Config(
-                "--precision bf16 needs a CPU with AVX-512 and AVX512-BF16 (vdpbf16ps), which this one lacks; \
-                 use --precision f32"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        })
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = KernelError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            other => Err(KernelError::Config(format!("precision must be f32 or bf16, got {other:?}"))),
-        }
     }
 }

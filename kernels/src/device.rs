@@ -105,12 +105,13 @@ impl Device {
     /// One rule, asked by the coordinator before it launches GPU workers, when an external
     /// worker joins, and by the worker itself, so that a refusal is said once, before training.
     pub fn refusal(self, demands: &RunDemands) -> Option<String> {
-        let Device::Cuda(ordinal) = self else { return None };
-        if demands.precision == crate::Precision::Bf16 {
-            return Some(format!(
-                "--precision bf16 is a CPU mode and this rank trains on cuda:{ordinal}: run the workers with \
-                 --device cpu, or the coordinator with --precision f32"
-            ));
+        if !self.is_cuda() {
+            return None;
+        }
+        // The precision's rule for a GPU; its CPU side (this machine's AVX512-BF16) is not asked:
+        // the rank's CPU may not be this one.
+        if let Err(e) = demands.precision.check_for(self) {
+            return Some(e.to_string());
         }
         if demands.sync_batch_norm && demands.world > 1 {
             return Some(format!(

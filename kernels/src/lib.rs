@@ -12,15 +12,17 @@ pub mod gan;
 pub mod models;
 pub mod net;
 pub mod ops;
+pub mod precision;
 pub mod rng;
 pub mod tensor;
 pub mod watchdog;
 
 pub use checkpoint::{CheckpointFiles, TrainingState};
 pub use collective::{Collective, CollectiveError, SingleProcess};
-pub use config::{ModelConfig, OptimConfig, Precision};
+pub use config::{ModelConfig, OptimConfig};
 pub use device::{Device, ParseDeviceError, RunDemands};
 pub use error::KernelError;
 pub use gan::{Gan, StepShare, StepStats};
+pub use precision::Precision;
 pub use tensor::Tensor;
 pub use watchdog::{StopSignal, Watchdog};

@@ -5,12 +5,12 @@
 use std::ops::Range;
 use tracing::trace_span;
 
+use crate::Precision;
 use crate::collective::{Collective, CollectiveError};
-use crate::config::Precision;
 use crate::ops::activation::Activation;
 use crate::ops::adam::Adam;
 use crate::ops::batchnorm::{BatchNorm, BnMode};
-use crate::ops::conv::{self, ConvShape, Unrolled};
+use crate::ops::conv::{self, ConvGrads, ConvShape, Unrolled};
 
 /// A strided convolution keeps its unrolled input from forward to backward up to this size
 /// (DCGAN-64's largest at batch 64), which saves unrolling it again for the weight gradient.
@@ -220,21 +220,15 @@ impl Net {
             let out_len = block.shape.out_channels * batch * block.out_side * block.out_side;
             block.out.resize(out_len, 0.0);
             let w = &self.params[block.weight.clone()];
+            let p = block.shape.on(batch, block.in_side);
             trace_span!("conv_forward").in_scope(|| match block.kind {
                 ConvKind::Conv => {
                     let cols = if block.keeps_unrolled { &mut block.cols } else { &mut self.scratch };
-                    conv::conv2d_forward(&block.shape, batch, block.in_side, x, w, cols, &mut block.out, self.precision)
+                    conv::conv2d_forward(&p, x, w, cols, &mut block.out, self.precision)
                 }
-                ConvKind::Transposed => conv::conv_transpose2d_forward(
-                    &block.shape,
-                    batch,
-                    block.in_side,
-                    x,
-                    w,
-                    &mut self.scratch,
-                    &mut block.out,
-                    self.precision,
-                ),
+                ConvKind::Transposed => {
+                    conv::conv_transpose2d_forward(&p, x, w, &mut self.scratch, &mut block.out, self.precision)
+                }
             });
             if let Some(bn) = &mut block.bn {
                 let gamma = &self.params[bn.gamma.clone()];
@@ -315,33 +309,24 @@ impl Net {
                 self.grad_b.resize(in_len, 0.0);
             }
             let w = &self.params[block.weight.clone()];
-            let gw = if weight_grads { Some(&mut self.grads[block.weight.clone()]) } else { None };
-            let dx = if need_dx { Some(&mut self.grad_b[..]) } else { None };
+            let grads = ConvGrads {
+                weight: if weight_grads { Some(&mut self.grads[block.weight.clone()]) } else { None },
+                input: if need_dx { Some(&mut self.grad_b[..]) } else { None },
+            };
+            let p = block.shape.on(batch, block.in_side);
             match block.kind {
                 ConvKind::Conv => conv::conv2d_backward(
-                    &block.shape,
-                    batch,
-                    block.in_side,
+                    &p,
                     &self.grad_a,
                     w,
                     if block.keeps_unrolled { Unrolled::Kept(&block.cols) } else { Unrolled::Recompute(x) },
-                    gw,
-                    dx,
+                    grads,
                     &mut self.scratch,
                     self.precision,
                 ),
-                ConvKind::Transposed => conv::conv_transpose2d_backward(
-                    &block.shape,
-                    batch,
-                    block.in_side,
-                    &self.grad_a,
-                    w,
-                    x,
-                    gw,
-                    dx,
-                    &mut self.scratch,
-                    self.precision,
-                ),
+                ConvKind::Transposed => {
+                    conv::conv_transpose2d_backward(&p, &self.grad_a, w, x, grads, &mut self.scratch, self.precision)
+                }
             }
             if !need_dx {
                 return Ok(None);

@@ -14,10 +14,10 @@ use kernels::cuda::{self, CudaGan, CudaSlice, DeviceCollective, Gpu, NcclCollect
 use kernels::ops::activation::Activation;
 use kernels::ops::adam::Adam;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
-use kernels::ops::conv::{self, ConvShape, Unrolled};
+use kernels::ops::conv::{self, ConvGrads, ConvShape, Unrolled};
 use kernels::ops::im2col::{self, Geometry};
 use kernels::ops::loss;
-use kernels::ops::matmul::{self, Layout};
+use kernels::ops::matmul::{self, Gemm, Layout, Operand, Output};
 use kernels::{
     Collective, CollectiveError, Gan, ModelConfig, OptimConfig, Precision, SingleProcess, StepShare, StopSignal,
     Tensor, TrainingState, Watchdog, rng,
@@ -88,10 +88,13 @@ fn matmul_matches_the_cpu_in_every_layout() {
             for lb in [Layout::Normal, Layout::Transposed] {
                 for accumulate in [false, true] {
                     let mut want = c0.clone();
-                    matmul::matmul(m, n, k, &a, la, &b, lb, &mut want, accumulate);
+                    let (oa, ob) = (Operand { data: &a[..], layout: la }, Operand { data: &b[..], layout: lb });
+                    matmul::matmul(Gemm { m, n, k }, oa, ob, Output { data: &mut want[..], accumulate });
                     let mut c = up(&gpu, &c0);
                     let (da, db) = (up(&gpu, &a), up(&gpu, &b));
-                    ops::matmul(&gpu, m, n, k, &da.as_view(), la, &db.as_view(), lb, &mut c.as_view_mut(), accumulate)
+                    let (da, db) = (da.as_view(), db.as_view());
+                    let (oa, ob) = (Operand { data: &da, layout: la }, Operand { data: &db, layout: lb });
+                    ops::matmul(&gpu, Gemm { m, n, k }, oa, ob, Output { data: &mut c.as_view_mut(), accumulate })
                         .unwrap();
                     assert_close(
                         &format!("matmul {m}x{n}x{k} {la:?} {lb:?} acc={accumulate}"),
@@ -132,6 +135,7 @@ fn convolution_forward_and_backward_match_the_cpu() {
         }
         let seed = 10 * i as u64;
         let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
+        let p = s.on(batch, side);
         let out_side = s.conv_output(side);
         let x = randn(seed, s.in_channels * batch * side * side);
         let w = randn(seed + 1, s.weight_len());
@@ -139,48 +143,26 @@ fn convolution_forward_and_backward_match_the_cpu() {
         let gw0 = randn(seed + 3, s.weight_len());
 
         let (mut cols, mut y) = (Vec::new(), vec![0.0; dy.len()]);
-        conv::conv2d_forward(&s, batch, side, &x, &w, &mut cols, &mut y, Precision::F32);
+        conv::conv2d_forward(&p, &x, &w, &mut cols, &mut y, Precision::F32);
         let (mut gw, mut dx, mut scratch) = (gw0.clone(), vec![0.0; x.len()], Vec::new());
-        conv::conv2d_backward(
-            &s,
-            batch,
-            side,
-            &dy,
-            &w,
-            Unrolled::Kept(&cols),
-            Some(&mut gw),
-            Some(&mut dx),
-            &mut scratch,
-            Precision::F32,
-        );
+        let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut dx[..]) };
+        conv::conv2d_backward(&p, &dy, &w, Unrolled::Kept(&cols), grads, &mut scratch, Precision::F32);
 
         let (dx_, dw_, ddy) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
         let mut dcols = gpu.zeros(g.rows() * g.cols()).unwrap();
         let mut dyv = gpu.zeros(y.len()).unwrap();
-        ops::conv2d_forward(
-            &gpu,
-            &s,
-            batch,
-            side,
-            &dx_.as_view(),
-            &dw_.as_view(),
-            &mut dcols.as_view_mut(),
-            &mut dyv.as_view_mut(),
-        )
-        .unwrap();
+        ops::conv2d_forward(&gpu, &p, &dx_.as_view(), &dw_.as_view(), &mut dcols.as_view_mut(), &mut dyv.as_view_mut())
+            .unwrap();
         assert_close(&format!("conv2d forward {s:?}"), &down(&gpu, &dyv), &y, TOL);
         let (mut dgw, mut ddx) = (up(&gpu, &gw0), gpu.zeros(x.len()).unwrap());
         let mut dscratch = gpu.zeros(g.rows() * g.cols()).unwrap();
         ops::conv2d_backward(
             &gpu,
-            &s,
-            batch,
-            side,
+            &p,
             &ddy.as_view(),
             &dw_.as_view(),
             &dcols.as_view(),
-            Some(&mut dgw.as_view_mut()),
-            Some(&mut ddx.as_view_mut()),
+            ConvGrads { weight: Some(&mut dgw.as_view_mut()), input: Some(&mut ddx.as_view_mut()) },
             &mut dscratch.as_view_mut(),
         )
         .unwrap();
@@ -201,6 +183,7 @@ fn transposed_convolution_forward_and_backward_match_the_cpu() {
         }
         let seed = 1000 + 10 * i as u64;
         let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
+        let p = s.on(batch, side);
         let out_side = s.conv_transpose_output(side);
         let x = randn(seed, s.in_channels * batch * side * side);
         let w = randn(seed + 1, s.weight_len());
@@ -208,29 +191,17 @@ fn transposed_convolution_forward_and_backward_match_the_cpu() {
         let gw0 = randn(seed + 3, s.weight_len());
 
         let (mut scratch, mut y) = (Vec::new(), vec![0.0; dy.len()]);
-        conv::conv_transpose2d_forward(&s, batch, side, &x, &w, &mut scratch, &mut y, Precision::F32);
+        conv::conv_transpose2d_forward(&p, &x, &w, &mut scratch, &mut y, Precision::F32);
         let (mut gw, mut dx) = (gw0.clone(), vec![0.0; x.len()]);
-        conv::conv_transpose2d_backward(
-            &s,
-            batch,
-            side,
-            &dy,
-            &w,
-            &x,
-            Some(&mut gw),
-            Some(&mut dx),
-            &mut scratch,
-            Precision::F32,
-        );
+        let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut dx[..]) };
+        conv::conv_transpose2d_backward(&p, &dy, &w, &x, grads, &mut scratch, Precision::F32);
 
         let (dx_, dw_, ddy) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
         let mut dscratch = gpu.zeros(g.rows() * g.cols()).unwrap();
         let mut dyv = gpu.zeros(y.len()).unwrap();
         ops::conv_transpose2d_forward(
             &gpu,
-            &s,
-            batch,
-            side,
+            &p,
             &dx_.as_view(),
             &dw_.as_view(),
             &mut dscratch.as_view_mut(),
@@ -241,14 +212,11 @@ fn transposed_convolution_forward_and_backward_match_the_cpu() {
         let (mut dgw, mut ddx) = (up(&gpu, &gw0), gpu.zeros(x.len()).unwrap());
         ops::conv_transpose2d_backward(
             &gpu,
-            &s,
-            batch,
-            side,
+            &p,
             &ddy.as_view(),
             &dw_.as_view(),
             &dx_.as_view(),
-            Some(&mut dgw.as_view_mut()),
-            Some(&mut ddx.as_view_mut()),
+            ConvGrads { weight: Some(&mut dgw.as_view_mut()), input: Some(&mut ddx.as_view_mut()) },
             &mut dscratch.as_view_mut(),
         )
         .unwrap();

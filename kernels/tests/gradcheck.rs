@@ -4,7 +4,7 @@
 use kernels::Precision;
 use kernels::ops::activation::Activation;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
-use kernels::ops::conv::{self, ConvShape, Unrolled};
+use kernels::ops::conv::{self, ConvGrads, ConvShape, Unrolled};
 use kernels::ops::loss::bce_with_logits;
 
 /// A small deterministic pseudo-random sequence, enough for test inputs.
@@ -44,31 +44,22 @@ fn check(what: &str, x: &[f32], analytic: &[f32], loss: &mut dyn FnMut(&[f32]) -
 fn conv2d_gradients() {
     let s = ConvShape { in_channels: 2, out_channels: 3, kernel: 4, stride: 2, padding: 1 };
     let (n, side) = (2, 6);
+    let p = s.on(n, side);
     let out = s.conv_output(side);
     let x = values(2 * n * side * side, 1);
     let w = values(s.weight_len(), 2);
     let r = values(3 * n * out * out, 3);
     let forward = |x: &[f32], w: &[f32]| {
         let mut y = vec![0.0; r.len()];
-        conv::conv2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y, Precision::F32);
+        conv::conv2d_forward(&p, x, w, &mut Vec::new(), &mut y, Precision::F32);
         dot(&y, &r)
     };
     let mut cols = Vec::new();
     let mut y = vec![0.0; r.len()];
-    conv::conv2d_forward(&s, n, side, &x, &w, &mut cols, &mut y, Precision::F32);
+    conv::conv2d_forward(&p, &x, &w, &mut cols, &mut y, Precision::F32);
     let (mut gw, mut gx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    conv::conv2d_backward(
-        &s,
-        n,
-        side,
-        &r,
-        &w,
-        Unrolled::Kept(&cols),
-        Some(&mut gw),
-        Some(&mut gx),
-        &mut Vec::new(),
-        Precision::F32,
-    );
+    let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut gx[..]) };
+    conv::conv2d_backward(&p, &r, &w, Unrolled::Kept(&cols), grads, &mut Vec::new(), Precision::F32);
     check("conv2d dx", &x, &gx, &mut |xp| forward(xp, &w));
     check("conv2d dw", &w, &gw, &mut |wp| forward(&x, wp));
 }
@@ -77,28 +68,19 @@ fn conv2d_gradients() {
 fn conv_transpose2d_gradients() {
     let s = ConvShape { in_channels: 3, out_channels: 2, kernel: 4, stride: 2, padding: 1 };
     let (n, side) = (2, 3);
+    let p = s.on(n, side);
     let out = s.conv_transpose_output(side);
     let x = values(3 * n * side * side, 4);
     let w = values(s.weight_len(), 5);
     let r = values(2 * n * out * out, 6);
     let forward = |x: &[f32], w: &[f32]| {
         let mut y = vec![0.0; r.len()];
-        conv::conv_transpose2d_forward(&s, n, side, x, w, &mut Vec::new(), &mut y, Precision::F32);
+        conv::conv_transpose2d_forward(&p, x, w, &mut Vec::new(), &mut y, Precision::F32);
         dot(&y, &r)
     };
     let (mut gw, mut gx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    conv::conv_transpose2d_backward(
-        &s,
-        n,
-        side,
-        &r,
-        &w,
-        &x,
-        Some(&mut gw),
-        Some(&mut gx),
-        &mut Vec::new(),
-        Precision::F32,
-    );
+    let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut gx[..]) };
+    conv::conv_transpose2d_backward(&p, &r, &w, &x, grads, &mut Vec::new(), Precision::F32);
     check("conv_transpose2d dx", &x, &gx, &mut |xp| forward(xp, &w));
     check("conv_transpose2d dw", &w, &gw, &mut |wp| forward(&x, wp));
 }

@@ -6,7 +6,7 @@ use common::{Fixture, assert_close, swap01};
 use kernels::ops::activation::Activation;
 use kernels::ops::adam::Adam;
 use kernels::ops::batchnorm::{BatchNorm, BnMode};
-use kernels::ops::conv::{self, ConvShape, Unrolled};
+use kernels::ops::conv::{self, ConvGrads, ConvShape, Unrolled};
 use kernels::ops::loss::bce_with_logits;
 use kernels::{OptimConfig, Precision};
 
@@ -33,6 +33,7 @@ fn conv_case_in(name: &str, transposed: bool, precision: Precision, tol: f64) {
         stride: f.scalar("stride") as usize,
         padding: f.scalar("padding") as usize,
     };
+    let p = shape.on(n, side);
     let x = swap01(f.get("x"), n, in_c);
     let gy = swap01(f.get("gy"), n, out_c);
     let w = f.get("w");
@@ -41,48 +42,18 @@ fn conv_case_in(name: &str, transposed: bool, precision: Precision, tol: f64) {
     let mut gx = vec![0.0; x.len()];
     let mut scratch = Vec::new();
     if transposed {
-        conv::conv_transpose2d_forward(&shape, n, side, &x, w, &mut scratch, &mut y, precision);
-        conv::conv_transpose2d_backward(
-            &shape,
-            n,
-            side,
-            &gy,
-            w,
-            &x,
-            Some(&mut gw),
-            Some(&mut gx),
-            &mut scratch,
-            precision,
-        );
+        conv::conv_transpose2d_forward(&p, &x, w, &mut scratch, &mut y, precision);
+        let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut gx[..]) };
+        conv::conv_transpose2d_backward(&p, &gy, w, &x, grads, &mut scratch, precision);
     } else {
         let mut cols = Vec::new();
-        conv::conv2d_forward(&shape, n, side, &x, w, &mut cols, &mut y, precision);
-        conv::conv2d_backward(
-            &shape,
-            n,
-            side,
-            &gy,
-            w,
-            Unrolled::Kept(&cols),
-            Some(&mut gw),
-            Some(&mut gx),
-            &mut scratch,
-            precision,
-        );
+        conv::conv2d_forward(&p, &x, w, &mut cols, &mut y, precision);
+        let grads = ConvGrads { weight: Some(&mut gw[..]), input: Some(&mut gx[..]) };
+        conv::conv2d_backward(&p, &gy, w, Unrolled::Kept(&cols), grads, &mut scratch, precision);
         // Unrolling the input again (what a large layer does) gives the same weight gradient.
         let mut again = vec![0.0; w.len()];
-        conv::conv2d_backward(
-            &shape,
-            n,
-            side,
-            &gy,
-            w,
-            Unrolled::Recompute(&x),
-            Some(&mut again),
-            None,
-            &mut scratch,
-            precision,
-        );
+        let grads = ConvGrads { weight: Some(&mut again[..]), input: None };
+        conv::conv2d_backward(&p, &gy, w, Unrolled::Recompute(&x), grads, &mut scratch, precision);
         assert_eq!(again, gw, "{name}: weight gradient from the unrolling kept and from one made again");
     }
     assert_close(&format!("{name} {precision} y"), &swap01(&y, ys[1], n), f.get("y"), tol);

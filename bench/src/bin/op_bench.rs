@@ -10,7 +10,7 @@ use clap::Parser;
 use kernels::Precision;
 use kernels::ops::bf16;
 use kernels::ops::im2col::{Geometry, col2im, im2col};
-use kernels::ops::matmul::{Layout, matmul, matmul_nt_split_k};
+use kernels::ops::matmul::{Gemm, Operand, Output, matmul, matmul_nt_split_k};
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -73,25 +73,28 @@ fn main() -> Result<()> {
         let (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split, bf16_times) = pool.install(|| {
             let t_im2col = time_ms(args.repeats, || im2col(&g, &x, &mut cols));
             let t_col2im = time_ms(args.repeats, || col2im(&g, &cols, &mut back));
+            let fwd = Gemm { m: oc, n: cols_n, k: rows };
             let t_fwd = time_ms(args.repeats, || {
-                matmul(oc, cols_n, rows, &w, Layout::Normal, &cols, Layout::Normal, &mut y, false)
+                matmul(fwd, Operand::normal(&w), Operand::normal(&cols), Output::overwrite(&mut y))
             });
             let (m, n, lhs, rhs) = if rows > oc { (rows, oc, &cols, &dy) } else { (oc, rows, &dy, &cols) };
+            let dw_shape = Gemm { m, n, k: cols_n };
             let t_dw_gemm = time_ms(args.repeats, || {
-                matmul(m, n, cols_n, lhs, Layout::Normal, rhs, Layout::Transposed, &mut dw, false)
+                matmul(dw_shape, Operand::normal(lhs), Operand::transposed(rhs), Output::overwrite(&mut dw))
             });
-            let t_dw_split = time_ms(args.repeats, || matmul_nt_split_k(m, n, cols_n, lhs, rhs, &mut dw));
+            let t_dw_split = time_ms(args.repeats, || matmul_nt_split_k(dw_shape, lhs, rhs, &mut dw));
             // bf16: the same products, the weight gradient in the orientation its tiles prefer.
             let bf16_times = with_bf16.then(|| {
                 let t_fwd = time_ms(args.repeats, || {
-                    Precision::Bf16.matmul(oc, cols_n, rows, &w, Layout::Normal, &cols, Layout::Normal, &mut y, false)
+                    Precision::Bf16.matmul(fwd, Operand::normal(&w), Operand::normal(&cols), Output::overwrite(&mut y))
                 });
                 let (m, n, lhs, rhs) = if bf16::transposed_product_is_cheaper(oc, rows) {
                     (rows, oc, &cols, &dy)
                 } else {
                     (oc, rows, &dy, &cols)
                 };
-                let t_dw = time_ms(args.repeats, || Precision::Bf16.matmul_nt_split_k(m, n, cols_n, lhs, rhs, &mut dw));
+                let dw_shape = Gemm { m, n, k: cols_n };
+                let t_dw = time_ms(args.repeats, || Precision::Bf16.matmul_nt_split_k(dw_shape, lhs, rhs, &mut dw));
                 (t_fwd, t_dw)
             });
             (t_im2col, t_col2im, t_fwd, t_dw_gemm, t_dw_split, bf16_times)

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use kernels::ops::matmul::{Gemm, Operand, Output};
 use kernels::{Gan, ModelConfig, OptimConfig, Precision, SingleProcess, Tensor};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -56,15 +57,10 @@ fn gemm_peak_gflops() -> f64 {
     for _ in 0..5 {
         let t = Instant::now();
         kernels::ops::matmul::matmul(
-            n,
-            n,
-            n,
-            &a,
-            kernels::ops::matmul::Layout::Normal,
-            &b,
-            kernels::ops::matmul::Layout::Normal,
-            &mut c,
-            false,
+            Gemm { m: n, n, k: n },
+            Operand::normal(&a),
+            Operand::normal(&b),
+            Output::overwrite(&mut c),
         );
         times.push(t.elapsed().as_secs_f64());
     }

@@ -14,7 +14,7 @@ use crate::OptimConfig;
 use crate::net::{ConvKind, Net};
 use crate::ops::activation::Activation;
 use crate::ops::batchnorm::BnMode;
-use crate::ops::conv::ConvShape;
+use crate::ops::conv::{ConvGrads, ConvShape};
 use crate::ops::im2col::Geometry;
 
 /// One block's place in the flat buffers and its sizes (copied from the CPU [`Net`]).
@@ -42,20 +42,10 @@ impl Plan {
         batch * self.out_side * self.out_side
     }
     fn geometry(&self, batch: usize) -> Geometry {
-        let s = &self.shape;
+        let p = self.shape.on(batch, self.in_side);
         match self.kind {
-            ConvKind::Conv => {
-                Geometry::for_conv(s.in_channels, batch, self.in_side, self.in_side, s.kernel, s.stride, s.padding)
-            }
-            ConvKind::Transposed => Geometry::for_conv_transpose(
-                s.out_channels,
-                batch,
-                self.in_side,
-                self.in_side,
-                s.kernel,
-                s.stride,
-                s.padding,
-            ),
+            ConvKind::Conv => p.conv_geometry(),
+            ConvKind::Transposed => p.conv_transpose_geometry(),
         }
     }
 }
@@ -253,21 +243,15 @@ impl CudaNet {
             let mut y = rest[0].slice_mut(..out_len);
             let x = if i == 0 { input.slice(..in_len) } else { before[i - 1].slice(..plan.in_len(batch)) };
             let w = self.params.slice(plan.weight.clone());
+            let p = plan.shape.on(batch, plan.in_side);
             match plan.kind {
                 ConvKind::Conv => {
                     let cols = self.cols[i].as_mut().expect("a strided convolution has an unrolled-input buffer");
-                    ops::conv2d_forward(gpu, &plan.shape, batch, plan.in_side, &x, &w, &mut cols.as_view_mut(), &mut y)?
+                    ops::conv2d_forward(gpu, &p, &x, &w, &mut cols.as_view_mut(), &mut y)?
                 }
-                ConvKind::Transposed => ops::conv_transpose2d_forward(
-                    gpu,
-                    &plan.shape,
-                    batch,
-                    plan.in_side,
-                    &x,
-                    &w,
-                    &mut self.scratch.as_view_mut(),
-                    &mut y,
-                )?,
+                ConvKind::Transposed => {
+                    ops::conv_transpose2d_forward(gpu, &p, &x, &w, &mut self.scratch.as_view_mut(), &mut y)?
+                }
             }
             if let (Some(range), Some(bn)) = (&plan.gamma_beta, &mut self.bns[i]) {
                 let c = plan.shape.out_channels;
@@ -370,15 +354,18 @@ impl CudaNet {
             let w = self.params.slice(plan.weight.clone());
             let mut gw = self.grads.slice_mut(plan.weight.clone());
             let mut dx = self.grad_b.slice_mut(..in_len);
-            let gw = if weight_grads { Some(&mut gw) } else { None };
-            let dx = if need_dx { Some(&mut dx) } else { None };
+            let grads = ConvGrads {
+                weight: if weight_grads { Some(&mut gw) } else { None },
+                input: if need_dx { Some(&mut dx) } else { None },
+            };
             let mut scratch = self.scratch.as_view_mut();
+            let p = plan.shape.on(batch, plan.in_side);
             match plan.kind {
                 ConvKind::Conv => {
                     let cols = self.cols[i].as_ref().expect("a strided convolution has an unrolled-input buffer");
                     let g = plan.geometry(batch);
                     let cols = cols.slice(..g.rows() * g.cols());
-                    ops::conv2d_backward(gpu, &plan.shape, batch, plan.in_side, &dy, &w, &cols, gw, dx, &mut scratch)?
+                    ops::conv2d_backward(gpu, &p, &dy, &w, &cols, grads, &mut scratch)?
                 }
                 ConvKind::Transposed => {
                     let x = match (i, &self.input) {
@@ -386,18 +373,7 @@ impl CudaNet {
                         (0, None) => unreachable!("a transposed first block keeps its input"),
                         _ => self.outs[i - 1].slice(..in_len),
                     };
-                    ops::conv_transpose2d_backward(
-                        gpu,
-                        &plan.shape,
-                        batch,
-                        plan.in_side,
-                        &dy,
-                        &w,
-                        &x,
-                        gw,
-                        dx,
-                        &mut scratch,
-                    )?
+                    ops::conv_transpose2d_backward(gpu, &p, &dy, &w, &x, grads, &mut scratch)?
                 }
             }
             if !need_dx {

@@ -6,7 +6,7 @@
 //! for the largest batch); too short is an error, never an out-of-bounds access.
 
 use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::cublas::{Gemm as _, GemmConfig};
 use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::OrCuda;
@@ -14,9 +14,9 @@ use super::device::Gpu;
 use crate::ops::activation::Activation;
 use crate::ops::adam::bias_correction;
 use crate::ops::batchnorm::{EPS, MOMENTUM};
-use crate::ops::conv::ConvShape;
+use crate::ops::conv::{ConvGrads, ConvParams};
 use crate::ops::im2col::Geometry;
-use crate::ops::matmul::Layout;
+use crate::ops::matmul::{Gemm, Layout, Operand, Output};
 use crate::{KernelError, OptimConfig};
 
 /// Threads per block of every kernel; the block reductions need a multiple of 32.
@@ -110,35 +110,30 @@ pub fn col2im(
     launch_geometry(gpu, &gpu.kernels.col2im, "col2im", g, cols, big, g.big_len())
 }
 
-/// `c (m x n) = a (m x k) * b (k x n)` (+ the old `c` when `accumulate`), all row-major, with
-/// [`Layout`] saying how each operand is stored: [`crate::ops::matmul::matmul`] on cuBLAS.
+/// `c (m x n) = a (m x k) * b (k x n)` (+ the old `c` when `c.accumulate`), all row-major, each
+/// operand stored as its [`Layout`] says: [`crate::ops::matmul::matmul`] on cuBLAS.
 ///
 /// cuBLAS is column-major: a row-major `c` is a column-major `c^T = b^T a^T`, so the operands
 /// are passed swapped, each with the transpose flag its storage needs.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &CudaView<'_, f32>,
-    a_layout: Layout,
-    b: &CudaView<'_, f32>,
-    b_layout: Layout,
-    c: &mut CudaViewMut<'_, f32>,
-    accumulate: bool,
+    s: Gemm,
+    a: Operand<'_, CudaView<'_, f32>>,
+    b: Operand<'_, CudaView<'_, f32>>,
+    c: Output<'_, CudaViewMut<'_, f32>>,
 ) -> Result<(), KernelError> {
-    need("matmul lhs", a.len(), m * k)?;
-    need("matmul rhs", b.len(), k * n)?;
-    need("matmul output", c.len(), m * n)?;
+    let Gemm { m, n, k } = s;
+    need("matmul lhs", a.data.len(), m * k)?;
+    need("matmul rhs", b.data.len(), k * n)?;
+    need("matmul output", c.data.len(), m * n)?;
     if m == 0 || n == 0 || k == 0 {
         return Err(KernelError::Config(format!("empty matrix product {m}x{k} x {k}x{n}")));
     }
-    let (transa, lda) = match b_layout {
+    let (transa, lda) = match b.layout {
         Layout::Normal => (cublasOperation_t::CUBLAS_OP_N, n),
         Layout::Transposed => (cublasOperation_t::CUBLAS_OP_T, k),
     };
-    let (transb, ldb) = match a_layout {
+    let (transb, ldb) = match a.layout {
         Layout::Normal => (cublasOperation_t::CUBLAS_OP_N, k),
         Layout::Transposed => (cublasOperation_t::CUBLAS_OP_T, m),
     };
@@ -151,67 +146,54 @@ pub fn matmul(
         alpha: 1.0f32,
         lda: int("lda", lda)?,
         ldb: int("ldb", ldb)?,
-        beta: if accumulate { 1.0 } else { 0.0 },
+        beta: if c.accumulate { 1.0 } else { 0.0 },
         ldc: int("ldc", n)?,
     };
     // SAFETY: the lengths were checked against the shapes above, and the handle's stream is the
     // stream every buffer is used on.
-    unsafe { gpu.blas().gemm(cfg, b, a, c) }.or_cuda("cublasSgemm")
+    unsafe { gpu.blas().gemm(cfg, b.data, a.data, c.data) }.or_cuda("cublasSgemm")
 }
 
 /// Conv2d forward, as [`crate::ops::conv::conv2d_forward`]: `y = W x im2col(x)`; `cols` keeps
 /// the unrolled input for the weight gradient.
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward(
     gpu: &Gpu,
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     x: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     cols: &mut CudaViewMut<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<(), KernelError> {
-    let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
+    let g = p.conv_geometry();
     im2col(gpu, &g, x, cols)?;
     let cols = cols.slice(..g.rows() * g.cols());
-    matmul(gpu, s.out_channels, g.cols(), g.rows(), w, Layout::Normal, &cols, Layout::Normal, y, false)
+    let s = Gemm { m: p.shape.out_channels, n: g.cols(), k: g.rows() };
+    matmul(gpu, s, Operand::normal(w), Operand::normal(&cols), Output::overwrite(y))
 }
 
-/// Conv2d backward, as [`crate::ops::conv::conv2d_backward`]: `gw += dy x cols^T` when `gw` is
-/// given; `dx = col2im(W^T x dy)` when `dx` is given (`scratch` holds the unrolled gradient).
-#[allow(clippy::too_many_arguments)]
+/// Conv2d backward, as [`crate::ops::conv::conv2d_backward`]: `gw += dy x cols^T` when
+/// `grads.weight` is given; `dx = col2im(W^T x dy)` when `grads.input` is (`scratch` holds the
+/// unrolled gradient).
 pub fn conv2d_backward(
     gpu: &Gpu,
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     dy: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     cols: &CudaView<'_, f32>,
-    gw: Option<&mut CudaViewMut<'_, f32>>,
-    dx: Option<&mut CudaViewMut<'_, f32>>,
+    grads: ConvGrads<'_, CudaViewMut<'_, f32>>,
     scratch: &mut CudaViewMut<'_, f32>,
 ) -> Result<(), KernelError> {
-    let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
-    if let Some(gw) = gw {
-        matmul(gpu, s.out_channels, g.rows(), g.cols(), dy, Layout::Normal, cols, Layout::Transposed, gw, true)?;
+    let oc = p.shape.out_channels;
+    let g = p.conv_geometry();
+    if let Some(gw) = grads.weight {
+        let s = Gemm { m: oc, n: g.rows(), k: g.cols() };
+        matmul(gpu, s, Operand::normal(dy), Operand::transposed(cols), Output::add_to(gw))?;
     }
-    if let Some(dx) = dx {
+    if let Some(dx) = grads.input {
         need("conv2d scratch", scratch.len(), g.rows() * g.cols())?;
         let mut unrolled = scratch.slice_mut(..g.rows() * g.cols());
-        matmul(
-            gpu,
-            g.rows(),
-            g.cols(),
-            s.out_channels,
-            w,
-            Layout::Transposed,
-            dy,
-            Layout::Normal,
-            &mut unrolled,
-            false,
-        )?;
+        let s = Gemm { m: g.rows(), n: g.cols(), k: oc };
+        matmul(gpu, s, Operand::transposed(w), Operand::normal(dy), Output::overwrite(&mut unrolled))?;
         col2im(gpu, &g, &unrolled.as_view(), dx)?;
     }
     Ok(())
@@ -219,49 +201,46 @@ pub fn conv2d_backward(
 
 /// ConvTranspose2d forward, as [`crate::ops::conv::conv_transpose2d_forward`]:
 /// `y = col2im(W^T x x)`.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_forward(
     gpu: &Gpu,
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     x: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     scratch: &mut CudaViewMut<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<(), KernelError> {
-    let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
+    let g = p.conv_transpose_geometry();
     need("conv_transpose2d scratch", scratch.len(), g.rows() * g.cols())?;
     let mut cols = scratch.slice_mut(..g.rows() * g.cols());
-    matmul(gpu, g.rows(), g.cols(), s.in_channels, w, Layout::Transposed, x, Layout::Normal, &mut cols, false)?;
+    let s = Gemm { m: g.rows(), n: g.cols(), k: p.shape.in_channels };
+    matmul(gpu, s, Operand::transposed(w), Operand::normal(x), Output::overwrite(&mut cols))?;
     col2im(gpu, &g, &cols.as_view(), y)
 }
 
 /// ConvTranspose2d backward, as [`crate::ops::conv::conv_transpose2d_backward`]: with
 /// `dcols = im2col(dy)`, `gw += x x dcols^T` and `dx = W x dcols`.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_backward(
     gpu: &Gpu,
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     dy: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     x: &CudaView<'_, f32>,
-    gw: Option<&mut CudaViewMut<'_, f32>>,
-    dx: Option<&mut CudaViewMut<'_, f32>>,
+    grads: ConvGrads<'_, CudaViewMut<'_, f32>>,
     scratch: &mut CudaViewMut<'_, f32>,
 ) -> Result<(), KernelError> {
-    let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
+    let ic = p.shape.in_channels;
+    let g = p.conv_transpose_geometry();
     need("conv_transpose2d scratch", scratch.len(), g.rows() * g.cols())?;
     let mut dcols = scratch.slice_mut(..g.rows() * g.cols());
     im2col(gpu, &g, dy, &mut dcols)?;
     let dcols = dcols.as_view();
-    if let Some(gw) = gw {
-        matmul(gpu, s.in_channels, g.rows(), g.cols(), x, Layout::Normal, &dcols, Layout::Transposed, gw, true)?;
+    if let Some(gw) = grads.weight {
+        let s = Gemm { m: ic, n: g.rows(), k: g.cols() };
+        matmul(gpu, s, Operand::normal(x), Operand::transposed(&dcols), Output::add_to(gw))?;
     }
-    if let Some(dx) = dx {
-        matmul(gpu, s.in_channels, g.cols(), g.rows(), w, Layout::Normal, &dcols, Layout::Normal, dx, false)?;
+    if let Some(dx) = grads.input {
+        let s = Gemm { m: ic, n: g.cols(), k: g.rows() };
+        matmul(gpu, s, Operand::normal(w), Operand::normal(&dcols), Output::overwrite(dx))?;
     }
     Ok(())
 }

@@ -12,7 +12,9 @@
 //! micro-kernel broadcasts an A pair against 16 B columns, for an MR x NR tile of C in 24 zmm
 //! registers. Where a pair is short (odd k) its second half is zero.
 
-use super::matmul::{Layout, PARALLEL_THRESHOLD, add_k_slices, product_left, split_k_pays, window_fits};
+use super::matmul::{
+    Gemm, Layout, Operand, Output, PARALLEL_THRESHOLD, Window, add_k_slices, product_left, split_k_pays, window_fits,
+};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -62,11 +64,11 @@ struct Strided<'a> {
 }
 
 impl<'a> Strided<'a> {
-    /// A `rows x cols` operand stored as [`super::matmul::matmul`] says.
-    fn new(data: &'a [f32], rows: usize, cols: usize, layout: Layout) -> Self {
-        match layout {
-            Layout::Normal => Self { data, row_stride: cols, col_stride: 1 },
-            Layout::Transposed => Self { data, row_stride: 1, col_stride: rows },
+    /// A `rows x cols` operand stored as its [`Layout`] says.
+    fn new(op: Operand<'a>, rows: usize, cols: usize) -> Self {
+        match op.layout {
+            Layout::Normal => Self { data: op.data, row_stride: cols, col_stride: 1 },
+            Layout::Transposed => Self { data: op.data, row_stride: 1, col_stride: rows },
         }
     }
 
@@ -81,89 +83,59 @@ impl<'a> Strided<'a> {
     }
 }
 
-/// `c (m x n) = a (m x k) x b (k x n)`, plus the old `c` when `accumulate`, with operands stored
-/// as [`super::matmul::matmul`] says. The caller checks [`supported`].
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+/// `c (m x n) = a (m x k) x b (k x n)`, plus the old `c` when `c.accumulate`: the bf16 twin of
+/// [`super::matmul::matmul`]. The caller checks [`supported`].
+pub fn matmul(s: Gemm, a: Operand<'_>, b: Operand<'_>, c: Output<'_>) {
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
-    if !product_left(m, n, k, a, b.len() >= k * n, c, accumulate) {
+    let Gemm { m, n, k } = s;
+    let Output { data: c, accumulate } = c;
+    if !product_left(s, a.data, b.data.len() >= k * n, c, accumulate) {
         return;
     }
-    let (a, b) = (Strided::new(a, m, k, a_layout), Strided::new(b, k, n, b_layout));
+    let (a, b) = (Strided::new(a, m, k), Strided::new(b, k, n));
     let out = OutPtr(c.as_mut_ptr());
     let threads = rayon::current_num_threads();
     if threads == 1 || m * n * k < PARALLEL_THRESHOLD {
         // SAFETY: the checks above keep every operand element and every write in bounds.
-        unsafe { product_on_this_thread(m, n, k, a, b, out.get(), n, accumulate) };
+        unsafe { product_on_this_thread(s, a, b, out.get(), n, accumulate) };
     } else if n >= m {
         // One slice of columns per thread: each packs its own part of B and all of A.
         let width = n.div_ceil(threads).next_multiple_of(NR);
         (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
             let j0 = t * width;
+            let part = Gemm { m, n: width.min(n - j0), k };
             // SAFETY: as above; the threads write disjoint columns of `c`.
-            unsafe {
-                product_on_this_thread(m, width.min(n - j0), k, a, b.offset(0, j0), out.get().add(j0), n, accumulate)
-            }
+            unsafe { product_on_this_thread(part, a, b.offset(0, j0), out.get().add(j0), n, accumulate) }
         });
     } else {
         let height = m.div_ceil(threads).next_multiple_of(MR);
         (0..m.div_ceil(height)).into_par_iter().for_each(|t| {
             let i0 = t * height;
+            let part = Gemm { m: height.min(m - i0), n, k };
             // SAFETY: as above; the threads write disjoint rows of `c`.
-            unsafe {
-                product_on_this_thread(
-                    height.min(m - i0),
-                    n,
-                    k,
-                    a.offset(i0, 0),
-                    b,
-                    out.get().add(i0 * n),
-                    n,
-                    accumulate,
-                )
-            }
+            unsafe { product_on_this_thread(part, a.offset(i0, 0), b, out.get().add(i0 * n), n, accumulate) }
         });
     }
 }
 
-/// `c (m x n) = a (m x k) x b` on the calling thread, where `b` is a window of `n` columns of a
-/// wider row-major matrix whose rows lie `b_stride` apart: the bf16 twin of
-/// [`super::matmul::matmul_column_block`].
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_column_block(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_stride: usize,
-    c: &mut [f32],
-) {
+/// `c (m x n) = a (m x k) x b` on the calling thread, where `b` is a window of `n` columns: the
+/// bf16 twin of [`super::matmul::matmul_column_block`].
+pub fn matmul_column_block(s: Gemm, a: Operand<'_>, b: Window<'_>, c: &mut [f32]) {
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
-    if !product_left(m, n, k, a, window_fits(n, k, b, b_stride), c, false) {
+    if !product_left(s, a.data, window_fits(s.n, s.k, b), c, false) {
         return;
     }
-    let a = Strided::new(a, m, k, a_layout);
-    let b = Strided { data: b, row_stride: b_stride, col_stride: 1 };
+    let a = Strided::new(a, s.m, s.k);
+    let b = Strided { data: b.data, row_stride: b.row_stride, col_stride: 1 };
     // SAFETY: the checks above keep every operand element and every write in bounds.
-    unsafe { product_on_this_thread(m, n, k, a, b, c.as_mut_ptr(), n, false) }
+    unsafe { product_on_this_thread(s, a, b, c.as_mut_ptr(), s.n, false) }
 }
 
 /// `c (m x n) += a (m x k) x b^T`, with `b` stored n x k: the bf16 twin of
 /// [`super::matmul::matmul_nt_split_k`], which says why the threads split `k`.
-pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+pub fn matmul_nt_split_k(s: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(supported(), "bf16 products need AVX512-BF16 (Precision::check_supported)");
+    let Gemm { m, n, k } = s;
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "operands too short for {m}x{n}x{k}");
     if m == 0 || n == 0 || k == 0 {
         return;
@@ -172,12 +144,13 @@ pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: 
     let b = Strided { data: b, row_stride: 1, col_stride: k };
     if !split_k_pays(m, n, k) {
         // SAFETY: the assert above keeps every operand element and every write in bounds.
-        unsafe { product_on_this_thread(m, n, k, a, b, c.as_mut_ptr(), n, true) };
+        unsafe { product_on_this_thread(s, a, b, c.as_mut_ptr(), n, true) };
         return;
     }
     add_k_slices(m, n, k, c, |k0, len, part| {
+        let slice = Gemm { m, n, k: len };
         // SAFETY: columns k0..k0+len of both operands are in bounds; `part` is m x n.
-        unsafe { product_on_this_thread(m, n, len, a.offset(0, k0), b.offset(k0, 0), part.as_mut_ptr(), n, false) }
+        unsafe { product_on_this_thread(slice, a.offset(0, k0), b.offset(k0, 0), part.as_mut_ptr(), n, false) }
     });
 }
 
@@ -204,17 +177,8 @@ thread_local! {
 /// # Safety
 /// `a` must hold m x k elements and `b` k x n through their strides, `c` must be valid for
 /// m rows of n values `ldc` apart, and the CPU must have AVX512-BF16 ([`supported`]).
-#[allow(clippy::too_many_arguments)]
-unsafe fn product_on_this_thread(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Strided<'_>,
-    b: Strided<'_>,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
+unsafe fn product_on_this_thread(s: Gemm, a: Strided<'_>, b: Strided<'_>, c: *mut f32, ldc: usize, accumulate: bool) {
+    let Gemm { m, n, k } = s;
     #[cfg(target_arch = "x86_64")]
     // Nothing inside calls into the thread pool, so no other task borrows PANELS meanwhile.
     PANELS.with_borrow_mut(|(a_panels, b_panels)| {
@@ -238,8 +202,7 @@ unsafe fn product_on_this_thread(
                                     b_panels.as_ptr().add(jr / NR * pairs * NR),
                                     c.add((ic + ir) * ldc + jc + jr),
                                     ldc,
-                                    MR.min(mc - ir),
-                                    NR.min(nc - jr),
+                                    x86::Corner { rows: MR.min(mc - ir), cols: NR.min(nc - jr) },
                                     overwrite,
                                 )
                             }
@@ -362,13 +325,20 @@ mod x86 {
         }
     }
 
+    /// The part of an MR x NR tile that lies inside C (all of it but at C's edges). Two fields,
+    /// so it is passed in two registers as the two sizes were.
+    #[derive(Clone, Copy)]
+    pub(super) struct Corner {
+        pub rows: usize,
+        pub cols: usize,
+    }
+
     /// The `rows x cols` corner of an MR x NR tile of C: `c = a_panel x b_panel` (plus the old
     /// `c` unless `overwrite`), over `pairs` k-pairs.
     ///
     /// # Safety
     /// The panels must hold `pairs` pairs; `c` must be valid for `rows` rows of `cols` values
     /// `ldc` apart.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn micro_kernel(
         pairs: usize,
@@ -376,8 +346,7 @@ mod x86 {
         b: *const u32,
         c: *mut f32,
         ldc: usize,
-        rows: usize,
-        cols: usize,
+        Corner { rows, cols }: Corner,
         overwrite: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -415,7 +384,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Precision;
+    use crate::Precision;
     use half::bf16;
 
     /// The product of the operands rounded to bf16, in f64, and the sum of the products'
@@ -474,10 +443,11 @@ mod tests {
                     let (want, scale) = reference(m, n, k, &a, ta, &b, tb);
                     let what = format!("{m}x{n}x{k} {la:?} {lb:?}");
                     let mut c = vec![f32::NAN; m * n];
-                    matmul(m, n, k, &a, la, &b, lb, &mut c, false);
+                    let (a, b) = (Operand { data: &a[..], layout: la }, Operand { data: &b[..], layout: lb });
+                    matmul(Gemm { m, n, k }, a, b, Output::overwrite(&mut c));
                     assert_close(&c, &want, &scale, 0.0, &what);
                     let mut c = vec![1.0; m * n];
-                    pool.install(|| matmul(m, n, k, &a, la, &b, lb, &mut c, true));
+                    pool.install(|| matmul(Gemm { m, n, k }, a, b, Output::add_to(&mut c)));
                     assert_close(&c, &want, &scale, 1.0, &format!("{what}, accumulated on 3 threads"));
                 }
             }
@@ -492,7 +462,7 @@ mod tests {
         // 1 + 2^-10 is not a bf16 (8 bits of mantissa): it rounds to 1.
         let (a, b) = (vec![1.0 + 1.0 / 1024.0; 4], vec![1.0; 4]);
         let mut c = [0.0];
-        matmul(1, 1, 4, &a, Layout::Normal, &b, Layout::Normal, &mut c, false);
+        matmul(Gemm { m: 1, n: 1, k: 4 }, Operand::normal(&a), Operand::normal(&b), Output::overwrite(&mut c));
         assert_eq!(c[0], 4.0);
     }
 
@@ -506,7 +476,8 @@ mod tests {
         for (ta, layout) in [(false, Layout::Normal), (true, Layout::Transposed)] {
             let (whole, scale) = reference(m, n, k, &a, ta, &b, false);
             let mut block = vec![f32::NAN; m * width];
-            matmul_column_block(m, width, k, &a, layout, &b[first..], n, &mut block);
+            let window = Window { data: &b[first..], row_stride: n };
+            matmul_column_block(Gemm { m, n: width, k }, Operand { data: &a[..], layout }, window, &mut block);
             let pick = |v: &[f64]| -> Vec<f64> { (0..m).flat_map(|i| v[i * n + first..][..width].to_vec()).collect() };
             assert_close(&block, &pick(&whole), &pick(&scale), 0.0, &format!("window {layout:?}"));
         }
@@ -515,7 +486,7 @@ mod tests {
             let (a, b) = (data(m * k, 0.37), data(n * k, 0.11));
             let (want, scale) = reference(m, n, k, &a, false, &b, true);
             let mut c = vec![0.5; m * n];
-            pool.install(|| matmul_nt_split_k(m, n, k, &a, &b, &mut c));
+            pool.install(|| matmul_nt_split_k(Gemm { m, n, k }, &a, &b, &mut c));
             assert_close(&c, &want, &scale, 0.5, &format!("split k {m}x{n}x{k}"));
         }
     }

@@ -5,8 +5,8 @@
 
 use super::bf16;
 use super::im2col::{Geometry, col2im, col2im_images, folds_by_images, im2col};
-use super::matmul::Layout;
-use crate::config::Precision;
+use super::matmul::{Gemm, Operand, Output, Window};
+use crate::Precision;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use tracing::trace_span;
@@ -35,25 +35,55 @@ impl ConvShape {
     pub fn conv_transpose_output(&self, input: usize) -> usize {
         (input - 1) * self.stride + self.kernel - 2 * self.padding
     }
+
+    /// This layer on `batch` square inputs of `side` pixels.
+    pub fn on(self, batch: usize, side: usize) -> ConvParams {
+        ConvParams { shape: self, batch, side }
+    }
+}
+
+/// What one call of a convolution needs besides its buffers: the layer, and the batch and input
+/// side it runs on (the batch changes from call to call, the layer does not). The CPU and CUDA
+/// convolutions take the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvParams {
+    pub shape: ConvShape,
+    pub batch: usize,
+    /// Side of the square input: the big side of a convolution, the small one of a transpose.
+    pub side: usize,
+}
+
+impl ConvParams {
+    /// The unrolling of a convolution: its input is the big side.
+    pub fn conv_geometry(&self) -> Geometry {
+        let s = &self.shape;
+        Geometry::for_conv(s.in_channels, self.batch, self.side, self.side, s.kernel, s.stride, s.padding)
+    }
+
+    /// The unrolling of a transposed convolution: its output is the big side.
+    pub fn conv_transpose_geometry(&self) -> Geometry {
+        let s = &self.shape;
+        Geometry::for_conv_transpose(s.out_channels, self.batch, self.side, self.side, s.kernel, s.stride, s.padding)
+    }
+}
+
+/// The gradients a convolution's backward computes, each only when asked for: the weight
+/// gradient is added into `weight`, the input gradient written to `input`. `D` is the buffer, a
+/// slice here and a device view for [`crate::cuda::ops`].
+#[derive(Debug)]
+pub struct ConvGrads<'a, D: ?Sized = [f32]> {
+    pub weight: Option<&'a mut D>,
+    pub input: Option<&'a mut D>,
 }
 
 /// Conv2d forward: `y (OC, N*OH*OW) = W (OC, IC*k*k) x im2col(x)`; `cols` keeps the unrolled
 /// input for the weight gradient.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d_forward(
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
-    x: &[f32],
-    w: &[f32],
-    cols: &mut Vec<f32>,
-    y: &mut [f32],
-    precision: Precision,
-) {
-    let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
+pub fn conv2d_forward(p: &ConvParams, x: &[f32], w: &[f32], cols: &mut Vec<f32>, y: &mut [f32], precision: Precision) {
+    let g = p.conv_geometry();
     cols.resize(g.rows() * g.cols(), 0.0);
     im2col(&g, x, cols);
-    precision.matmul(s.out_channels, g.cols(), g.rows(), w, Layout::Normal, cols, Layout::Normal, y, false);
+    let s = Gemm { m: p.shape.out_channels, n: g.cols(), k: g.rows() };
+    precision.matmul(s, Operand::normal(w), Operand::normal(cols), Output::overwrite(y));
 }
 
 /// Where a convolution's backward finds the unrolled input its weight gradient reads.
@@ -65,36 +95,36 @@ pub enum Unrolled<'a> {
     Recompute(&'a [f32]),
 }
 
-/// Conv2d backward. `gw += dy x cols^T` when `gw` is given; `dx = col2im(W^T x dy)` when `dx`
-/// is given. `scratch` holds the recomputed unrolled input, then the unrolled input gradient.
-#[allow(clippy::too_many_arguments)]
+/// Conv2d backward. `gw += dy x cols^T` when `grads.weight` is given; `dx = col2im(W^T x dy)`
+/// when `grads.input` is. `scratch` holds the recomputed unrolled input, then the unrolled input
+/// gradient.
 pub fn conv2d_backward(
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     dy: &[f32],
     w: &[f32],
     unrolled: Unrolled<'_>,
-    gw: Option<&mut [f32]>,
-    dx: Option<&mut [f32]>,
+    grads: ConvGrads<'_>,
     scratch: &mut Vec<f32>,
     precision: Precision,
 ) {
-    let g = Geometry::for_conv(s.in_channels, batch, side, side, s.kernel, s.stride, s.padding);
+    let s = &p.shape;
+    let g = p.conv_geometry();
+    let ConvGrads { weight: gw, input: dx } = grads;
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
         let tmp_len = s.out_channels * g.rows();
+        let shape = Gemm { m: s.out_channels, n: g.rows(), k: g.cols() };
         match unrolled {
             Unrolled::Kept(cols) => {
                 scratch.resize(tmp_len, 0.0);
-                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, scratch, precision);
+                add_weight_gradient(shape, dy, cols, gw, scratch, precision);
             }
             Unrolled::Recompute(x) => {
                 let cols_len = g.rows() * g.cols();
                 scratch.resize(cols_len + tmp_len, 0.0);
                 let (cols, tmp) = scratch.split_at_mut(cols_len);
                 im2col(&g, x, cols);
-                add_weight_gradient(s.out_channels, g.rows(), g.cols(), dy, cols, gw, tmp, precision);
+                add_weight_gradient(shape, dy, cols, gw, tmp, precision);
             }
         }
     }
@@ -105,19 +135,15 @@ pub fn conv2d_backward(
 }
 
 /// ConvTranspose2d forward: `y = col2im(W^T (OC*k*k, IC) x x (IC, N*H*W))`.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_forward(
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     x: &[f32],
     w: &[f32],
     scratch: &mut Vec<f32>,
     y: &mut [f32],
     precision: Precision,
 ) {
-    let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
-    fold_product(&g, s.in_channels, w, x, y, scratch, precision);
+    fold_product(&p.conv_transpose_geometry(), p.shape.in_channels, w, x, y, scratch, precision);
 }
 
 /// `big = col2im(W^T x X)`, with W stored (inner x rows) and X (inner x cols): a convolution's
@@ -139,7 +165,8 @@ fn fold_product(
         Some(images) => fold_product_by_blocks(g, inner, w, x, big, images, precision),
         None => {
             scratch.resize(g.rows() * g.cols(), 0.0);
-            precision.matmul(g.rows(), g.cols(), inner, w, Layout::Transposed, x, Layout::Normal, scratch, false);
+            let s = Gemm { m: g.rows(), n: g.cols(), k: inner };
+            precision.matmul(s, Operand::transposed(w), Operand::normal(x), Output::overwrite(scratch));
             col2im(g, scratch, big);
         }
     }
@@ -189,16 +216,9 @@ fn fold_product_by_blocks(
         // borrow BLOCK) before this one returns.
         BLOCK.with_borrow_mut(|(cols, split)| {
             cols.resize(g.rows() * width, 0.0);
-            precision.matmul_column_block(
-                g.rows(),
-                width,
-                inner,
-                w,
-                Layout::Transposed,
-                &x[first * segment..],
-                g.cols(),
-                cols,
-            );
+            let s = Gemm { m: g.rows(), n: width, k: inner };
+            let block = Window { data: &x[first * segment..], row_stride: g.cols() };
+            precision.matmul_column_block(s, Operand::transposed(w), block, cols);
             // SAFETY: `out` is `big`, of `g`'s shape (asserted); the blocks' images are disjoint.
             unsafe { col2im_images(g, cols, width, first, count, out.get(), split) }
         });
@@ -220,20 +240,18 @@ impl TensorPtr {
 
 /// ConvTranspose2d backward: with `dcols = im2col(dy)`, `gw += x x dcols^T` and
 /// `dx = W x dcols`.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_backward(
-    s: &ConvShape,
-    batch: usize,
-    side: usize,
+    p: &ConvParams,
     dy: &[f32],
     w: &[f32],
     x: &[f32],
-    gw: Option<&mut [f32]>,
-    dx: Option<&mut [f32]>,
+    grads: ConvGrads<'_>,
     scratch: &mut Vec<f32>,
     precision: Precision,
 ) {
-    let g = Geometry::for_conv_transpose(s.out_channels, batch, side, side, s.kernel, s.stride, s.padding);
+    let s = &p.shape;
+    let g = p.conv_transpose_geometry();
+    let ConvGrads { weight: gw, input: dx } = grads;
     // The unrolled gradient, then room for the weight gradient's transposed product.
     let unrolled_len = g.rows() * g.cols();
     scratch.resize(unrolled_len + s.in_channels * g.rows(), 0.0);
@@ -241,11 +259,12 @@ pub fn conv_transpose2d_backward(
     trace_span!("conv_backward_im2col").in_scope(|| im2col(&g, dy, dcols));
     if let Some(gw) = gw {
         let _span = trace_span!("conv_backward_weight").entered();
-        add_weight_gradient(s.in_channels, g.rows(), g.cols(), x, dcols, gw, tmp, precision);
+        add_weight_gradient(Gemm { m: s.in_channels, n: g.rows(), k: g.cols() }, x, dcols, gw, tmp, precision);
     }
     if let Some(dx) = dx {
         let _span = trace_span!("conv_backward_data").entered();
-        precision.matmul(s.in_channels, g.cols(), g.rows(), w, Layout::Normal, dcols, Layout::Normal, dx, false);
+        let shape = Gemm { m: s.in_channels, n: g.cols(), k: g.rows() };
+        precision.matmul(shape, Operand::normal(w), Operand::normal(dcols), Output::overwrite(dx));
     }
 }
 
@@ -256,28 +275,19 @@ pub fn conv_transpose2d_backward(
 /// product goes to `tmp` (at least n x m) and its transpose is added; the bf16 products choose
 /// by their own tile padding ([`bf16::transposed_product_is_cheaper`]). Both products split `k`
 /// between the threads ([`super::matmul::matmul_nt_split_k`]).
-#[allow(clippy::too_many_arguments)]
-fn add_weight_gradient(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    gw: &mut [f32],
-    tmp: &mut [f32],
-    precision: Precision,
-) {
+fn add_weight_gradient(s: Gemm, a: &[f32], b: &[f32], gw: &mut [f32], tmp: &mut [f32], precision: Precision) {
+    let Gemm { m, n, k } = s;
     let transposed = match precision {
         Precision::F32 => n > m,
         Precision::Bf16 => bf16::transposed_product_is_cheaper(m, n),
     };
     if !transposed {
-        precision.matmul_nt_split_k(m, n, k, a, b, gw);
+        precision.matmul_nt_split_k(s, a, b, gw);
         return;
     }
     let tmp = &mut tmp[..n * m];
     tmp.fill(0.0);
-    precision.matmul_nt_split_k(n, m, k, b, a, tmp);
+    precision.matmul_nt_split_k(Gemm { m: n, n: m, k }, b, a, tmp);
     // gw[i][j] += tmp[j][i], in tiles that stay in L1 on both sides, rows of gw in parallel.
     const TILE: usize = 32;
     let tmp = &*tmp;
@@ -314,7 +324,8 @@ mod tests {
             let x: Vec<f32> = (0..inner * g.cols()).map(|i| ((i * 104729) % 17) as f32 / 17.0 - 0.5).collect();
             let mut whole = vec![f32::NAN; g.big_len()];
             let mut cols = vec![0.0; g.rows() * g.cols()];
-            matmul(g.rows(), g.cols(), inner, &w, Layout::Transposed, &x, Layout::Normal, &mut cols, false);
+            let s = Gemm { m: g.rows(), n: g.cols(), k: inner };
+            matmul(s, Operand::transposed(&w), Operand::normal(&x), Output::overwrite(&mut cols));
             col2im(&g, &cols, &mut whole);
             for (blocks, threads_note) in [(images, "as chosen"), (3, "three images a block")] {
                 let mut blocked = vec![f32::NAN; g.big_len()];

@@ -1,7 +1,5 @@
 //! Row-major matrix products on the `gemm` crate, with transposes expressed as strides.
 
-use super::bf16;
-use crate::config::Precision;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -16,28 +14,79 @@ pub enum Layout {
     Transposed,
 }
 
-/// `c (m x n) = a (m x k) * b (k x n)`, plus the old `c` when `accumulate`.
-///
-/// `a` is stored m x k (Normal) or k x m (Transposed), `b` k x n or n x k; all row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    if !product_left(m, n, k, a, b.len() >= k * n, c, accumulate) {
+/// The shape of a product `c (m x n) = a (m x k) x b (k x n)`; one type for the fp32, bf16 and
+/// CUDA products, so their calls read alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// An operand of a product with its storage: `a` is m x k (`Normal`) or k x m (`Transposed`),
+/// `b` k x n or n x k, all row-major. `D` is the buffer: a slice here, a device view for
+/// [`crate::cuda::ops::matmul`].
+#[derive(Debug)]
+pub struct Operand<'a, D: ?Sized = [f32]> {
+    pub data: &'a D,
+    pub layout: Layout,
+}
+
+impl<'a, D: ?Sized> Operand<'a, D> {
+    pub fn normal(data: &'a D) -> Self {
+        Self { data, layout: Layout::Normal }
+    }
+
+    pub fn transposed(data: &'a D) -> Self {
+        Self { data, layout: Layout::Transposed }
+    }
+}
+
+// Not derived: a derive would ask `D: Copy`, and a reference is Copy whatever it points to.
+impl<D: ?Sized> Clone for Operand<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D: ?Sized> Copy for Operand<'_, D> {}
+
+/// The result of a product, m x n row-major: `data` is overwritten, or the product is added to
+/// it when `accumulate` (weight gradients summed over the passes of a step).
+#[derive(Debug)]
+pub struct Output<'a, D: ?Sized = [f32]> {
+    pub data: &'a mut D,
+    pub accumulate: bool,
+}
+
+impl<'a, D: ?Sized> Output<'a, D> {
+    pub fn overwrite(data: &'a mut D) -> Self {
+        Self { data, accumulate: false }
+    }
+
+    pub fn add_to(data: &'a mut D) -> Self {
+        Self { data, accumulate: true }
+    }
+}
+
+/// A window of `n` columns of a wider row-major matrix whose rows lie `row_stride` apart: the
+/// `b` of [`matmul_column_block`], one block of images of the whole batch's matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Window<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+}
+
+/// `c (m x n) = a (m x k) * b (k x n)`, plus the old `c` when `c.accumulate`.
+pub fn matmul(s: Gemm, a: Operand<'_>, b: Operand<'_>, c: Output<'_>) {
+    let Gemm { m, n, k } = s;
+    let Output { data: c, accumulate } = c;
+    if !product_left(s, a.data, b.data.len() >= k * n, c, accumulate) {
         return;
     }
-    if degenerate(m, n, k, a, a_layout, b, b_layout, c, accumulate) {
+    if degenerate(s, a, b, c, accumulate) {
         return;
     }
-    let (b_rs, b_cs) = match b_layout {
+    let b_strides = match b.layout {
         Layout::Normal => (n, 1),
         Layout::Transposed => (1, k),
     };
@@ -45,21 +94,14 @@ pub fn matmul(
     let parallelism =
         if threads > 1 && m * n * k >= PARALLEL_THRESHOLD { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the checks above keep every index the strides reach inside the slices.
-    unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_rs, b_cs, c, accumulate, parallelism) }
+    unsafe { gemm_row_major(s, a, b.data, b_strides, Output { data: c, accumulate }, parallelism) }
 }
 
 /// Checks the operands of `c (m x n) = a (m x k) x b` (`b_fits`: whether `b` holds its k x n
 /// values) and does the products that need no multiplication: none when `c` is empty, zeros
 /// (unless `accumulate`) when k is 0. Returns whether a product is left to compute.
-pub(super) fn product_left(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b_fits: bool,
-    c: &mut [f32],
-    accumulate: bool,
-) -> bool {
+pub(super) fn product_left(s: Gemm, a: &[f32], b_fits: bool, c: &mut [f32], accumulate: bool) -> bool {
+    let Gemm { m, n, k } = s;
     assert!(a.len() >= m * k, "lhs too short for {m}x{k}");
     assert!(b_fits, "rhs too short for {k}x{n}");
     assert!(c.len() >= m * n, "dst too short for {m}x{n}");
@@ -75,32 +117,27 @@ pub(super) fn product_left(
     true
 }
 
-/// Whether `b` holds a window of `n` columns and `k` rows lying `b_stride` apart.
-pub(super) fn window_fits(n: usize, k: usize, b: &[f32], b_stride: usize) -> bool {
-    n <= b_stride && (k == 0 || b.len() >= (k - 1) * b_stride + n)
+/// Whether `b` holds a window of `n` columns and `k` rows.
+pub(super) fn window_fits(n: usize, k: usize, b: Window<'_>) -> bool {
+    n <= b.row_stride && (k == 0 || b.data.len() >= (k - 1) * b.row_stride + n)
 }
 
 /// One call of the `gemm` crate: `c (m x n, row-major) = a x b`, plus the old `c` when
-/// `accumulate`; `a` stored as [`matmul`] says, `b` given by its row and column strides.
+/// `c.accumulate`; `b` given by its (row, column) strides.
 ///
 /// # Safety
 /// Every element of `b` the strides reach for a k x n matrix must lie inside `b`, and `a` and `c`
 /// must be at least m x k and m x n.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_row_major(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
+    s: Gemm,
+    a: Operand<'_>,
     b: &[f32],
-    b_row_stride: usize,
-    b_col_stride: usize,
-    c: &mut [f32],
-    accumulate: bool,
+    (b_row_stride, b_col_stride): (usize, usize),
+    c: Output<'_>,
     parallelism: Parallelism,
 ) {
-    let (a_rs, a_cs) = match a_layout {
+    let Gemm { m, n, k } = s;
+    let (a_rs, a_cs) = match a.layout {
         Layout::Normal => (k as isize, 1),
         Layout::Transposed => (1, m as isize),
     };
@@ -110,11 +147,11 @@ unsafe fn gemm_row_major(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.data.as_mut_ptr(),
             1,
             n as isize,
-            accumulate,
-            a.as_ptr(),
+            c.accumulate,
+            a.data.as_ptr(),
             a_cs,
             a_rs,
             b.as_ptr(),
@@ -130,85 +167,15 @@ unsafe fn gemm_row_major(
     }
 }
 
-/// `c (m x n) = a (m x k) x b` on the calling thread, where `b` is a window of `n` columns of a
-/// wider row-major matrix whose rows lie `b_stride` apart: one block of a product the caller
-/// splits between threads itself (by images, so each block's result stays in cache for what
-/// follows it). `a` is stored as [`matmul`] says; `c` is m x n, row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_column_block(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_stride: usize,
-    c: &mut [f32],
-) {
-    if !product_left(m, n, k, a, window_fits(n, k, b, b_stride), c, false) {
+/// `c (m x n) = a (m x k) x b` on the calling thread, where `b` is a window of `n` columns: one
+/// block of a product the caller splits between threads itself (by images, so each block's
+/// result stays in cache for what follows it). `c` is m x n, row-major, and overwritten.
+pub fn matmul_column_block(s: Gemm, a: Operand<'_>, b: Window<'_>, c: &mut [f32]) {
+    if !product_left(s, a.data, window_fits(s.n, s.k, b), c, false) {
         return;
     }
     // SAFETY: the checks above keep every index the strides reach inside the slices.
-    unsafe { gemm_row_major(m, n, k, a, a_layout, b, b_stride, 1, c, false, Parallelism::None) }
-}
-
-/// The products of a convolution in the chosen precision: fp32 on the `gemm` crate, or bf16
-/// operands with fp32 accumulation ([`super::bf16`]). Products with a dimension of 1 (D's last
-/// layer) stay fp32 in both: they are vector loops bound by memory, where bf16 saves nothing.
-impl Precision {
-    /// [`matmul`] in this precision.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
-        self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        a_layout: Layout,
-        b: &[f32],
-        b_layout: Layout,
-        c: &mut [f32],
-        accumulate: bool,
-    ) {
-        if self.uses_bf16(m, n, k) {
-            bf16::matmul(m, n, k, a, a_layout, b, b_layout, c, accumulate);
-        } else {
-            matmul(m, n, k, a, a_layout, b, b_layout, c, accumulate);
-        }
-    }
-
-    /// [`matmul_column_block`] in this precision.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_column_block(
-        self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        a_layout: Layout,
-        b: &[f32],
-        b_stride: usize,
-        c: &mut [f32],
-    ) {
-        if self.uses_bf16(m, n, k) {
-            bf16::matmul_column_block(m, n, k, a, a_layout, b, b_stride, c);
-        } else {
-            matmul_column_block(m, n, k, a, a_layout, b, b_stride, c);
-        }
-    }
-
-    /// [`matmul_nt_split_k`] in this precision.
-    pub fn matmul_nt_split_k(self, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-        if self.uses_bf16(m, n, k) {
-            bf16::matmul_nt_split_k(m, n, k, a, b, c);
-        } else {
-            matmul_nt_split_k(m, n, k, a, b, c);
-        }
-    }
-
-    fn uses_bf16(self, m: usize, n: usize, k: usize) -> bool {
-        self == Precision::Bf16 && m > 1 && n > 1 && k > 1
-    }
+    unsafe { gemm_row_major(s, a, b.data, (b.row_stride, 1), Output::overwrite(c), Parallelism::None) }
 }
 
 /// Shortest slice of `k` worth a thread of its own in [`matmul_nt_split_k`]; shorter ones are
@@ -221,9 +188,10 @@ const MIN_K_SLICE: usize = 1024;
 /// slower than one thread; 1024 x 128: 240 GFLOP/s against 290 split by k), so the threads take
 /// slices of `k` instead and their partial products are summed. The partials live in a
 /// per-thread buffer reused from call to call.
-pub fn matmul_nt_split_k(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+pub fn matmul_nt_split_k(s: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let Gemm { m, n, k } = s;
     if !split_k_pays(m, n, k) {
-        matmul(m, n, k, a, Layout::Normal, b, Layout::Transposed, c, true);
+        matmul(s, Operand::normal(a), Operand::transposed(b), Output::add_to(c));
         return;
     }
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "operands too short for {m}x{n}x{k}");
@@ -299,18 +267,9 @@ pub(super) fn add_k_slices(
 /// or an outer product in its backward) as plain loops over contiguous rows. The `gemm` crate
 /// takes its general path for them, which profiles showed 10-30x slower than these loops.
 /// Returns whether it handled the product.
-#[allow(clippy::too_many_arguments)]
-fn degenerate(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    c: &mut [f32],
-    accumulate: bool,
-) -> bool {
+fn degenerate(s: Gemm, a: Operand<'_>, b: Operand<'_>, c: &mut [f32], accumulate: bool) -> bool {
+    let Gemm { m, n, k } = s;
+    let (a, a_layout, b, b_layout) = (a.data, a.layout, b.data, b.layout);
     let c = &mut c[..m * n];
     if !accumulate && (k == 1 || m == 1 || n == 1) {
         c.fill(0.0);
@@ -369,7 +328,7 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want = naive(m, n, k, &a, false, &b, true);
             let mut c = vec![1.0; m * n];
-            pool.install(|| matmul_nt_split_k(m, n, k, &a, &b, &mut c));
+            pool.install(|| matmul_nt_split_k(Gemm { m, n, k }, &a, &b, &mut c));
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - (y + 1.0)).abs() < 1e-3 * (1.0 + y.abs()), "{m}x{n}x{k}: {x} vs {}", y + 1.0);
             }
@@ -384,7 +343,8 @@ mod tests {
         for (ta, layout) in [(false, Layout::Normal), (true, Layout::Transposed)] {
             let whole = naive(m, n, k, &a, ta, &b, false);
             let mut block = vec![f32::NAN; m * width];
-            matmul_column_block(m, width, k, &a, layout, &b[first..], n, &mut block);
+            let window = Window { data: &b[first..], row_stride: n };
+            matmul_column_block(Gemm { m, n: width, k }, Operand { data: &a[..], layout }, window, &mut block);
             for (i, row) in block.chunks_exact(width).enumerate() {
                 for (j, v) in row.iter().enumerate() {
                     let want = whole[i * n + first + j];
@@ -408,11 +368,12 @@ mod tests {
             for (tb, lb) in [(false, Layout::Normal), (true, Layout::Transposed)] {
                 let want = naive(m, n, k, &a, ta, &b, tb);
                 let mut c = vec![1.0; m * n];
-                matmul(m, n, k, &a, la, &b, lb, &mut c, true);
+                let (a, b) = (Operand { data: &a[..], layout: la }, Operand { data: &b[..], layout: lb });
+                matmul(Gemm { m, n, k }, a, b, Output::add_to(&mut c));
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - (y + 1.0)).abs() < 1e-4, "{m}x{n}x{k} {la:?} {lb:?}: {x} vs {}", y + 1.0);
                 }
-                matmul(m, n, k, &a, la, &b, lb, &mut c, false);
+                matmul(Gemm { m, n, k }, a, b, Output::overwrite(&mut c));
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4, "{m}x{n}x{k} {la:?} {lb:?}: {x} vs {y}");
                 }
