@@ -86,8 +86,8 @@ pub struct RunConfig {
     pub checksum_every: u64,
     pub sync_bn: bool,
     /// `f32` or `bf16`; older run.json files have none (f32).
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: kernels::Precision,
     pub external_workers: bool,
     /// How launched workers get their samples; older run.json files have none (auto).
     #[serde(default)]
@@ -114,10 +114,6 @@ pub struct RunConfig {
 
 fn default_eval_count() -> u32 {
     1000
-}
-
-fn default_precision() -> String {
-    kernels::Precision::F32.to_string()
 }
 
 /// Where launched workers train (`--device`).
@@ -190,8 +186,7 @@ impl RunConfig {
         model.validate().map_err(as_flag_error)?;
         let optim = kernels::OptimConfig { lr: cli.lr, beta1: cli.beta1, ..Default::default() };
         optim.validate().map_err(as_flag_error)?;
-        let precision: kernels::Precision =
-            cli.precision.parse().map_err(|e| ConfigError::Invalid(format!("--precision: {e}")))?;
+        let precision = cli.precision;
         // Launched workers asked onto GPUs must be able to train this run there (with
         // `--device auto` the coordinator asks again once it knows whether there are GPUs).
         if cli.device == DeviceChoice::Cuda {
@@ -246,7 +241,7 @@ impl RunConfig {
             keep_checkpoints: cli.keep_checkpoints,
             checksum_every: cli.checksum_every,
             sync_bn: cli.sync_bn,
-            precision: cli.precision.clone(),
+            precision: cli.precision,
             external_workers: cli.external_workers,
             worker_data: cli.worker_data,
             prepared_dir: data.prepared.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
@@ -291,7 +286,10 @@ impl RunConfig {
             checksum_every: self.checksum_every,
             sync_bn: self.sync_bn,
             data_limit: self.data_limit.unwrap_or(0),
-            precision: self.precision.clone(),
+            precision: match self.precision {
+                kernels::Precision::F32 => proto::v1::Precision::F32,
+                kernels::Precision::Bf16 => proto::v1::Precision::Bf16,
+            } as i32,
             prepared_dir: self.prepared_dir.clone(),
             data_id: self.data_id.clone(),
         }
@@ -325,8 +323,12 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         workers => "workers", dataset => "dataset", image_size => "image-size", nz => "nz",
         ngf => "ngf", ndf => "ndf", lr => "lr", beta1 => "beta1", seed => "seed",
         batch_size => "batch-size", sync_bn => "sync-bn", data_limit => "data-limit",
-        precision => "precision",
     );
+    if explicit.contains("precision") && cli.precision != previous.precision {
+        let (given, recorded) = (cli.precision.to_string(), previous.precision.to_string());
+        conflicts.push(format!("--precision {given:?} (run.json has {recorded:?})"));
+    }
+    cli.precision = previous.precision;
     if !conflicts.is_empty() {
         return Err(ConfigError::Invalid(format!(
             "--resume continues a run exactly, so these settings cannot change: {}",

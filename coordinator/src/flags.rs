@@ -71,8 +71,8 @@ pub struct Cli {
     /// The convolutions' products: `f32`, or `bf16` (operands rounded to bf16, fp32
     /// accumulation; parameters, Adam and BatchNorm stay fp32). bf16 needs a CPU with
     /// AVX512-BF16 and is a CPU mode: GPU workers compute in fp32.
-    #[arg(help_heading = "Training", hide_short_help = true, long, env = "DCGAN_PRECISION", default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub precision: String,
+    #[arg(help_heading = "Training", hide_short_help = true, long, env = "DCGAN_PRECISION", value_enum, default_value_t = kernels::Precision::F32)]
+    pub precision: kernels::Precision,
 
     /// Stop after this many global steps in all.
     ///

@@ -170,15 +170,14 @@ pub async fn prepare(mut cli: Cli, explicit: Explicit, progress: Progress) -> an
 /// The checks of the flags alone; whether launched workers get one GPU each.
 fn check_flags(cli: &Cli) -> anyhow::Result<bool> {
     RunConfig::check_cli(cli, 3).map_err(ConfigError::into_anyhow)?;
-    if cli.precision == kernels::Precision::Bf16.to_string() && !cli.external_workers {
+    if cli.precision == kernels::Precision::Bf16 && !cli.external_workers {
         if let Some(warning) = kernels::ops::isa_rate::bf16_slowdown_warning() {
             tracing::warn!("{warning}");
         }
     }
     let gpus = !cli.external_workers && launch_on_gpus(cli.device, cli.workers)?;
     if gpus {
-        let precision = cli.precision.parse().context("--precision")?;
-        if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(cli, precision)) {
+        if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(cli, cli.precision)) {
             dcgan_exit::bail_usage!("{why}");
         }
     }

@@ -359,12 +359,11 @@ impl Run {
     /// rule the coordinator applies before launching GPU workers, for workers it did not launch.
     fn device_refusal(&self, device: &str) -> Option<String> {
         let device: kernels::Device = device.parse().ok()?;
-        let precision = match self.config.precision.as_str() {
-            "" => kernels::Precision::F32,
-            given => given.parse().ok()?,
+        let demands = kernels::RunDemands {
+            precision: self.config.precision,
+            sync_batch_norm: self.config.sync_bn,
+            world: self.world() as usize,
         };
-        let demands =
-            kernels::RunDemands { precision, sync_batch_norm: self.config.sync_bn, world: self.world() as usize };
         device.refusal(&demands)
     }
 

@@ -80,10 +80,11 @@ impl Trainer {
         let mut gan = self.build_gan()?;
         gan.set_sync_batch_norm(self.config.sync_bn);
         let c = self.config.clone();
-        // An empty field is a coordinator from before the setting: fp32.
-        let precision: kernels::Precision = match c.precision.as_str() {
-            "" => kernels::Precision::F32,
-            given => given.parse().context("the run's precision")?,
+        // Unspecified is a coordinator from before the setting: fp32.
+        let precision = match proto::v1::Precision::try_from(c.precision) {
+            Ok(proto::v1::Precision::Unspecified | proto::v1::Precision::F32) => kernels::Precision::F32,
+            Ok(proto::v1::Precision::Bf16) => kernels::Precision::Bf16,
+            Err(_) => bail!("the run's precision {} is not one this worker knows", c.precision),
         };
         let demands = kernels::RunDemands { precision, sync_batch_norm: c.sync_bn, world: self.world };
         if let Some(why) = self.device.refusal(&demands) {
