@@ -26,8 +26,9 @@ use crate::run_state::{Event, Phase, Run};
 use crate::shards::ShardServer;
 use crate::tensorboard::TensorBoardWriter;
 use crate::{observability, samples, server};
-use worker::signals::EXIT_STOPPED;
-use worker::telemetry::MetricsListener;
+use dcgan_process::signals::EXIT_STOPPED;
+pub use dcgan_process::startup::Ended;
+use dcgan_process::telemetry::MetricsListener;
 
 /// How long workers get to exit by themselves after a completed run.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -40,14 +41,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const FAILED_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a new generation retries its busy gRPC port.
 const REBIND_PATIENCE: Duration = Duration::from_secs(10);
-
-/// How a run that did not fail ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    Completed,
-    /// Stopped cleanly on request (SIGTERM) with a checkpoint; `--resume` continues it.
-    Stopped,
-}
 
 /// Runs the coordinator; `Ok` when the run completed or stopped cleanly.
 pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<Ended> {
@@ -62,7 +55,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         Some(prev)
     } else {
         if dir.run_json().exists() {
-            dcgan_exit::bail_usage!(
+            dcgan_process::bail_usage!(
                 "{} already holds a run (run.json): pass --resume to continue it, or choose another --run-dir",
                 root.display()
             );
@@ -74,7 +67,9 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     let worker_bin = match cli.external_workers {
         true => None,
         // Only a --worker-bin that names no binary fails here: a usage error.
-        false => Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_exit::usage(e.to_string()))?),
+        false => {
+            Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_process::exit::usage(e.to_string()))?)
+        }
     };
 
     RunConfig::check_cli(&cli, 3).map_err(ConfigError::into_anyhow)?;
@@ -87,15 +82,15 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     if gpus {
         let precision = cli.precision.parse().context("--precision")?;
         if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(&cli, precision)) {
-            dcgan_exit::bail_usage!("{why}");
+            dcgan_process::bail_usage!("{why}");
         }
     }
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {
-        dcgan_exit::bail_usage!("--min-workers {min_workers} is more than --workers {}", cli.workers);
+        dcgan_process::bail_usage!("--min-workers {min_workers} is more than --workers {}", cli.workers);
     }
     if !(cli.collapse_fraction >= 0.0 && cli.collapse_fraction <= 1.0) {
-        dcgan_exit::bail_usage!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
+        dcgan_process::bail_usage!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
 
     // Everything that needs no data is checked before the data set loads (minutes for a large
@@ -124,10 +119,10 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     };
     // TLS covers the live page's port too, with the same certificate (rustls reads the files
     // itself: the identity above is opaque), under the gRPC port's access policy.
-    let http_access = worker::telemetry::HttpAccess {
+    let http_access = dcgan_process::telemetry::HttpAccess {
         auth: auth.clone(),
         https: match (&cli.tls_cert, &cli.tls_key, &metrics_listener) {
-            (Some(cert), Some(key), Some(_)) => Some(worker::telemetry::Https::from_pem_files(cert, key)?),
+            (Some(cert), Some(key), Some(_)) => Some(dcgan_process::telemetry::Https::from_pem_files(cert, key)?),
             _ => None,
         },
     };
@@ -139,7 +134,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     // The dataset is opened (prepared first if it is a raw source) and checked before anything
     // else starts. Only its shape and its shard files are held, never its pixels.
     let spec: DatasetSpec =
-        cli.dataset.parse().map_err(|e| dcgan_exit::usage(format!("--dataset {}: {e}", cli.dataset)))?;
+        cli.dataset.parse().map_err(|e| dcgan_process::exit::usage(format!("--dataset {}: {e}", cli.dataset)))?;
     let cache_root = cli.data_cache.clone().unwrap_or_else(data::prepared::cache::default_cache_root);
     let dataset = crate::dataset::open(&spec, cli.image_size as usize, cli.data_limit, &cache_root).await?;
     let facts = crate::dataset::facts(&dataset)?;
@@ -155,7 +150,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
             c.generation = prev.generation + 1;
             let changed_samples = !prev.data_id.is_empty() && !c.data_id.is_empty() && c.data_id != prev.data_id;
             if changed_samples {
-                dcgan_exit::bail_usage!(
+                dcgan_process::bail_usage!(
                     "dataset {spec} is not the data set run.json recorded (its prepared samples' id is {}, run.json has \
                      {}): it cannot be resumed exactly",
                     c.data_id,
@@ -163,7 +158,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
                 );
             }
             if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
-                dcgan_exit::bail_usage!(
+                dcgan_process::bail_usage!(
                     "dataset {spec} now has {} samples of {} channels, run.json recorded {} of {}: it cannot be resumed exactly",
                     c.dataset_len,
                     c.nc,
@@ -192,7 +187,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
     }
 
     // From here on SIGTERM and Ctrl-C stop the run cleanly instead of killing the process.
-    let mut signals = worker::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
+    let mut signals = dcgan_process::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
 
     dir.create()?;
     let store = CheckpointStore::new(dir.checkpoints(), config.keep_checkpoints as usize);
@@ -303,7 +298,7 @@ pub async fn run(mut cli: Cli, explicit: Explicit, progress: Progress) -> anyhow
         let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
         {
             let mut cx = tonic::metadata::MetadataMap::new();
-            worker::telemetry::inject_context(&run_span, &mut cx);
+            dcgan_process::telemetry::inject_context(&run_span, &mut cx);
             let _ = run.trace_context.set(cx);
         }
         {
@@ -717,7 +712,7 @@ fn resume_point(store: &CheckpointStore, config: &RunConfig, allow_none: bool) -
         match check_checkpoint(store, config, latest.step) {
             Ok(()) => {
                 if latest.step >= config.total_steps {
-                    dcgan_exit::bail_usage!(
+                    dcgan_process::bail_usage!(
                         "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
                         latest.step,
                         config.total_steps
