@@ -3,7 +3,7 @@
 workers should hold the same resident memory whatever the number of samples (workers read their
 samples from the shards with pread; the coordinator never holds pixels).
 
-    cargo build --release -p coordinator -p worker -p dcgan-cli
+    cargo build --release -p coordinator -p worker -p dcgan-tool
     target/release/dcgan prepare --source folder:IMAGES --out PREPARED --image-size 64
     python3 bench/data_scale.py PREPARED_50K PREPARED_200K [--steps 150] [--repeats 2] [--json F] [--md F]
 

@@ -3,7 +3,7 @@
 pack into u8 shards) against torchvision's usual input pipeline over the same image folder, same
 machine, same run.
 
-    cargo build --release -p dcgan-cli --bin dcgan
+    cargo build --release -p dcgan-tool --bin dcgan
     python3 bench/prepare_compare.py /work/bench-data/jpeg50k --image-size 64 \\
         --torch-python /work/venv-torch/bin/python --json /tmp/prepare_compare.json
 
@@ -235,7 +235,7 @@ def main():
     if not programs or set(programs) - {"ours", "torch"}:
         ap.error("--programs takes ours and/or torch")
     if "ours" in programs and not os.access(a.dcgan, os.X_OK):
-        sys.exit(f"{a.dcgan} is missing: run `cargo build --release -p dcgan-cli --bin dcgan` first")
+        sys.exit(f"{a.dcgan} is missing: run `cargo build --release -p dcgan-tool --bin dcgan` first")
 
     folder = os.path.abspath(a.folder)
     files = list_images(folder)

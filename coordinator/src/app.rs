@@ -22,13 +22,7 @@ use crate::run_dir::write_atomic;
 /// How long a new generation retries its busy gRPC port.
 const REBIND_PATIENCE: Duration = Duration::from_secs(10);
 
-/// How a run that did not fail ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    Completed,
-    /// Stopped cleanly on request (SIGTERM) with a checkpoint; `--resume` continues it.
-    Stopped,
-}
+pub use dcgan_process::startup::Ended;
 
 /// Runs the coordinator; `Ok` when the run completed or stopped cleanly.
 pub async fn run(cli: Cli, explicit: Explicit, progress: Progress) -> anyhow::Result<Ended> {
@@ -91,7 +85,7 @@ fn next_generation(ctx: &RunContext, plan: GenerationPlan, world: u32, spent: u3
 
 /// `--metrics-linger N`: the live page and the metrics stay up N seconds in all after the last
 /// generation ended (the workers' too); a signal ends it early.
-async fn linger(ctx: &RunContext, last: GenerationEnd, signals: &mut worker::signals::StopSignals) {
+async fn linger(ctx: &RunContext, last: GenerationEnd, signals: &mut dcgan_process::signals::StopSignals) {
     let linger_until = last.at + Duration::from_secs(ctx.cli.metrics_linger);
     let mut cut_short = false;
     if ctx.metrics_addr.is_some() && tokio::time::Instant::now() < linger_until {

@@ -27,7 +27,7 @@ impl ConfigError {
     /// As an `anyhow` error in which an invalid setting is a usage error (exit 2).
     pub fn into_anyhow(self) -> anyhow::Error {
         match self {
-            ConfigError::Invalid(m) => dcgan_exit::usage(m),
+            ConfigError::Invalid(m) => dcgan_process::exit::usage(m),
             other => other.into(),
         }
     }

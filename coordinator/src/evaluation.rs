@@ -1,6 +1,6 @@
 //! `--eval-every`: the FID of the generator at the end of every few epochs, the number a GAN
 //! researcher watches first. The same classifier, reference set and maths as `dcgan evaluate
-//! fid` ([`dcgan_cli::fid_score`]), so the figures of a run and of the command agree.
+//! fid` ([`dcgan_fid::fid_score`]), so the figures of a run and of the command agree.
 //!
 //! It runs beside the training, on the coordinator: the classifier is trained (or loaded from
 //! its cache in the run directory) while the first epoch trains, and each evaluation works on the
@@ -17,7 +17,7 @@ use data::SampleStore;
 /// Samples the FID classifier learns from (the first ones of the set): all of MNIST or
 /// CIFAR-10, and a bounded amount of a large set, which the coordinator otherwise never holds.
 pub const CLASSIFIER_SAMPLES: usize = 60_000;
-use dcgan_cli::fid_score::{ClassifierOptions, FidReference};
+use dcgan_fid::fid_score::{ClassifierOptions, FidReference};
 use kernels::{CheckpointFiles, Gan};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;

@@ -21,7 +21,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
     about,
     long_about,
     after_help = "`coordinator --help` lists every flag; each also reads from its DCGAN_* variable.",
-    after_long_help = dcgan_exit::EXIT_CODES_HELP
+    after_long_help = dcgan_process::exit::EXIT_CODES_HELP
 )]
 pub struct Cli {
     /// Passes over the dataset.
@@ -309,8 +309,8 @@ pub struct Cli {
 
     /// Log lines as `pretty` text or `json` objects (`RUST_LOG` filters them); launched workers
     /// use the same.
-    #[arg(help_heading = "Observability", hide_short_help = true, long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = worker::telemetry::LogFormat::Pretty)]
-    pub log_format: worker::telemetry::LogFormat,
+    #[arg(help_heading = "Observability", hide_short_help = true, long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = dcgan_process::telemetry::LogFormat::Pretty)]
+    pub log_format: dcgan_process::telemetry::LogFormat,
 
     /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317). Off when
     /// neither this nor OTEL_EXPORTER_OTLP_ENDPOINT is set; launched workers

@@ -33,7 +33,7 @@ use crate::shard_server::ShardServer;
 use crate::step_feed::{self, PrometheusSteps, StepFeed, StepSink};
 use crate::step_history::StepHistory;
 use crate::tensorboard::{TensorBoard, TensorBoardWriter};
-use worker::signals::{EXIT_STOPPED, StopSignals};
+use dcgan_process::signals::{EXIT_STOPPED, StopSignals};
 
 /// How long workers get to exit by themselves after a completed run.
 pub const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -208,7 +208,7 @@ impl Generation {
         // goes to the workers with `Join`.
         let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
         let mut cx = tonic::metadata::MetadataMap::new();
-        worker::telemetry::inject_context(&run_span, &mut cx);
+        dcgan_process::telemetry::inject_context(&run_span, &mut cx);
         let _ = run.trace_context.set(cx);
         let (d, seed) = (Arc::clone(&ctx.dataset), config.seed);
         let distance = tokio::task::spawn_blocking(move || samples::real_diversity(&d, seed))

@@ -81,7 +81,7 @@ impl StartingWeights {
             };
             // A file for other networks is a wrong --netG/--netD value: a usage error.
             check_fits(f, &fresh, &model)
-                .map_err(|e| dcgan_exit::usage(format!("{what}: {}", dcgan_exit::message(&e))))?;
+                .map_err(|e| dcgan_process::exit::usage(format!("{what}: {}", dcgan_process::exit::message(&e))))?;
             match f.which {
                 Which::Generator => gan.load_generator_state(&f.safetensors, &what)?,
                 Which::Discriminator => gan.load_discriminator_state(&f.safetensors, &what)?,

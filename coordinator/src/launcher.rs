@@ -57,7 +57,7 @@ pub struct LaunchSpec {
     /// `--metrics-listen` for each worker (a port-0 address), when the coordinator serves metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub metrics_linger: u64,
-    pub log_format: worker::telemetry::LogFormat,
+    pub log_format: dcgan_process::telemetry::LogFormat,
     pub otlp_endpoint: Option<String>,
     /// The run token, passed in the environment (not the command line, which `ps` shows).
     pub token: Option<String>,
@@ -145,8 +145,8 @@ impl Launcher {
                 cmd.arg("--metrics-linger").arg(spec.metrics_linger.to_string());
             }
             let format = match spec.log_format {
-                worker::telemetry::LogFormat::Pretty => "pretty",
-                worker::telemetry::LogFormat::Json => "json",
+                dcgan_process::telemetry::LogFormat::Pretty => "pretty",
+                dcgan_process::telemetry::LogFormat::Json => "json",
             };
             cmd.arg("--log-format").arg(format);
             if let Some(e) = &spec.otlp_endpoint {

@@ -10,7 +10,7 @@
 //! | `/api/steps?since=N` | the aggregated steps after the first N (at most 5000 per call) | the token, unless `--open-status` |
 //! | `/samples/NAME.png` | a sample grid of the run directory | the token, unless `--open-status` |
 //! | `/checkpoints/step_NNNNNNNN/FILE` | a stored checkpoint's file, to download | the token, always |
-//! | `/metrics` | Prometheus's numbers (served by [`worker::telemetry`]) | open |
+//! | `/metrics` | Prometheus's numbers (served by [`dcgan_process::telemetry`]) | open |
 //!
 //! The policy is the gRPC port's ([`proto::auth`]); the token is taken as `Authorization:
 //! Bearer TOKEN` or as the password of HTTP Basic (a browser's prompt). Without a token
@@ -21,12 +21,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use dcgan_process::telemetry::{HttpReply, HttpRoutes, Routes};
 use hyper::StatusCode;
 use hyper::body::Bytes;
 use proto::auth::Access;
 use proto::v1;
 use serde_json::{Value, json};
-use worker::telemetry::{HttpReply, HttpRoutes, Routes};
 
 use crate::run_view::RunView;
 
@@ -60,7 +60,7 @@ impl LivePage {
         self.run.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The routes for [`worker::telemetry::MetricsListener::serve_with`].
+    /// The routes for [`dcgan_process::telemetry::MetricsListener::serve_with`].
     pub fn routes(self: &Arc<Self>) -> Routes {
         Arc::clone(self) as Routes
     }

@@ -1,6 +1,6 @@
 //! The coordinator's Prometheus series: the run aggregated over its ranks (the same numbers as
 //! `metrics.jsonl`'s lines), the workers' liveness, the checkpoints and the GAN health signals.
-//! Served at `--metrics-listen` by [`worker::telemetry::MetricsListener`]; without it no
+//! Served at `--metrics-listen` by [`dcgan_process::telemetry::MetricsListener`]; without it no
 //! recorder is installed and recording costs next to nothing.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};

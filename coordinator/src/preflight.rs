@@ -10,8 +10,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use data::DatasetSpec;
 use tokio::net::TcpListener;
-use worker::signals::StopSignals;
-use worker::telemetry::{HttpAccess, Https, MetricsListener};
+use dcgan_process::signals::StopSignals;
+use dcgan_process::telemetry::{HttpAccess, Https, MetricsListener};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::config::{ConfigError, DatasetFacts, DeviceChoice, RunConfig, merge_for_resume};
@@ -53,7 +53,7 @@ pub async fn prepare(mut cli: Cli, explicit: Explicit, progress: Progress) -> an
         Some(prev)
     } else {
         if dir.run_json().exists() {
-            dcgan_exit::bail_usage!(
+            dcgan_process::bail_usage!(
                 "{} already holds a run (run.json): pass --resume to continue it, or choose another --run-dir",
                 root.display()
             );
@@ -65,7 +65,7 @@ pub async fn prepare(mut cli: Cli, explicit: Explicit, progress: Progress) -> an
     let worker_bin = match cli.external_workers {
         true => None,
         // Only a --worker-bin that names no binary fails here: a usage error.
-        false => Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_exit::usage(e.to_string()))?),
+        false => Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_process::exit::usage(e.to_string()))?),
     };
     let gpus = check_flags(&cli)?;
 
@@ -99,7 +99,7 @@ pub async fn prepare(mut cli: Cli, explicit: Explicit, progress: Progress) -> an
     // The dataset is opened (prepared first if it is a raw source) and checked before anything
     // else starts. Only its shape and its shard files are held, never its pixels.
     let spec: DatasetSpec =
-        cli.dataset.parse().map_err(|e| dcgan_exit::usage(format!("--dataset {}: {e}", cli.dataset)))?;
+        cli.dataset.parse().map_err(|e| dcgan_process::exit::usage(format!("--dataset {}: {e}", cli.dataset)))?;
     let cache_root = cli.data_cache.clone().unwrap_or_else(data::prepared::cache::default_cache_root);
     let dataset = crate::dataset::open(&spec, cli.image_size as usize, cli.data_limit, &cache_root).await?;
     let facts = crate::dataset::facts(&dataset)?;
@@ -178,15 +178,15 @@ fn check_flags(cli: &Cli) -> anyhow::Result<bool> {
     let gpus = !cli.external_workers && launch_on_gpus(cli.device, cli.workers)?;
     if gpus {
         if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(cli, cli.precision)) {
-            dcgan_exit::bail_usage!("{why}");
+            dcgan_process::bail_usage!("{why}");
         }
     }
     let min_workers = cli.min_workers.unwrap_or(cli.workers);
     if min_workers > cli.workers {
-        dcgan_exit::bail_usage!("--min-workers {min_workers} is more than --workers {}", cli.workers);
+        dcgan_process::bail_usage!("--min-workers {min_workers} is more than --workers {}", cli.workers);
     }
     if !(cli.collapse_fraction >= 0.0 && cli.collapse_fraction <= 1.0) {
-        dcgan_exit::bail_usage!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
+        dcgan_process::bail_usage!("--collapse-fraction {} must be between 0 and 1", cli.collapse_fraction);
     }
     Ok(gpus)
 }
@@ -219,7 +219,7 @@ fn run_config(
     c.generation = prev.generation + 1;
     let changed_samples = !prev.data_id.is_empty() && !c.data_id.is_empty() && c.data_id != prev.data_id;
     if changed_samples {
-        dcgan_exit::bail_usage!(
+        dcgan_process::bail_usage!(
             "dataset {spec} is not the data set run.json recorded (its prepared samples' id is {}, run.json has \
              {}): it cannot be resumed exactly",
             c.data_id,
@@ -227,7 +227,7 @@ fn run_config(
         );
     }
     if (c.dataset_len, c.nc) != (prev.dataset_len, prev.nc) {
-        dcgan_exit::bail_usage!(
+        dcgan_process::bail_usage!(
             "dataset {spec} now has {} samples of {} channels, run.json recorded {} of {}: it cannot be resumed exactly",
             c.dataset_len,
             c.nc,

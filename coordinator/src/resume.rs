@@ -17,7 +17,7 @@ pub fn resume_point(store: &CheckpointStore, config: &RunConfig, allow_none: boo
         match check_checkpoint(store, config, latest.step) {
             Ok(()) => {
                 if latest.step >= config.total_steps {
-                    dcgan_exit::bail_usage!(
+                    dcgan_process::bail_usage!(
                         "--resume: the run is already at step {} of {}; raise --max-steps or --epochs to train further",
                         latest.step,
                         config.total_steps

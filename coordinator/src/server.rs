@@ -368,7 +368,7 @@ pub async fn serve(
                 rank = tracing::field::Empty,
                 step = tracing::field::Empty,
             );
-            worker::telemetry::adopt_context(&span, req.headers());
+            dcgan_process::telemetry::adopt_context(&span, req.headers());
             span
         })
         // The interceptor's exception for read-only calls needs the path (see `RpcPath`).

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dcgan_cli::fid_score::{ClassifierOptions, FidReference};
+use dcgan_fid::fid_score::{ClassifierOptions, FidReference};
 use proto::v1;
 use proto::v1::coordinator_client::CoordinatorClient;
 

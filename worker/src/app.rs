@@ -11,38 +11,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use dcgan_process::signals::StopSignals;
+use dcgan_process::startup::Ended;
+use dcgan_process::telemetry::MetricsListener;
 use kernels::CheckpointFiles;
 use proto::v1;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::batches::{self, PREFETCH_STEPS, Plan};
-use crate::cli::Cli;
 use crate::client::{self, Client, Ending, Upload};
+use crate::flags::Cli;
 use crate::rejoin::{self, Backoff};
 use crate::stop::{Stop, StopRequest};
-use crate::telemetry::MetricsListener;
 use crate::trainer::{Outcome, Trainer};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// Heartbeats that may fail in a row before the worker gives the coordinator up.
 const HEARTBEAT_MISSES: u32 = 15;
 
-/// How a worker that did its part ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    Completed,
-    /// Stopped cleanly before the last step (SIGTERM); the run can be resumed.
-    Stopped,
-}
-
 /// Runs the worker; `Ok` when its part of the run completed or stopped cleanly.
 pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
     // SIGTERM (how Kubernetes stops a pod) and Ctrl-C ask for a clean stop from the start; a
     // second one ends the process at once.
     let stop_request = Arc::new(StopRequest::default());
-    let signals = crate::signals::StopSignals::new().context("cannot listen for SIGTERM")?;
-    tokio::spawn(crate::signals::watch(signals, Arc::clone(&stop_request)));
+    let signals = StopSignals::new().context("cannot listen for SIGTERM")?;
+    tokio::spawn(crate::stop::watch_signals(signals, Arc::clone(&stop_request)));
     // The metrics port is taken first, so a busy one fails the start before anything joins.
     let metrics_listener = match cli.metrics_listen {
         Some(addr) => Some(MetricsListener::bind(addr).await?),
@@ -128,7 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
 
         // From here on, whatever goes wrong is told to the coordinator before exiting.
         let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
-        crate::telemetry::adopt_context(&span, &parent);
+        dcgan_process::telemetry::adopt_context(&span, &parent);
         let result = train(&cli, device, &client, &joined, threads, Arc::clone(&stop), Arc::clone(&stop_request))
             .instrument(span)
             .await;

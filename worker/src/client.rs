@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use dcgan_process::telemetry::TraceContext;
 use proto::framing::{CheckpointAssembler, CheckpointChunks, checkpoint_header};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{self, WorkerId};
@@ -11,7 +12,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::address::CoordinatorAddress;
-use crate::telemetry::TraceContext;
 
 /// The generated client over a channel whose requests carry the caller's trace context.
 pub type RawClient = CoordinatorClient<InterceptedService<Channel, TraceContext>>;

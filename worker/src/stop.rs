@@ -7,9 +7,12 @@
 //! [`StopRequest`] is the gentle kind (SIGTERM, or the coordinator stopping the run): the ranks
 //! agree on a step through the collective, rank 0 checkpoints it, and every worker leaves
 //! cleanly, so the run can be resumed from there.
+//! [`watch_signals`] sets it on the first SIGTERM or Ctrl-C.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dcgan_process::signals::StopSignals;
 
 #[derive(Default)]
 pub struct Stop {
@@ -79,6 +82,17 @@ impl StopRequest {
     pub fn reason(&self) -> Option<String> {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// A worker's handling: the first signal asks for a clean stop (the ranks agree on a step, rank
+/// 0 checkpoints it), the second exits at once.
+pub async fn watch_signals(mut signals: StopSignals, request: Arc<StopRequest>) {
+    let name = signals.next().await;
+    tracing::warn!("{name}: finishing the current step, then stopping with a checkpoint (again to stop at once)");
+    request.set(format!("{name} received"));
+    let name = signals.next().await;
+    eprintln!("{name} received again: stopping at once");
+    std::process::exit(1);
 }
 
 /// The clean-stop vote as one value that rides in the step's gradient average

@@ -1,4 +1,4 @@
-//! What both binaries share to be watched: log output (`--log-format pretty|json`, `RUST_LOG`),
+//! What the coordinator and the worker share to be watched: log output (`--log-format pretty|json`, `RUST_LOG`),
 //! span export over OTLP/gRPC (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`) with W3C
 //! trace context carried in gRPC metadata, and a Prometheus `/metrics` endpoint
 //! (`--metrics-listen ADDR`).
@@ -56,13 +56,13 @@ pub enum LogFormat {
 }
 
 /// How the process's logs and spans go out.
-pub struct LogSettings<'a> {
+pub struct LogSettings {
     pub format: LogFormat,
     /// The filter when `RUST_LOG` is not set.
-    pub default_filter: &'a str,
+    pub default_filter: &'static str,
     pub ansi: bool,
     /// OTLP/gRPC collector for spans (e.g. `http://otel-collector:4317`); none: no export.
-    pub otlp_endpoint: Option<&'a str>,
+    pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans.
     pub service_name: &'static str,
 }
@@ -87,7 +87,7 @@ impl Telemetry {
 /// Installs the global tracing subscriber: `RUST_LOG` if set, else the default filter; lines in
 /// the chosen format to `writer`; spans to the OTLP endpoint if one is given. Call inside a tokio
 /// runtime (the gRPC exporter's channel lives there).
-pub fn init<W>(settings: &LogSettings<'_>, writer: W) -> anyhow::Result<Telemetry>
+pub fn init<W>(settings: &LogSettings, writer: W) -> anyhow::Result<Telemetry>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -110,7 +110,7 @@ where
             .with_filter(filter)
             .boxed(),
     };
-    let provider = match settings.otlp_endpoint.filter(|e| !e.is_empty()) {
+    let provider = match settings.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         None => None,
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()

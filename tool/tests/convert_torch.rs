@@ -4,7 +4,7 @@
 //!
 //! PyTorch (about 5 GB with its CUDA libraries) is not a test dependency, so this test is
 //! ignored by default. Run it with a Python that has torch:
-//! `DCGAN_TORCH_PYTHON=/path/to/venv/bin/python cargo test -p dcgan-cli --test convert_torch -- --ignored`
+//! `DCGAN_TORCH_PYTHON=/path/to/venv/bin/python cargo test -p dcgan-tool --test convert_torch -- --ignored`
 
 use std::path::Path;
 use std::process::Command;
@@ -29,7 +29,7 @@ fn s(p: &Path) -> &str {
 }
 
 #[test]
-#[ignore = "needs Python with PyTorch: DCGAN_TORCH_PYTHON=PATH cargo test -p dcgan-cli --test convert_torch -- --ignored"]
+#[ignore = "needs Python with PyTorch: DCGAN_TORCH_PYTHON=PATH cargo test -p dcgan-tool --test convert_torch -- --ignored"]
 fn a_pytorch_example_checkpoint_converts_both_ways() {
     let py = python();
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -47,7 +47,7 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 #[macro_export]
 macro_rules! bail_usage {
     ($($arg:tt)*) => {
-        return Err($crate::usage(format!($($arg)*)).into())
+        return Err($crate::exit::usage(format!($($arg)*)).into())
     };
 }
 

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::linear::{argmax, softmax_cross_entropy};
 
-/// Tags the cache file layout.
+/// Tags the cache file layout. (It names the crate this code first lived in, `dcgan-cli`; kept,
+/// so the classifiers cached before the move are still reused.)
 const FORMAT: &str = "dcgan-cli/fid-classifier-v1";
 
 /// Everything that determines the trained network: a cached file is reused only when its key is

@@ -14,10 +14,10 @@ use serde::Serialize;
 
 use crate::checkpoint_ref;
 use crate::features;
-use crate::fid_score::{ClassifierOptions, FidReference};
-use crate::latent::Latents;
-use crate::linear::{FitOptions, SoftmaxRegression, Standardiser};
-use crate::render::{self, BnStats};
+use dcgan_fid::fid_score::{ClassifierOptions, FidReference};
+use dcgan_fid::latent::Latents;
+use dcgan_fid::linear::{FitOptions, SoftmaxRegression, Standardiser};
+use dcgan_fid::render::{self, BnStats};
 
 #[derive(Subcommand, Debug)]
 pub enum EvaluateCommand {

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::checkpoint_ref;
-use crate::latent::{self, Latents};
-use crate::render::{self, BnStats};
+use dcgan_fid::latent::{self, Latents};
+use dcgan_fid::render::{self, BnStats};
 
 /// Arguments every command that starts from a set of generated samples shares.
 #[derive(Args, Debug, Clone)]

@@ -2,7 +2,7 @@
 //! `dcgan` commands accept (`OUT/checkpoints/step_NNNNNNNN/`). For the docs' example models,
 //! where the coordinator and its workers would add nothing but setup.
 //!
-//! cargo run --release -p dcgan-cli --example train_small -- \
+//! cargo run --release -p dcgan-tool --example train_small -- \
 //!     --dataset mnist:/work/shared/data/mnist --out runs/mnist --epochs 2 --ngf 32 --ndf 32
 
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
         epoch: a.epochs as u64,
         step_in_epoch: 0,
         seed: a.seed,
-        config: serde_json::json!({ "dataset": a.dataset.to_string(), "model": model, "batch": a.batch, "trainer": "cli/examples/train_small.rs" }),
+        config: serde_json::json!({ "dataset": a.dataset.to_string(), "model": model, "batch": a.batch, "trainer": "tool/examples/train_small.rs" }),
     };
     let dir = a.out.join("checkpoints").join(format!("step_{step:08}"));
     gan.save(&state)?.write_to_dir(&dir)?;

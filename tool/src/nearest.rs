@@ -14,8 +14,8 @@ use kernels::ops::matmul::{Gemm, Operand, Output, matmul};
 use crate::checkpoint_ref::{self, Source};
 use crate::features;
 use crate::generate::SampleArgs;
-use crate::latent;
-use crate::render;
+use dcgan_fid::latent;
+use dcgan_fid::render;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  \

@@ -12,8 +12,8 @@ use data::DatasetSpec;
 
 use crate::checkpoint_ref;
 use crate::features;
-use crate::latent;
-use crate::render::{self, BnStats};
+use dcgan_fid::latent;
+use dcgan_fid::render::{self, BnStats};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  \

@@ -11,8 +11,8 @@ use clap::Args;
 
 use crate::checkpoint_ref;
 use crate::generate::SampleArgs;
-use crate::latent::{self, Latents};
-use crate::render;
+use dcgan_fid::latent::{self, Latents};
+use dcgan_fid::render;
 
 #[derive(Args, Debug)]
 #[command(

@@ -1,14 +1,11 @@
 //! SIGTERM (how Kubernetes stops a pod) and Ctrl-C (SIGINT): the first asks for a clean stop,
-//! a second ends the process at once. Shared with the coordinator, which acts on them its own way.
-
-use std::sync::Arc;
-
-use crate::stop::StopRequest;
+//! a second ends the process at once. The coordinator and the worker listen with
+//! [`StopSignals`], and each acts on them its own way.
 
 /// Exit code of a process that stopped cleanly on request before its run's last step: 128 +
 /// SIGTERM, as a shell reports a process that SIGTERM ended, so a supervisor restarts it
 /// rather than taking the run for complete.
-pub const EXIT_STOPPED: u8 = dcgan_exit::STOPPED;
+pub const EXIT_STOPPED: u8 = crate::exit::STOPPED;
 
 /// The signals that ask for a stop, listened to from when this is made: a signal that arrives
 /// before is handled by its default action (the process ends).
@@ -40,15 +37,4 @@ impl StopSignals {
             "Ctrl-C"
         }
     }
-}
-
-/// A worker's handling: the first signal asks for a clean stop (the ranks agree on a step, rank
-/// 0 checkpoints it), the second exits at once.
-pub async fn watch(mut signals: StopSignals, request: Arc<StopRequest>) {
-    let name = signals.next().await;
-    tracing::warn!("{name}: finishing the current step, then stopping with a checkpoint (again to stop at once)");
-    request.set(format!("{name} received"));
-    let name = signals.next().await;
-    eprintln!("{name} received again: stopping at once");
-    std::process::exit(1);
 }

@@ -4,24 +4,19 @@
 //! getting better (FID on a trained classifier's features, D's features as a representation).
 //!
 //! Each module is one command or one piece of maths that commands share; the binary in
-//! `main.rs` only parses arguments and dispatches. The library is public so that other crates
-//! (the coordinator's `--eval-every`) can compute the same FID without shelling out.
+//! `main.rs` only parses arguments and dispatches. FID, the classifier it runs on, drawing
+//! latents and running the generator live in `dcgan-fid` (crate `fid/`), which the
+//! coordinator's `--eval-every` shares, so both compute the same FID.
 
 pub mod ablate;
 pub mod arithmetic;
 pub mod checkpoint_ref;
-pub mod classifier;
 pub mod convert;
 pub mod download;
 pub mod evaluate;
 pub mod features;
-pub mod fid;
-pub mod fid_score;
 pub mod generate;
 pub mod interpolate;
-pub mod latent;
-pub mod linear;
 pub mod nearest;
 pub mod prepare;
-pub mod render;
 pub mod visualize;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use dcgan_cli::download::{DownloadOptions, Downloadable, download};
+use dcgan_tool::download::{DownloadOptions, Downloadable, download};
 use sha2::{Digest, Sha256};
 
 const MNIST_NAMES: [&str; 4] = [

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dcgan_cli::{ablate, arithmetic, convert, evaluate, generate, interpolate, nearest, prepare, visualize};
+use dcgan_tool::{ablate, arithmetic, convert, evaluate, generate, interpolate, nearest, prepare, visualize};
 
 #[derive(Parser, Debug)]
 #[command(name = "dcgan", version, about = "Research tool for DCGAN checkpoints: the paper's experiments and FID")]
@@ -56,6 +56,6 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => dcgan_exit::report(&e),
+        Err(e) => dcgan_process::exit::report(&e),
     }
 }

@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::checkpoint_ref;
 use crate::generate::SampleArgs;
-use crate::latent;
-use crate::linear::{FitOptions, SoftmaxRegression, Standardiser};
-use crate::render;
+use dcgan_fid::latent;
+use dcgan_fid::linear::{FitOptions, SoftmaxRegression, Standardiser};
+use dcgan_fid::render;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \

@@ -14,8 +14,8 @@ use noise::Gaussian;
 
 use crate::checkpoint_ref;
 use crate::generate::SampleArgs;
-use crate::latent::{self, Latents};
-use crate::render;
+use dcgan_fid::latent::{self, Latents};
+use dcgan_fid::render;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Example (pick indices from `dcgan generate --seed 3` first):\n  \

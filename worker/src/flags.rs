@@ -6,7 +6,7 @@ use clap::Parser;
 /// data shard, trains synchronously with its peers (gradients averaged over a TCP ring),
 /// reports metrics and, as rank 0, uploads checkpoints.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "worker", version, about, long_about, after_long_help = dcgan_exit::EXIT_CODES_HELP)]
+#[command(name = "worker", version, about, long_about, after_long_help = dcgan_process::exit::EXIT_CODES_HELP)]
 pub struct Cli {
     /// The coordinator's gRPC address: host:port as it prints it (and writes to
     /// RUN_DIR/coordinator.addr), or http://host:port, or https://host:port. A bare host:port
@@ -88,8 +88,8 @@ pub struct Cli {
     pub metrics_linger: u64,
 
     /// Log lines as `pretty` text or `json` objects (`RUST_LOG` filters them).
-    #[arg(long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Pretty)]
-    pub log_format: crate::telemetry::LogFormat,
+    #[arg(long, env = "DCGAN_LOG_FORMAT", value_enum, default_value_t = dcgan_process::telemetry::LogFormat::Pretty)]
+    pub log_format: dcgan_process::telemetry::LogFormat,
 
     /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317). Off when
     /// neither this nor OTEL_EXPORTER_OTLP_ENDPOINT is set.
