@@ -405,7 +405,7 @@ mod tests {
         let (mut c, explicit) = cli(&["--max-steps", "8"]);
         merge_for_resume(&mut c, &explicit, &prev).unwrap();
         assert_eq!((c.ngf, c.max_steps), (16, Some(8)));
-        assert_eq!(c.precision, "f32");
+        assert_eq!(c.precision.to_string(), "f32");
         let (mut c, explicit) = cli(&["--ngf", "32", "--seed", "1", "--precision", "bf16"]);
         let e = merge_for_resume(&mut c, &explicit, &prev).unwrap_err().to_string();
         assert!(e.contains("--ngf 32") && e.contains("--seed 1") && e.contains("--precision \"bf16\""), "{e}");
@@ -420,7 +420,7 @@ mod tests {
                 .unwrap();
         json.as_object_mut().unwrap().remove("precision");
         let back: RunConfig = serde_json::from_value(json).unwrap();
-        assert_eq!(back.precision, "f32");
+        assert_eq!(back.precision.to_string(), "f32");
     }
 
     #[test]

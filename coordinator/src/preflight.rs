@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use data::DatasetSpec;
-use tokio::net::TcpListener;
 use dcgan_process::signals::StopSignals;
 use dcgan_process::telemetry::{HttpAccess, Https, MetricsListener};
+use tokio::net::TcpListener;
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::config::{ConfigError, DatasetFacts, DeviceChoice, RunConfig, merge_for_resume};
@@ -65,7 +65,9 @@ pub async fn prepare(mut cli: Cli, explicit: Explicit, progress: Progress) -> an
     let worker_bin = match cli.external_workers {
         true => None,
         // Only a --worker-bin that names no binary fails here: a usage error.
-        false => Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_process::exit::usage(e.to_string()))?),
+        false => {
+            Some(resolve_worker_bin(cli.worker_bin.as_deref()).map_err(|e| dcgan_process::exit::usage(e.to_string()))?)
+        }
     };
     let gpus = check_flags(&cli)?;
 

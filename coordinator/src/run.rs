@@ -851,7 +851,12 @@ pub(crate) mod tests {
     }
 
     fn store_checkpoint(run: &Run, step: u64, tmp: &tempfile::TempDir) -> Option<GridNames> {
-        let header = v1::CheckpointHeader { step, epoch: (step - 1) / 2, r#final: step == run.config.total_steps, ..Default::default() };
+        let header = v1::CheckpointHeader {
+            step,
+            epoch: (step - 1) / 2,
+            r#final: step == run.config.total_steps,
+            ..Default::default()
+        };
         let stored = StoredCheckpoint { step, dir: tmp.path().join(format!("step_{step:08}")), total_size: 1 };
         run.checkpoint_stored(&header, &stored, Vec::new())
     }
