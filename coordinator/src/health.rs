@@ -174,30 +174,36 @@ impl Health {
 /// renderer (mode collapse) and `GetStatus`. Every change is logged as a warning at its onset
 /// and exported to Prometheus.
 #[derive(Clone)]
-pub struct HealthMonitor(Arc<Mutex<Health>>);
+pub struct HealthMonitor(Arc<Mutex<Watched>>);
+
+/// The signals, and since when D has stopped winning (for the all-clear).
+struct Watched {
+    health: Health,
+    not_won_since: Option<u64>,
+}
 
 impl HealthMonitor {
     pub fn new(config: HealthConfig) -> Self {
-        Self(Arc::new(Mutex::new(Health::new(config))))
+        Self(Arc::new(Mutex::new(Watched { health: Health::new(config), not_won_since: None })))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets the mean pairwise distance of the real sample grid (mode collapse's yardstick).
     pub fn set_real_distance(&self, distance: f64) {
-        let mut health = self.lock();
+        let health = &mut self.lock().health;
         health.real_distance = Some(distance);
-        crate::observability::record_health(&health);
+        crate::observability::record_health(health);
     }
 
     /// Takes the mean pairwise distance of the fixed-noise grid drawn at the end of `epoch`.
     pub fn observe_samples(&self, epoch: u64, distance: f64) {
         let onset = {
-            let mut health = self.lock();
+            let health = &mut self.lock().health;
             let onset = health.observe_samples(epoch, distance);
-            crate::observability::record_health(&health);
+            crate::observability::record_health(health);
             onset
         };
         if let Some(w) = onset {
@@ -207,26 +213,40 @@ impl HealthMonitor {
 
     /// The signals as `GetStatus` shows them.
     pub fn to_proto(&self) -> v1::GanHealth {
-        self.lock().to_proto()
+        self.lock().health.to_proto()
     }
 }
 
 impl StepSink for HealthMonitor {
     fn take(&mut self, record: &StepRecord) -> anyhow::Result<()> {
         let (onsets, recovered) = {
-            let mut health = self.lock();
-            let was_won = health.d_won();
-            let onsets = health.observe_step(record);
-            crate::observability::record_health(&health);
-            (onsets, was_won && !health.d_won())
+            let mut watched = self.lock();
+            let was_won = watched.health.d_won();
+            let onsets = watched.health.observe_step(record);
+            crate::observability::record_health(&watched.health);
+            // An early win often passes (a young G's images are easy to tell apart): once D has
+            // not won for a whole window, say so, so that the warning is not read as the run's
+            // verdict. A window, so that a mean hovering at the threshold says it once.
+            let window = watched.health.config.d_won_steps.max(1);
+            watched.not_won_since = match (watched.health.d_won(), was_won, watched.not_won_since) {
+                (true, _, _) => None,
+                (false, true, _) => Some(record.step),
+                (false, false, since) => since,
+            };
+            let recovered = watched.not_won_since.is_some_and(|since| record.step >= since + window);
+            if recovered {
+                watched.not_won_since = None;
+            }
+            (onsets, recovered)
         };
         for w in onsets {
             tracing::warn!(step = record.step, "GAN health: {w}");
         }
-        // An early win often passes (a young G's images are easy to tell apart): say so, so a
-        // warning in the log is not read as the run's verdict.
         if recovered {
-            tracing::info!(step = record.step, "GAN health: the discriminator no longer wins; G is learning again");
+            tracing::info!(
+                step = record.step,
+                "GAN health: the discriminator has not won for a while; G is learning again"
+            );
         }
         Ok(())
     }
@@ -323,5 +343,24 @@ mod tests {
         assert!(fresh.observe_samples(COLLAPSE_GRACE_EPOCHS, mean_pairwise_distance(&collapsed, 3)).is_some());
         assert!(h.mode_collapse() && h.to_proto().mode_collapse);
         assert_eq!(h.to_proto().samples_epoch, 1);
+    }
+
+    #[test]
+    fn the_monitor_gives_the_all_clear_once_d_has_not_won_for_a_window() {
+        use crate::step_feed::StepSink;
+        let mut monitor = HealthMonitor::new(HealthConfig { d_won_steps: 4, collapse_fraction: 0.2 });
+        let step = |step, d_x, d_g_z2| StepRecord { step, d_x, d_g_z2, ..Default::default() };
+        for s in 1..=4 {
+            monitor.take(&step(s, 0.99, 0.001)).unwrap();
+        }
+        assert!(monitor.to_proto().d_won);
+        for s in 5..=7 {
+            monitor.take(&step(s, 0.5, 0.5)).unwrap();
+        }
+        assert!(!monitor.to_proto().d_won);
+        assert!(monitor.lock().not_won_since.is_some(), "the all-clear waits for a whole window");
+        monitor.take(&step(8, 0.5, 0.5)).unwrap();
+        monitor.take(&step(9, 0.5, 0.5)).unwrap();
+        assert_eq!(monitor.lock().not_won_since, None, "said once");
     }
 }
