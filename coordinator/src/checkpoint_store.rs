@@ -39,6 +39,26 @@ pub struct StoredCheckpoint {
     pub total_size: u64,
 }
 
+impl StoredCheckpoint {
+    /// Its directory relative to the run directory (`checkpoints/step_NNNNNNNN`).
+    pub fn relative_dir(&self) -> String {
+        let mut parts: Vec<String> =
+            self.dir.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// The checkpoint as `GetStatus` lists it, in the epoch its step ends or falls in.
+    pub fn info(&self, steps_per_epoch: u64) -> proto::v1::CheckpointInfo {
+        proto::v1::CheckpointInfo {
+            step: self.step,
+            epoch: self.step.saturating_sub(1) / steps_per_epoch.max(1),
+            path: self.relative_dir(),
+            total_size: self.total_size,
+        }
+    }
+}
+
 /// The checkpoints of one run, newest last, keeping at most `keep` of them.
 #[derive(Clone, Debug)]
 pub struct CheckpointStore {

@@ -182,7 +182,7 @@ impl Generation {
                 config.total_steps,
             ),
             store: ctx.store.clone(),
-            checkpoints: checkpoint_infos(&ctx.store, config)?,
+            checkpoints: ctx.store.list()?.iter().map(|c| c.info(config.steps_per_epoch)).collect(),
             run_dir: dir.root().display().to_string(),
             world: plan.world,
             feed,
@@ -249,7 +249,7 @@ impl Generation {
             dir: dir.samples(),
             seed: config.seed,
             health,
-            tensorboard: cli.tensorboard.is_some().then(|| tensorboard.clone()),
+            tensorboard: tensorboard.clone(),
             evaluations: evaluator.is_some().then(|| (eval_tx, settings.clone())),
         }
         .spawn(grid_requests);
@@ -453,20 +453,6 @@ async fn stop_serving(
             let _ = server.await;
         }
     }
-}
-
-/// The stored checkpoints as `GetStatus` lists them.
-fn checkpoint_infos(store: &CheckpointStore, config: &RunConfig) -> anyhow::Result<Vec<proto::v1::CheckpointInfo>> {
-    Ok(store
-        .list()?
-        .iter()
-        .map(|c| proto::v1::CheckpointInfo {
-            step: c.step,
-            epoch: c.step.saturating_sub(1) / config.steps_per_epoch.max(1),
-            path: format!("checkpoints/{}", CheckpointStore::dir_name(c.step)),
-            total_size: c.total_size,
-        })
-        .collect())
 }
 
 /// How this generation's workers are launched.

@@ -75,7 +75,7 @@ pub struct Renderer {
     pub dir: PathBuf,
     pub seed: u64,
     pub health: HealthMonitor,
-    pub tensorboard: Option<TensorBoard>,
+    pub tensorboard: TensorBoard,
     /// `--eval-every`: the evaluator's queue and when it is due.
     pub evaluations: Option<(mpsc::UnboundedSender<EvalRequest>, EvalSettings)>,
 }
@@ -110,11 +110,11 @@ impl Renderer {
             if epoch_grid {
                 self.health.observe_samples(epoch, grid.diversity);
             }
-            if let Some(tb) = &self.tensorboard {
+            if self.tensorboard.is_on() {
                 let png =
                     tokio::fs::read(&grid.path).await.with_context(|| format!("reading {}", grid.path.display()))?;
                 // Grids are RGB (gray images are drawn as gray RGB).
-                tb.grid(step, &png, grid.size, 3);
+                self.tensorboard.grid(step, &png, grid.size, 3);
             }
         }
         Ok(())

@@ -205,20 +205,12 @@ impl Coordinator for CoordinatorService {
             }
             store_status(e)
         })?;
-        let infos = all
-            .iter()
-            .map(|c| v1::CheckpointInfo {
-                step: c.step,
-                epoch: c.step.saturating_sub(1) / self.run.config.steps_per_epoch.max(1),
-                path: relative_path(&c.dir),
-                total_size: c.total_size,
-            })
-            .collect();
+        let infos = all.iter().map(|c| c.info(self.run.config.steps_per_epoch)).collect();
         if let Some(names) = self.run.checkpoint_stored(&header, &stored, infos) {
             let (epoch, is_final) = (header.epoch, header.r#final);
             self.view.samples.request(GridRequest { step: stored.step, epoch, is_final, names, files });
         }
-        Ok(Response::new(v1::UploadCheckpointResponse { path: relative_path(&stored.dir) }))
+        Ok(Response::new(v1::UploadCheckpointResponse { path: stored.relative_dir() }))
     }
 
     type DownloadCheckpointStream = RpcStream<v1::CheckpointChunk>;
@@ -313,14 +305,6 @@ fn record_who(rank: usize, step: Option<u64>) {
     if let Some(step) = step {
         span.record("step", step);
     }
-}
-
-/// A checkpoint directory relative to the run directory (`checkpoints/step_NNNNNNNN`).
-fn relative_path(dir: &std::path::Path) -> String {
-    let mut parts: Vec<String> =
-        dir.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
-    parts.reverse();
-    parts.join("/")
 }
 
 /// Why the server could not be built or stopped serving.

@@ -128,46 +128,44 @@ mod tests {
         StepRecord { step, ..Default::default() }
     }
 
+    /// Feeds steps `1..=last` to `sinks` and closes the feed; the failures it reported.
+    async fn feed_steps(sinks: Vec<Box<dyn StepSink>>, last: u64) -> Vec<String> {
+        let (feed, queue) = StepFeed::channel();
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let f = Arc::clone(&failures);
+        let task = spawn(queue, sinks, move |why| f.lock().unwrap().push(why));
+        for step in 1..=last {
+            feed.send(record(step));
+        }
+        feed.close();
+        feed.send(record(last + 1));
+        task.await.unwrap();
+        Arc::try_unwrap(failures).unwrap().into_inner().unwrap()
+    }
+
     #[tokio::test]
     async fn every_sink_sees_every_step_in_order_then_closes() {
-        let (feed, queue) = StepFeed::channel();
         let (a, b) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
         let closed = Arc::new(Mutex::new(false));
         let sinks: Vec<Box<dyn StepSink>> = vec![
             Box::new(Keep { seen: Arc::clone(&a), fail_at: None, closed: Arc::clone(&closed) }),
             Box::new(Keep { seen: Arc::clone(&b), fail_at: None, closed: Arc::new(Mutex::new(false)) }),
         ];
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let f = Arc::clone(&failures);
-        let task = spawn(queue, sinks, move |why| f.lock().unwrap().push(why));
-        for step in 1..=5 {
-            feed.send(record(step));
-        }
-        feed.close();
-        feed.send(record(6));
-        task.await.unwrap();
+        let failures = feed_steps(sinks, 5).await;
         assert_eq!(*a.lock().unwrap(), [1, 2, 3, 4, 5]);
         assert_eq!(*b.lock().unwrap(), [1, 2, 3, 4, 5]);
         assert!(*closed.lock().unwrap());
-        assert!(failures.lock().unwrap().is_empty());
+        assert!(failures.is_empty());
     }
 
     #[tokio::test]
     async fn a_sink_error_fails_the_run_once_with_its_message() {
-        let (feed, queue) = StepFeed::channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sinks: Vec<Box<dyn StepSink>> =
             vec![Box::new(Keep { seen: Arc::clone(&seen), fail_at: Some(3), closed: Arc::new(Mutex::new(false)) })];
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let f = Arc::clone(&failures);
-        let task = spawn(queue, sinks, move |why| f.lock().unwrap().push(why));
-        for step in 1..=5 {
-            feed.send(record(step));
-        }
-        feed.close();
-        task.await.unwrap();
+        let failures = feed_steps(sinks, 5).await;
         assert_eq!(*seen.lock().unwrap(), [1, 2]);
-        assert_eq!(*failures.lock().unwrap(), ["cannot keep step 3"]);
+        assert_eq!(failures, ["cannot keep step 3"]);
     }
 
     #[tokio::test]

@@ -180,6 +180,11 @@ impl TensorBoard {
         Self(std::sync::Arc::new(std::sync::Mutex::new(writer)))
     }
 
+    /// Whether the run writes TensorBoard files.
+    pub fn is_on(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Runs `write` on the writer, if there is one, and logs its error.
     fn with(&self, write: impl FnOnce(&mut TensorBoardWriter) -> Result<(), TensorBoardError>) {
         if let Some(tb) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
