@@ -88,6 +88,10 @@ pub struct RunConfig {
     /// `f32` or `bf16`; older run.json files have none (f32).
     #[serde(default)]
     pub precision: kernels::Precision,
+    /// Where launched workers train: `auto`, `cpu` or `cuda`; older run.json files have none
+    /// (auto). A resume keeps it unless `--device` is given.
+    #[serde(default)]
+    pub device: DeviceChoice,
     pub external_workers: bool,
     /// How launched workers get their samples; older run.json files have none (auto).
     #[serde(default)]
@@ -117,7 +121,8 @@ fn default_eval_count() -> u32 {
 }
 
 /// Where launched workers train (`--device`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// One GPU each when a CUDA driver sees at least `--workers` GPUs, else the CPU.
     #[default]
@@ -242,6 +247,7 @@ impl RunConfig {
             checksum_every: cli.checksum_every,
             sync_bn: cli.sync_bn,
             precision: cli.precision,
+            device: cli.device,
             external_workers: cli.external_workers,
             worker_data: cli.worker_data,
             prepared_dir: data.prepared.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
@@ -351,6 +357,7 @@ pub fn merge_for_resume(cli: &mut Cli, explicit: &Explicit, previous: &RunConfig
         checksum_every <- previous.checksum_every,
         external_workers <- previous.external_workers,
         worker_data <- previous.worker_data,
+        device <- previous.device,
         worker_threads <- Some(previous.worker_threads),
         heartbeat_timeout <- previous.heartbeat_timeout_secs,
         eval_every <- previous.eval_every,
@@ -421,6 +428,26 @@ mod tests {
         json.as_object_mut().unwrap().remove("precision");
         let back: RunConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back.precision.to_string(), "f32");
+    }
+
+    /// The launch device is part of run.json: a resume keeps it, `--device` changes it, and a
+    /// run.json from before the setting reads as `auto`.
+    #[test]
+    fn the_launch_device_is_recorded_and_a_resume_keeps_it_unless_told() {
+        let (c, _) = cli(&["--device", "cpu"]);
+        let prev = RunConfig::from_cli(&c, &facts(), "r".into(), "t".into()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&prev.to_json()).unwrap();
+        assert_eq!(json["device"], "cpu");
+        let (mut c, explicit) = cli(&[]);
+        merge_for_resume(&mut c, &explicit, &prev).unwrap();
+        assert_eq!(c.device, DeviceChoice::Cpu);
+        let (mut c, explicit) = cli(&["--device", "cuda"]);
+        merge_for_resume(&mut c, &explicit, &prev).unwrap();
+        assert_eq!(c.device, DeviceChoice::Cuda);
+        let mut json = json;
+        json.as_object_mut().unwrap().remove("device");
+        let back: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.device, DeviceChoice::Auto);
     }
 
     #[test]

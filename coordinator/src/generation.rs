@@ -346,7 +346,7 @@ impl Generation {
                         self.tensorboard.flush();
                     }
                     run.check_heartbeats(heartbeat_timeout);
-                    run.record_liveness(heartbeat_timeout);
+                    crate::observability::record_liveness(&run.liveness(heartbeat_timeout));
                     if rejoining && run.world() > min_workers && opened.elapsed() >= rejoin_wait {
                         regroup_if_short(&run, min_workers, rejoin_wait);
                     }
@@ -388,7 +388,7 @@ impl Generation {
         if failed {
             run.mark_unfinished_failed();
         }
-        run.record_liveness(Duration::from_secs(run.config.heartbeat_timeout_secs));
+        crate::observability::record_liveness(&run.liveness(Duration::from_secs(run.config.heartbeat_timeout_secs)));
         // Every step aggregated so far reaches its outputs.
         run.close_feed();
         if let Err(e) = self.feed.await {

@@ -244,7 +244,7 @@ pub fn status_json(s: &v1::RunStatus, grids: &[String]) -> Value {
                 "state": v1::WorkerState::try_from(w.state).map(|x| x.as_str_name()).unwrap_or("WORKER_STATE_UNSPECIFIED"),
                 "hostname": w.hostname,
                 "pid": w.pid,
-                "device": w.device,
+                "device": w.device.map(|d| d.to_string()).unwrap_or_default(),
                 "last_step": w.last_step,
                 "seconds_since_heartbeat": w.seconds_since_heartbeat,
             })

@@ -164,15 +164,24 @@ pub struct RankLiveness {
     pub heartbeat_age_seconds: f64,
 }
 
-/// Records the periodic gauges (every second from the main loop).
-pub fn record_liveness(alive: usize, ranks: &[RankLiveness], checkpoint_age_seconds: Option<f64>) {
-    gauge!(WORKERS_ALIVE).set(alive as f64);
-    for r in ranks {
+/// Who is alive at one moment ([`crate::run::Run::liveness`]).
+pub struct Liveness {
+    /// Workers joined, neither finished nor failed, heard from within the heartbeat timeout.
+    pub alive: usize,
+    pub ranks: Vec<RankLiveness>,
+    /// Seconds since the last stored checkpoint, once there is one.
+    pub checkpoint_age_seconds: Option<f64>,
+}
+
+/// Records the periodic gauges (every second from the generation's watch loop).
+pub fn record_liveness(liveness: &Liveness) {
+    gauge!(WORKERS_ALIVE).set(liveness.alive as f64);
+    for r in &liveness.ranks {
         let rank = r.rank.to_string();
         gauge!(RANK_STEP, "rank" => rank.clone()).set(r.step as f64);
         gauge!(RANK_HEARTBEAT_AGE, "rank" => rank).set(r.heartbeat_age_seconds);
     }
-    if let Some(age) = checkpoint_age_seconds {
+    if let Some(age) = liveness.checkpoint_age_seconds {
         gauge!(CHECKPOINT_AGE).set(age);
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, watch};
 use crate::checkpoint_store::{CheckpointStore, StoredCheckpoint};
 use crate::config::RunConfig;
 use crate::metrics_log::{RankReport, StepAggregator, StepRecord};
-use crate::observability::{self, RankLiveness};
+use crate::observability::{Liveness, RankLiveness};
 use crate::run_dir::unix_ms;
 use crate::samples::GridNames;
 use crate::shard_server::ShardServer;
@@ -91,7 +91,8 @@ pub enum RunError {
 struct WorkerSlot {
     hostname: String,
     pid: u32,
-    device: String,
+    /// As the worker said it at join (checked by [`joined_device`]).
+    device: v1::ComputeDevice,
     ring_address: Option<String>,
     state: v1::WorkerState,
     last_seen: Instant,
@@ -354,11 +355,9 @@ impl Run {
         Ok(id.rank as usize)
     }
 
-    /// Gives a worker a rank: the one it asks for, or the lowest free one.
     /// Why a worker on `device` (as it reported it at join) cannot train this run: the same
     /// rule the coordinator applies before launching GPU workers, for workers it did not launch.
-    fn device_refusal(&self, device: &str) -> Option<String> {
-        let device: kernels::Device = device.parse().ok()?;
+    fn device_refusal(&self, device: kernels::Device) -> Option<String> {
         let demands = kernels::RunDemands {
             precision: self.config.precision,
             sync_batch_norm: self.config.sync_bn,
@@ -367,8 +366,10 @@ impl Run {
         device.refusal(&demands)
     }
 
+    /// Gives a worker a rank: the one it asks for, or the lowest free one.
     pub fn join(&self, req: &v1::JoinRequest) -> Result<v1::JoinResponse, RunError> {
         self.refuse_if_over()?;
+        let device = joined_device(req.device.as_ref())?;
         if *self.phase.borrow() != Phase::WaitingForWorkers {
             return Err(RunError::Formed);
         }
@@ -386,7 +387,7 @@ impl Run {
         } else {
             inner.workers.iter().position(Option::is_none).ok_or(RunError::WorldFull(world))? as u32
         };
-        if let Some(why) = self.device_refusal(&req.device) {
+        if let Some(why) = self.device_refusal(device) {
             drop(inner);
             // Not a restartable failure: every new generation would be refused the same way.
             let reason = format!("rank {rank} (host {}) cannot train this run: {why}", req.hostname);
@@ -396,7 +397,7 @@ impl Run {
         inner.workers[rank as usize] = Some(WorkerSlot {
             hostname: req.hostname.clone(),
             pid: req.pid,
-            device: req.device.clone(),
+            device: req.device.unwrap_or_default(),
             ring_address: None,
             state: v1::WorkerState::Joined,
             last_seen: Instant::now(),
@@ -405,7 +406,7 @@ impl Run {
             final_checksum: None,
             stopped: false,
         });
-        tracing::info!(rank, host = %req.hostname, pid = req.pid, device = %req.device, "worker joined");
+        tracing::info!(rank, host = %req.hostname, pid = req.pid, %device, "worker joined");
         Ok(v1::JoinResponse {
             id: Some(WorkerId { run_id: self.config.run_id.clone(), generation: self.config.generation, rank }),
             world_size: world,
@@ -560,7 +561,6 @@ impl Run {
             inner.last_stored_step = Some(inner.last_stored_step.unwrap_or(0).max(stored.step));
             inner.last_checkpoint_at = Some(Instant::now());
         }
-        observability::record_checkpoint(stored.step, stored.total_size);
         tracing::info!(step = stored.step, dir = %stored.dir.display(), bytes = stored.total_size, "checkpoint stored");
         let every = self.config.sample_every;
         let names = GridNames {
@@ -693,9 +693,9 @@ impl Run {
         self.lock().latest = latest;
     }
 
-    /// Refreshes the periodic gauges: workers alive (joined, not finished or failed, heard from
-    /// within `timeout`), each rank's step and heartbeat age, the checkpoint's age.
-    pub fn record_liveness(&self, timeout: Duration) {
+    /// Who is alive now (joined, not finished or failed, heard from within `timeout`), each
+    /// rank's step and heartbeat age, the checkpoint's age: what the periodic gauges show.
+    pub fn liveness(&self, timeout: Duration) -> Liveness {
         let inner = self.lock();
         let over = self.phase().is_over();
         let mut alive = 0;
@@ -708,7 +708,7 @@ impl Run {
             }
             ranks.push(RankLiveness { rank, step: w.last_step, heartbeat_age_seconds: age.as_secs_f64() });
         }
-        observability::record_liveness(alive, &ranks, inner.last_checkpoint_at.map(|t| t.elapsed().as_secs_f64()));
+        Liveness { alive, ranks, checkpoint_age_seconds: inner.last_checkpoint_at.map(|t| t.elapsed().as_secs_f64()) }
     }
 
     /// Marks every worker that had not finished as failed (after the run failed).
@@ -743,7 +743,7 @@ impl Run {
                     state: w.state as i32,
                     hostname: w.hostname.clone(),
                     pid: w.pid,
-                    device: w.device.clone(),
+                    device: Some(w.device),
                     ring_address: w.ring_address.clone().unwrap_or_default(),
                     last_heartbeat_unix_ms: w.last_seen_unix_ms,
                     seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
@@ -794,6 +794,22 @@ pub fn to_proto_metrics(r: &StepRecord) -> v1::StepMetrics {
     }
 }
 
+/// The device a joining worker says it computes on; a join without one (or with a kind this
+/// coordinator does not know) is refused rather than guessed.
+fn joined_device(device: Option<&v1::ComputeDevice>) -> Result<kernels::Device, RunError> {
+    let Some(device) = device else {
+        return Err(RunError::Invalid("the join request names no compute device (its `device` field)".into()));
+    };
+    match v1::DeviceKind::try_from(device.kind) {
+        Ok(v1::DeviceKind::Cpu) => Ok(kernels::Device::Cpu),
+        Ok(v1::DeviceKind::Cuda) => Ok(kernels::Device::Cuda(device.index as usize)),
+        _ => Err(RunError::Invalid(format!(
+            "the join request's compute device has kind {}, which is neither CPU nor CUDA",
+            device.kind
+        ))),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use clap::Parser;
@@ -827,7 +843,13 @@ pub(crate) mod tests {
     }
 
     fn join(run: &Run, requested_rank: i32) -> Result<u32, RunError> {
-        let req = v1::JoinRequest { hostname: "h".into(), pid: 1, device: "cpu".into(), threads: 1, requested_rank };
+        let req = v1::JoinRequest {
+            hostname: "h".into(),
+            pid: 1,
+            device: Some(v1::ComputeDevice::cpu()),
+            threads: 1,
+            requested_rank,
+        };
         run.join(&req).map(|r| r.id.unwrap().rank)
     }
 
@@ -871,6 +893,21 @@ pub(crate) mod tests {
         assert_eq!(join(&run, -1), Err(RunError::WorldFull(2)));
         assert_eq!(run.joined_and_ready(), (2, 0));
         assert_eq!(run.phase(), Phase::WaitingForWorkers);
+    }
+
+    #[test]
+    fn a_join_must_name_a_device_the_coordinator_knows_and_its_gpu_is_shown_as_given() {
+        let (run, _queue, _tmp) = generation(2, 4);
+        let mut req = v1::JoinRequest { hostname: "h".into(), pid: 1, device: None, threads: 1, requested_rank: -1 };
+        assert!(matches!(run.join(&req), Err(RunError::Invalid(m)) if m.contains("names no compute device")));
+        req.device = Some(v1::ComputeDevice { kind: 7, index: 0 });
+        assert!(matches!(run.join(&req), Err(RunError::Invalid(m)) if m.contains("kind 7")));
+        assert_eq!(run.joined_and_ready(), (0, 0), "a refused join takes no rank");
+        assert_eq!(run.phase(), Phase::WaitingForWorkers, "and does not fail the run");
+        req.device = Some(v1::ComputeDevice::cuda(3));
+        assert_eq!(run.join(&req).unwrap().id.unwrap().rank, 0);
+        let shown = run.status().workers[0].device;
+        assert_eq!(shown.map(|d| d.to_string()).as_deref(), Some("cuda:3"));
     }
 
     #[test]
@@ -928,6 +965,26 @@ pub(crate) mod tests {
         assert_eq!(run.phase(), Phase::Completed);
         assert!(!run.fail("late echo"), "the end is final");
         assert_eq!(run.phase(), Phase::Completed);
+    }
+
+    #[test]
+    fn liveness_counts_the_ranks_still_training_and_none_once_the_run_is_over() {
+        let (run, _queue, tmp) = running(2, 2);
+        let minute = Duration::from_secs(60);
+        let now = run.liveness(minute);
+        assert_eq!((now.alive, now.ranks.len(), now.checkpoint_age_seconds), (2, 2, None));
+        for step in 1..=2 {
+            report(&run, 0, step).unwrap();
+            report(&run, 1, step).unwrap();
+        }
+        store_checkpoint(&run, 2, &tmp).unwrap();
+        run.finish(0, &finish(2, 42));
+        let now = run.liveness(minute);
+        assert_eq!(now.alive, 1, "rank 0 finished");
+        assert_eq!(now.ranks.iter().map(|r| r.step).collect::<Vec<_>>(), [2, 2]);
+        assert!(now.checkpoint_age_seconds.is_some_and(|age| age < 60.0));
+        run.finish(1, &finish(2, 42));
+        assert_eq!(run.liveness(minute).alive, 0);
     }
 
     #[test]

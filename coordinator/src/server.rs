@@ -205,6 +205,7 @@ impl Coordinator for CoordinatorService {
             }
             store_status(e)
         })?;
+        crate::observability::record_checkpoint(stored.step, stored.total_size);
         let infos = all.iter().map(|c| c.info(self.run.config.steps_per_epoch)).collect();
         if let Some(names) = self.run.checkpoint_stored(&header, &stored, infos) {
             let (epoch, is_final) = (header.epoch, header.r#final);
@@ -410,7 +411,7 @@ mod tests {
         let join = |rank: i32| v1::JoinRequest {
             hostname: "test".into(),
             pid: 7,
-            device: "cpu".into(),
+            device: Some(v1::ComputeDevice::cpu()),
             threads: 1,
             requested_rank: rank,
         };

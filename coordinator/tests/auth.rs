@@ -109,7 +109,7 @@ async fn open_status_lets_reads_through_and_nothing_else() {
     let join = proto::v1::JoinRequest {
         hostname: "intruder".into(),
         pid: 1,
-        device: "cpu".into(),
+        device: Some(proto::v1::ComputeDevice::cpu()),
         threads: 1,
         requested_rank: -1,
     };

@@ -24,7 +24,13 @@ fn external_args(workers: u32, run_dir: &Path) -> Vec<String> {
 }
 
 fn join_request() -> v1::JoinRequest {
-    v1::JoinRequest { hostname: "test".into(), pid: 1, device: "cpu".into(), threads: 1, requested_rank: -1 }
+    v1::JoinRequest {
+        hostname: "test".into(),
+        pid: 1,
+        device: Some(v1::ComputeDevice::cpu()),
+        threads: 1,
+        requested_rank: -1,
+    }
 }
 
 /// Three fake workers join, meet, and read two epochs of shards: every sample exactly once per

@@ -11,7 +11,13 @@ use std::time::Duration;
 use tonic::Code;
 
 fn join(rank: i32) -> v1::JoinRequest {
-    v1::JoinRequest { hostname: "test".into(), pid: 1, device: "cpu".into(), threads: 1, requested_rank: rank }
+    v1::JoinRequest {
+        hostname: "test".into(),
+        pid: 1,
+        device: Some(v1::ComputeDevice::cpu()),
+        threads: 1,
+        requested_rank: rank,
+    }
 }
 
 fn report(id: &WorkerId, step: u64) -> v1::ReportStepRequest {
@@ -135,7 +141,7 @@ async fn a_gpu_worker_that_cannot_train_the_run_fails_it_at_join_without_a_resta
     let mut coordinator = Running::start(&args, &run_dir);
     let mut c = CoordinatorClient::connect(coordinator.url()).await.expect("connect");
     let mut gpu = join(-1);
-    gpu.device = "cuda:0".into();
+    gpu.device = Some(v1::ComputeDevice::cuda(0));
     let message = expect(c.join(gpu).await, Code::Aborted, "a GPU worker in a sync-BN run of 2");
     assert!(message.contains("--sync-bn is not implemented on GPUs and this run has 2 ranks"), "{message}");
     let f = coordinator.child.take().map(|child| wait_output(child, Duration::from_secs(120))).expect("child");

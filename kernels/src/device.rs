@@ -124,6 +124,50 @@ impl Device {
     }
 }
 
+/// `--device` on the command line: the same [`FromStr`] and its error, with the accepted forms
+/// listed in `--help` and shell completions. Not a `clap::ValueEnum`, whose values are a fixed
+/// list: `cuda:N` carries the GPU's index.
+#[cfg(feature = "clap")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceParser;
+
+#[cfg(feature = "clap")]
+impl clap::builder::TypedValueParser for DeviceParser {
+    type Value = Device;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Device, clap::Error> {
+        let from_str = |text: &str| text.parse::<Device>();
+        from_str.parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        use clap::builder::PossibleValue;
+        Some(Box::new(
+            [
+                PossibleValue::new("auto").help("The first GPU if a CUDA driver sees one, else the CPU"),
+                PossibleValue::new("cpu"),
+                PossibleValue::new("cuda").help("GPU 0"),
+                PossibleValue::new("cuda:N").help("GPU N among the visible ones (CUDA_VISIBLE_DEVICES applies)"),
+            ]
+            .into_iter(),
+        ))
+    }
+}
+
+#[cfg(feature = "clap")]
+impl clap::builder::ValueParserFactory for Device {
+    type Parser = DeviceParser;
+
+    fn value_parser() -> DeviceParser {
+        DeviceParser
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +216,26 @@ mod tests {
         for cpu in [Device::Cpu, Device::Auto] {
             assert_eq!(cpu.refusal(&run(Precision::Bf16, true, 4)), None);
         }
+    }
+
+    #[cfg(feature = "clap")]
+    #[test]
+    fn the_flag_parses_like_from_str_lists_its_forms_and_names_a_bad_value() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct Flags {
+            #[arg(long, default_value = "auto")]
+            device: Device,
+        }
+        assert_eq!(Flags::try_parse_from(["w", "--device", "cuda:2"]).unwrap().device, Device::Cuda(2));
+        assert_eq!(Flags::try_parse_from(["w"]).unwrap().device, Device::Auto);
+        let e = Flags::try_parse_from(["w", "--device", "gpu"]).unwrap_err().to_string();
+        assert!(
+            e.contains("'gpu'") && e.contains("--device") && e.contains("expected auto, cpu, cuda or cuda:N"),
+            "{e}"
+        );
+        let mut cmd = <Flags as clap::CommandFactory>::command();
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("cuda:N") && help.contains("CUDA_VISIBLE_DEVICES"), "{help}");
     }
 }

@@ -43,3 +43,25 @@ impl std::fmt::Display for v1::WorkerId {
         write!(f, "rank {} (run {}, generation {})", self.rank, self.run_id, self.generation)
     }
 }
+
+impl v1::ComputeDevice {
+    pub fn cpu() -> Self {
+        Self { kind: v1::DeviceKind::Cpu as i32, index: 0 }
+    }
+
+    pub fn cuda(index: u32) -> Self {
+        Self { kind: v1::DeviceKind::Cuda as i32, index }
+    }
+}
+
+/// As users write it on the command line: `cpu`, `cuda:N`; `unspecified` for a message without
+/// a kind the coordinator knows.
+impl std::fmt::Display for v1::ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match v1::DeviceKind::try_from(self.kind) {
+            Ok(v1::DeviceKind::Cpu) => f.write_str("cpu"),
+            Ok(v1::DeviceKind::Cuda) => write!(f, "cuda:{}", self.index),
+            _ => f.write_str("unspecified"),
+        }
+    }
+}

@@ -63,7 +63,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
     let join = v1::JoinRequest {
         hostname,
         pid: std::process::id(),
-        device: device.to_string(),
+        device: Some(device_message(device)),
         threads: threads as u32,
         requested_rank: cli.rank.map_or(-1, |r| r as i32),
     };
@@ -431,4 +431,13 @@ async fn upload_checkpoints(client: Client, mut rx: mpsc::Receiver<Upload>, stop
         }
     }
     Ok(())
+}
+
+/// The device as the coordinator is told it at join. `device` is resolved ([`kernels::Device::check`]
+/// turned `auto` into `cpu` or `cuda:0`).
+fn device_message(device: kernels::Device) -> v1::ComputeDevice {
+    match device {
+        kernels::Device::Cuda(index) => v1::ComputeDevice::cuda(index as u32),
+        kernels::Device::Cpu | kernels::Device::Auto => v1::ComputeDevice::cpu(),
+    }
 }

@@ -57,8 +57,7 @@ pub struct Cli {
     #[arg(long, visible_alias = "worker-data", env = "DCGAN_WORKER_DATA", default_value = "auto")]
     pub data: crate::batches::DataChoice,
 
-    /// Compute device: `auto` (the first GPU if a CUDA driver sees one, else the CPU), `cpu`,
-    /// `cuda` (GPU 0) or `cuda:N`. On GPUs the ranks average gradients over NCCL.
+    /// Compute device. On GPUs the ranks average gradients over NCCL.
     #[arg(long, env = "DCGAN_DEVICE", default_value = "auto")]
     pub device: kernels::Device,
 
