@@ -13,10 +13,12 @@ use crate::DataError;
 use crate::cifar_py;
 use crate::dataset::Decoded;
 use crate::read::{Source, find_with_suffixes};
-use crate::resize::{PixelOut, resize_planar_into};
+use crate::resize::{PixelOut, PlanarRecords, resize_planar_into};
 
 const SIDE: usize = 32;
 const RECORD: usize = 1 + 3 * SIDE * SIDE;
+/// A record: the label byte, then the three 32x32 planes.
+const CIFAR_RECORDS: PlanarRecords = PlanarRecords { record_len: RECORD, skip: 1, nc: 3, width: SIDE, height: SIDE };
 const TRAIN_BATCHES: usize = 5;
 /// Where the official archives (binary and python versions) and our shared copy put the
 /// batches, relative to the spec path.
@@ -138,7 +140,7 @@ pub(crate) fn load<T: PixelOut>(path: &Path, image_size: usize, limit: Option<us
     let mut rest = pixels.as_mut_slice();
     for chunk in &chunks {
         let (head, tail) = rest.split_at_mut(chunk.len() / RECORD * sample);
-        resize_planar_into(chunk, RECORD, 1, 3, SIDE, SIDE, image_size, head);
+        resize_planar_into(chunk, CIFAR_RECORDS, image_size, head);
         labels.extend(chunk.chunks_exact(RECORD).map(|r| r[0]));
         rest = tail;
     }

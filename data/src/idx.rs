@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::DataError;
 use crate::dataset::Decoded;
 use crate::read::{Source, find_with_suffixes, strip_compressed_suffix};
-use crate::resize::{PixelOut, resize_planar_into};
+use crate::resize::{PixelOut, PlanarRecords, resize_planar_into};
 
 /// `0x00000803`: unsigned bytes, 3 dimensions.
 pub(crate) const IMAGES_MAGIC: u32 = 2051;
@@ -218,15 +218,13 @@ pub(crate) fn load<T: PixelOut>(
         None => None,
     };
     let mut pixels = vec![T::default(); len * image_size * image_size];
-    resize_planar_into(
-        &images.data,
-        images.rows * images.cols,
-        0,
-        1,
-        images.cols,
-        images.rows,
-        image_size,
-        &mut pixels,
-    );
+    let records = PlanarRecords {
+        record_len: images.rows * images.cols,
+        skip: 0,
+        nc: 1,
+        width: images.cols,
+        height: images.rows,
+    };
+    resize_planar_into(&images.data, records, image_size, &mut pixels);
     Ok(Decoded { name: name.to_string(), nc: 1, image_size, len, pixels, labels })
 }

@@ -220,20 +220,22 @@ fn horizontal_any(line: &[f32], starts: &[usize], weights: &[f32], k: usize, lo:
     }
 }
 
-/// Resizes and crops `out.len() / (nc * size * size)` samples of planar (CHW) bytes in parallel.
-/// Sample `i` is at `raw[i * record_len + skip..]`, its channel `c` `c * w * h` bytes further
-/// (IDX: `record_len = w * h`, `skip = 0`; CIFAR: `record_len = 3073`, `skip = 1` for the label).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn resize_planar_into<T: PixelOut>(
-    raw: &[u8],
-    record_len: usize,
-    skip: usize,
-    nc: usize,
-    w: usize,
-    h: usize,
-    size: usize,
-    out: &mut [T],
-) {
+/// How samples of planar (CHW) bytes lie in a file's records: sample `i` is at
+/// `raw[i * record_len + skip..]`, its channel `c` `c * width * height` bytes further
+/// (IDX: `record_len = width * height`, `skip = 0`; CIFAR: `record_len = 3073`, `skip = 1` for
+/// the label).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanarRecords {
+    pub record_len: usize,
+    pub skip: usize,
+    pub nc: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// Resizes and crops `out.len() / (nc * size * size)` samples of `raw` to `size` in parallel.
+pub(crate) fn resize_planar_into<T: PixelOut>(raw: &[u8], records: PlanarRecords, size: usize, out: &mut [T]) {
+    let PlanarRecords { record_len, skip, nc, width: w, height: h } = records;
     let plan = ResizeCrop::new(w, h, size);
     let plane = size * size;
     out.par_chunks_mut(nc * plane).zip(raw.par_chunks_exact(record_len)).for_each_init(

@@ -121,7 +121,8 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         (None, false) => {
             let marks =
                 args.mark.iter().map(|s| Mark::parse(s, z.len(), cfg.image_size)).collect::<Result<Vec<_>>>()?;
-            select_by_regression(&mut model.gan, &z.z, &marks, layer, side, cfg.image_size, args, &mut report)?;
+            let site = FeatureLayer { index: layer, side, image_size: cfg.image_size };
+            select_by_regression(&mut model.gan, &z.z, &marks, site, args, &mut report)?;
         }
     }
 
@@ -151,19 +152,26 @@ pub fn run(args: &AblateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The generator layer whose maps are fitted: its block index, the side of its square maps, and
+/// the side of the images the marks were drawn on.
+#[derive(Clone, Copy)]
+struct FeatureLayer {
+    index: usize,
+    side: usize,
+    image_size: usize,
+}
+
 /// Fits "is this position inside a marked region" from the layer's activations at every
 /// position of the marked samples, and removes the maps whose weight is positive.
-#[allow(clippy::too_many_arguments)]
 fn select_by_regression(
     gan: &mut kernels::Gan,
     z: &[Vec<f32>],
     marks: &[Mark],
-    layer: usize,
-    side: usize,
-    size: usize,
+    site: FeatureLayer,
     args: &AblateArgs,
     report: &mut Report,
 ) -> Result<()> {
+    let FeatureLayer { index: layer, side, image_size: size } = site;
     let mut samples: Vec<usize> = marks.iter().map(|m| m.sample).collect();
     samples.sort_unstable();
     samples.dedup();

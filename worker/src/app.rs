@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let hostname =
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let worker = WorkerSetup { cli: &cli, device, threads, stop_request: &stop_request };
     let join = v1::JoinRequest {
         hostname,
         pid: std::process::id(),
@@ -123,9 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Ended> {
         // From here on, whatever goes wrong is told to the coordinator before exiting.
         let span = tracing::info_span!("worker", run_id = %client.id.run_id, generation = client.id.generation, rank);
         dcgan_process::telemetry::adopt_context(&span, &parent);
-        let result = train(&cli, device, &client, &joined, threads, Arc::clone(&stop), Arc::clone(&stop_request))
-            .instrument(span)
-            .await;
+        let result = train(&worker, &client, &joined, Arc::clone(&stop)).instrument(span).await;
         match result {
             Ok(Outcome { final_step, checksum, stopped: None }) => {
                 client.finish(Ending::Completed { final_step, checksum }).await?;
@@ -195,16 +194,26 @@ fn check_config(c: &v1::RunConfig, world: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn train(
-    cli: &Cli,
+/// What this worker brings to every generation it trains in.
+struct WorkerSetup<'a> {
+    cli: &'a Cli,
+    /// Resolved: `cpu` or `cuda:N`.
     device: kernels::Device,
+    /// Compute threads (`--worker-threads`, else every core).
+    threads: usize,
+    /// SIGTERM's or the coordinator's request to stop cleanly; it outlives a generation.
+    stop_request: &'a Arc<StopRequest>,
+}
+
+/// Trains one generation: rendezvous, the checkpoint to start from, the batches, the step loop.
+async fn train(
+    worker: &WorkerSetup<'_>,
     client: &Client,
     joined: &v1::JoinResponse,
-    threads: usize,
     stop: Arc<Stop>,
-    stop_request: Arc<StopRequest>,
 ) -> anyhow::Result<Outcome> {
+    let WorkerSetup { cli, device, threads, stop_request } = *worker;
+    let stop_request = Arc::clone(stop_request);
     let config = joined.config.clone().context("the coordinator's join answer has no config")?;
     let rank = client.id.rank as usize;
     let world = joined.world_size as usize;
