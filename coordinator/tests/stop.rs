@@ -157,3 +157,27 @@ fn a_lingering_worker_exits_on_sigterm() {
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?} to exit", t0.elapsed());
     assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
+
+/// `--metrics-linger N` is N seconds in all after the run completes: the workers linger while the
+/// coordinator does, not before it (which made 2N).
+#[test]
+fn metrics_linger_is_the_time_in_all_after_the_run() {
+    const LINGER: u64 = 12;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run_dir = tmp.path().join("run");
+    let linger = LINGER.to_string();
+    let args = with_flags(
+        small_run(2, &run_dir),
+        &["--max-steps", "2", "--metrics-listen", "127.0.0.1:0", "--metrics-linger", &linger],
+    );
+    let mut coordinator = Running::start(&args, &run_dir);
+    wait_for(TIMEOUT, "the run to complete", || run_dir.join("COMPLETE").exists().then_some(()));
+    let completed = Instant::now();
+    let f = coordinator.child.take().map(|c| wait_output(c, Duration::from_secs(120))).expect("child");
+    let lingered = completed.elapsed();
+    assert_eq!(f.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    assert!(f.stdout.contains("--metrics-linger; Ctrl-C to exit now"), "it lingered:\n{}", f.stdout);
+    // Lower bound: it served the page for about N s; upper: far below the 2N of lingering twice.
+    assert!(lingered >= Duration::from_secs(LINGER - 4), "exited {lingered:?} after completing");
+    assert!(lingered < Duration::from_secs(LINGER + 8), "exited {lingered:?} after completing");
+}
