@@ -195,7 +195,7 @@ impl RunConfig {
         // Launched workers asked onto GPUs must be able to train this run there (with
         // `--device auto` the coordinator asks again once it knows whether there are GPUs).
         if cli.device == DeviceChoice::Cuda {
-            if let Some(why) = kernels::Device::Cuda(0).refusal(&Self::demands(cli, precision)) {
+            if let Some(why) = kernels::Device::Cuda(0).refusal(&Self::demands(cli)) {
                 return Err(ConfigError::Invalid(why));
             }
         }
@@ -207,8 +207,8 @@ impl RunConfig {
     }
 
     /// What the run asks of each rank's device, for [`kernels::Device::refusal`].
-    pub fn demands(cli: &Cli, precision: kernels::Precision) -> kernels::RunDemands {
-        kernels::RunDemands { precision, sync_batch_norm: cli.sync_bn, world: cli.workers as usize }
+    pub fn demands(cli: &Cli) -> kernels::RunDemands {
+        kernels::RunDemands { precision: cli.precision, sync_batch_norm: cli.sync_bn, world: cli.workers as usize }
     }
 
     /// Builds and checks the configuration of a fresh run.

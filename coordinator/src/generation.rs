@@ -33,7 +33,7 @@ use crate::shard_server::ShardServer;
 use crate::step_feed::{self, PrometheusSteps, StepFeed, StepSink};
 use crate::step_history::StepHistory;
 use crate::tensorboard::{TensorBoard, TensorBoardWriter};
-use dcgan_process::signals::{EXIT_STOPPED, StopSignals};
+use dcgan_process::signals::StopSignals;
 
 /// How long workers get to exit by themselves after a completed run.
 pub const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -118,7 +118,7 @@ pub struct Generation {
     pub run: Arc<Run>,
     stop_server: oneshot::Sender<()>,
     server: JoinHandle<Result<(), crate::server::ServeError>>,
-    feed: JoinHandle<()>,
+    feed: JoinHandle<anyhow::Result<()>>,
     samples: SampleQueue,
     renderer: JoinHandle<anyhow::Result<()>>,
     evaluator: Option<JoinHandle<anyhow::Result<()>>>,
@@ -126,6 +126,9 @@ pub struct Generation {
     tensorboard: TensorBoard,
     launcher: Option<Launcher>,
     exits: mpsc::UnboundedReceiver<WorkerExit>,
+    /// The generation's trace span, the parent of the workers' spans (its context goes to them
+    /// with `Join`); it ends, and is exported, when the generation is torn down.
+    span: tracing::Span,
 }
 
 /// A generation after its teardown.
@@ -204,8 +207,7 @@ impl Generation {
             }
         });
 
-        // The run's span lives as long as the coordinator (and is exported then); its context
-        // goes to the workers with `Join`.
+        // The generation's span; its context goes to the workers with `Join`.
         let run_span = tracing::info_span!("run", run_id = %config.run_id, generation = config.generation);
         let mut cx = tonic::metadata::MetadataMap::new();
         dcgan_process::telemetry::inject_context(&run_span, &mut cx);
@@ -302,6 +304,7 @@ impl Generation {
             tensorboard,
             launcher,
             exits,
+            span: run_span,
         })
     }
 
@@ -333,7 +336,7 @@ impl Generation {
                 exit = self.exits.recv(), if exits_open => match exit {
                     Some(exit) => {
                         let ok = exit.status.as_ref().is_ok_and(|s| s.success());
-                        let stopped = run.is_stopping() && exit_code(&exit) == Some(i32::from(EXIT_STOPPED));
+                        let stopped = run.is_stopping() && exit_code(&exit) == Some(i32::from(dcgan_process::exit::STOPPED));
                         if !ok && !exit.killed && !stopped {
                             run.worker_failed(describe_exit(&exit));
                         }
@@ -370,7 +373,7 @@ impl Generation {
     /// Ends the generation: its workers (killed after a failure, else left to linger), its
     /// outputs (every aggregated step written, every queued grid drawn, a completed run's
     /// evaluations finished) and its server. An output a completed run cannot do without
-    /// (its grids) fails it.
+    /// (its grids, its `metrics.jsonl`) fails it.
     pub async fn teardown(self, ctx: &RunContext, outcome: Phase) -> anyhow::Result<GenerationEnd> {
         let at = tokio::time::Instant::now();
         let failed = matches!(outcome, Phase::Failed(_));
@@ -391,9 +394,21 @@ impl Generation {
         crate::observability::record_liveness(&run.liveness(Duration::from_secs(run.config.heartbeat_timeout_secs)));
         // Every step aggregated so far reaches its outputs.
         run.close_feed();
-        if let Err(e) = self.feed.await {
-            tracing::warn!("the step feed panicked: {e}");
-        }
+        // A step output that failed while the run was going failed it then; one that fails
+        // after it completed or stopped (its last steps) fails it here, once the rest is torn
+        // down.
+        let late_output_error = match self.feed.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) if !failed => Some(e),
+            Ok(Err(e)) => {
+                tracing::warn!("{e:#}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("the step feed panicked: {e}");
+                None
+            }
+        };
         // No more uploads can come: the renderer finishes what is queued, then stops.
         self.samples.close();
         match self.renderer.await {
@@ -419,6 +434,10 @@ impl Generation {
         self.tensorboard.sync();
         self.progress.abort();
         ctx.progress.finish();
+        drop(self.span);
+        if let Some(e) = late_output_error {
+            return Err(e);
+        }
         Ok(GenerationEnd { run, outcome, at, lingering_workers })
     }
 }

@@ -2,8 +2,10 @@
 //! `dcgan.v1.Coordinator` gRPC API, launches (or waits for) the workers, hands out ranks, ring
 //! addresses and shards, aggregates their metrics, stores their checkpoints, and draws samples.
 //!
-//! One job per module: [`cli`] and [`config`] decide what the run is; [`app`] runs it;
-//! [`run_state`] is the state machine behind [`server`]'s handlers; [`shards`],
+//! One job per module: [`flags`] and [`config`] decide what the run is; [`preflight`] checks
+//! and opens everything before it starts; [`app`] wires the run from [`generation`]s, each of
+//! which owns its server, workers and outputs; [`run`] is the state machine behind [`server`]'s
+//! handlers, and [`step_feed`] hands its aggregated steps to their outputs; [`shard_server`],
 //! [`checkpoint_store`], [`metrics_log`] and [`samples`] each own one kind of output or data;
 //! [`launcher`] owns the worker processes and [`progress`] the terminal; [`observability`]
 //! exports the run to Prometheus, [`health`] watches the GAN for quiet failures and

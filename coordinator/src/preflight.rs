@@ -179,7 +179,7 @@ fn check_flags(cli: &Cli) -> anyhow::Result<bool> {
     }
     let gpus = !cli.external_workers && launch_on_gpus(cli.device, cli.workers)?;
     if gpus {
-        if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(cli, cli.precision)) {
+        if let Some(why) = kernels::Device::Cuda(0).refusal(&RunConfig::demands(cli)) {
             dcgan_process::bail_usage!("{why}");
         }
     }

@@ -4,7 +4,7 @@
 //! Every gRPC handler goes through [`Run`], which holds the state behind one mutex taken only
 //! for short, non-blocking sections (never across an `.await` or a disk write of a checkpoint).
 //! Phase changes are published on a `watch` channel so that waiters (rendezvous, streams, the
-//! main loop) wake up without polling. The first failure wins and is final: later errors are
+//! generation's watch loop) wake up without polling. The first failure wins and is final: later errors are
 //! usually its echoes (a peer's socket closing after the first worker died).
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -114,7 +114,7 @@ struct Inner {
     last_checkpoint_at: Option<Instant>,
 }
 
-/// One run, shared by the gRPC handlers and the main loop.
+/// One generation of the run, shared by the gRPC handlers and the generation's watch loop.
 pub struct Run {
     pub config: RunConfig,
     proto_config: v1::RunConfig,
@@ -133,7 +133,7 @@ pub struct Run {
     metrics: broadcast::Sender<StepRecord>,
     /// Each aggregated step, in order and none skipped, for the outputs ([`crate::step_feed`]).
     feed: StepFeed,
-    /// The trace context (`traceparent`) of the run's span, which the main loop holds open: it
+    /// The trace context (`traceparent`) of the generation's span, which the `Generation` holds open: it
     /// goes out in `Join`'s answer and becomes the parent of the workers' spans.
     pub trace_context: std::sync::OnceLock<tonic::metadata::MetadataMap>,
     /// Set when a worker's failure ended the run (see [`Run::worker_failed`]).

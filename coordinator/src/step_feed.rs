@@ -57,25 +57,31 @@ impl StepFeed {
 }
 
 /// Feeds the queued records to `sinks` until the feed is closed. The first sink error calls
-/// `fail` with its message and ends the feeding (the run is over then).
+/// `fail` with its message (a running run fails at once) and ends the feeding; the task returns
+/// it too, for an error that comes after the run is over (a completed run's last steps).
 pub fn spawn(
     queue: StepQueue,
     mut sinks: Vec<Box<dyn StepSink>>,
     fail: impl Fn(String) + Send + 'static,
-) -> JoinHandle<()> {
+) -> JoinHandle<anyhow::Result<()>> {
     let StepQueue(mut rx) = queue;
     tokio::spawn(async move {
         while let Some(record) = rx.recv().await {
             if let Err(e) = sinks.iter_mut().try_for_each(|s| s.take(&record)) {
                 fail(format!("{e:#}"));
-                return;
+                return Err(e);
             }
         }
+        let mut first = Ok(());
         for sink in &mut sinks {
             if let Err(e) = sink.close() {
                 fail(format!("{e:#}"));
+                if first.is_ok() {
+                    first = Err(e);
+                }
             }
         }
+        first
     })
 }
 
@@ -139,7 +145,7 @@ mod tests {
         }
         feed.close();
         feed.send(record(last + 1));
-        task.await.unwrap();
+        let _ = task.await.unwrap();
         Arc::try_unwrap(failures).unwrap().into_inner().unwrap()
     }
 
@@ -166,6 +172,23 @@ mod tests {
         let failures = feed_steps(sinks, 5).await;
         assert_eq!(*seen.lock().unwrap(), [1, 2]);
         assert_eq!(failures, ["cannot keep step 3"]);
+    }
+
+    /// The task also returns the error, for a run that is already over when it comes.
+    #[tokio::test]
+    async fn the_feed_returns_its_first_error() {
+        let (feed, queue) = StepFeed::channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sinks: Vec<Box<dyn StepSink>> =
+            vec![Box::new(Keep { seen: Arc::clone(&seen), fail_at: Some(2), closed: Arc::new(Mutex::new(false)) })];
+        let task = spawn(queue, sinks, |_| {});
+        for step in 1..=3 {
+            feed.send(record(step));
+        }
+        feed.close();
+        let error = task.await.unwrap().unwrap_err();
+        assert_eq!(error.to_string(), "cannot keep step 2");
+        assert_eq!(*seen.lock().unwrap(), [1]);
     }
 
     #[tokio::test]

@@ -4,9 +4,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::KernelError;
 
-/// Defined in [`crate::precision`]; also here, where the other run settings are.
-pub use crate::precision::Precision;
-
 /// The DCGAN architecture's free parameters, as the PyTorch example names them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {

@@ -2,11 +2,6 @@
 //! a second ends the process at once. The coordinator and the worker listen with
 //! [`StopSignals`], and each acts on them its own way.
 
-/// Exit code of a process that stopped cleanly on request before its run's last step: 128 +
-/// SIGTERM, as a shell reports a process that SIGTERM ended, so a supervisor restarts it
-/// rather than taking the run for complete.
-pub const EXIT_STOPPED: u8 = crate::exit::STOPPED;
-
 /// The signals that ask for a stop, listened to from when this is made: a signal that arrives
 /// before is handled by its default action (the process ends).
 pub struct StopSignals {

@@ -80,12 +80,7 @@ impl Trainer {
         let mut gan = self.build_gan()?;
         gan.set_sync_batch_norm(self.config.sync_bn);
         let c = self.config.clone();
-        // Unspecified is a coordinator from before the setting: fp32.
-        let precision = match proto::v1::Precision::try_from(c.precision) {
-            Ok(proto::v1::Precision::Unspecified | proto::v1::Precision::F32) => kernels::Precision::F32,
-            Ok(proto::v1::Precision::Bf16) => kernels::Precision::Bf16,
-            Err(_) => bail!("the run's precision {} is not one this worker knows", c.precision),
-        };
+        let precision = run_precision(&c, &self.config_json)?;
         let demands = kernels::RunDemands { precision, sync_batch_norm: c.sync_bn, world: self.world };
         if let Some(why) = self.device.refusal(&demands) {
             bail!("{why}");
@@ -292,5 +287,42 @@ impl Trainer {
                 Ok(gan)
             }
         }
+    }
+}
+
+/// The run's precision. A coordinator that sends none in the enum is older: it sent the precision
+/// as a string this worker no longer reads, but its `run.json` copy (`config_json`) still says it;
+/// one from before the setting says nothing there either: fp32.
+fn run_precision(config: &v1::RunConfig, config_json: &serde_json::Value) -> anyhow::Result<kernels::Precision> {
+    match v1::Precision::try_from(config.precision) {
+        Ok(v1::Precision::F32) => Ok(kernels::Precision::F32),
+        Ok(v1::Precision::Bf16) => Ok(kernels::Precision::Bf16),
+        Ok(v1::Precision::Unspecified) => match config_json.get("precision") {
+            None => Ok(kernels::Precision::F32),
+            Some(named) => serde_json::from_value(named.clone())
+                .with_context(|| format!("the run's precision {named} is not one this worker knows")),
+        },
+        Err(_) => bail!("the run's precision {} is not one this worker knows", config.precision),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_coordinators_precision_is_read_from_its_run_json() {
+        let mut config = v1::RunConfig { precision: v1::Precision::Bf16 as i32, ..Default::default() };
+        let json = serde_json::json!({ "precision": "f32" });
+        assert_eq!(run_precision(&config, &json).unwrap(), kernels::Precision::Bf16, "the enum decides");
+        config.precision = v1::Precision::Unspecified as i32;
+        let bf16 = serde_json::json!({ "precision": "bf16" });
+        assert_eq!(run_precision(&config, &bf16).unwrap(), kernels::Precision::Bf16);
+        assert_eq!(run_precision(&config, &serde_json::json!({})).unwrap(), kernels::Precision::F32);
+        assert_eq!(run_precision(&config, &serde_json::Value::Null).unwrap(), kernels::Precision::F32);
+        let e = run_precision(&config, &serde_json::json!({ "precision": "fp8" })).unwrap_err();
+        assert!(format!("{e:#}").contains("\"fp8\" is not one this worker knows"), "{e:#}");
+        config.precision = 9;
+        assert!(run_precision(&config, &json).is_err());
     }
 }
