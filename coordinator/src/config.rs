@@ -200,8 +200,8 @@ impl RunConfig {
             }
         }
         // Launched workers run on this machine's CPU; external ones check their own.
-        if precision == kernels::Precision::Bf16 && !cli.external_workers {
-            precision.check_supported().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !cli.external_workers {
+            precision.check_for(kernels::Device::Cpu).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }
